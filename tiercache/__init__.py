@@ -1,0 +1,30 @@
+"""tiercache: a tiered tensor cache for GPU pipelines (hbm -> host -> nvme)."""
+
+from __future__ import annotations
+
+from .cache import EntryInfo, PrefetchHandle, TierCache, default_device
+from .config import TIER_NAMES, Policy, preset_names
+from .entry import DTYPES, EntrySpec, TensorSpec
+from .errors import (
+    CacheClosedError,
+    CapacityError,
+    CorruptEntryError,
+    EntryNotFoundError,
+    EntryTypeError,
+    EntryValueError,
+    PolicyError,
+    RootInUseError,
+    StorageError,
+    TierCacheError,
+)
+from .stats import CacheStats, PathwayStats, TierStats
+from .units import format_size, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheClosedError", "CacheStats", "CapacityError", "CorruptEntryError", "DTYPES", "EntryInfo",
+    "EntryNotFoundError", "EntrySpec", "EntryTypeError", "EntryValueError", "PathwayStats", "Policy",
+    "PolicyError", "PrefetchHandle", "RootInUseError", "StorageError", "TIER_NAMES", "TensorSpec", "TierCache",
+    "TierCacheError", "TierStats", "default_device", "format_size", "parse_size", "preset_names", "__version__",
+]

@@ -1,0 +1,263 @@
+"""Policy: the typed, validated configuration of a cache, read from a TOML file under `policies/`.
+
+Each setting is declared once, as a dataclass field whose metadata says how to read and check it; the TOML loader
+and direct construction (`Policy(...)`, `Policy.from_dict(...)`) go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyError
+from .units import SIZE_FORMS, parse_size
+
+TIER_NAMES: tuple[str, ...] = ("hbm", "host", "nvme")  # fastest first; eviction demotes one step to the right
+
+PRESET_DIRS: tuple[Path, ...] = (
+    Path(__file__).resolve().parent / "policies",  # inside an installed wheel
+    Path(__file__).resolve().parent.parent / "policies",  # a source checkout or an editable install
+)
+
+
+def _size(*, default: int | None, optional: bool = False, doc: str) -> Any:
+    return field(default=default, metadata={"kind": "size", "optional": optional, "doc": doc})
+
+
+def _int(*, default: int, minimum: int, doc: str) -> Any:
+    return field(default=default, metadata={"kind": "int", "min": minimum, "doc": doc})
+
+
+def _bool(*, default: bool, doc: str) -> Any:
+    return field(default=default, metadata={"kind": "bool", "doc": doc})
+
+
+def _choice(*, default: str, choices: Callable[[], tuple[str, ...]], doc: str) -> Any:
+    return field(default=default, metadata={"kind": "choice", "choices": choices, "doc": doc})
+
+
+def _text(*, default: str, doc: str) -> Any:
+    return field(default=default, metadata={"kind": "text", "doc": doc})
+
+
+def _eviction_rules() -> tuple[str, ...]:
+    from .eviction import EVICTION_RULES
+
+    return tuple(EVICTION_RULES)
+
+
+def _placement_rules() -> tuple[str, ...]:
+    from .placement import PLACEMENT_RULES
+
+    return tuple(PLACEMENT_RULES)
+
+
+class _Section:
+    """Normalises and checks every field of a frozen dataclass from its metadata (sizes parsed, types checked).
+
+    Messages name the field; the TOML loader prefixes the table path and the file.
+    """
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if "kind" in f.metadata:
+                object.__setattr__(self, f.name, _check(f.metadata, value, f.name))
+            elif f.name != "source" and not isinstance(value, hints[f.name]):
+                raise PolicyError(f"{f.name}: expected a {hints[f.name].__name__}, got {value!r}")
+
+
+def _check(meta: Mapping[str, Any], value: Any, where: str) -> Any:
+    kind = meta["kind"]
+    if kind == "size":
+        if value is None and meta["optional"]:
+            return None
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise PolicyError(f"{where}: {exc}") from None
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < meta["min"]:
+            raise PolicyError(f"{where}: expected an integer >= {meta['min']}, got {value!r}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise PolicyError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind == "choice":
+        allowed = meta["choices"]()
+        if value not in allowed:
+            raise PolicyError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if not isinstance(value, str):
+        raise PolicyError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TierBudget(_Section):
+    """A tier's byte budget. Budgets count tensor payload bytes, in every tier alike."""
+
+    capacity: int = _size(default=0, doc="bytes of tensor data the tier may hold; 0 disables the tier")
+    max_entry: int | None = _size(
+        default=None, optional=True,
+        doc="entries larger than this skip the tier (placement and demotion); default: the capacity",
+    )
+
+    def admits(self, nbytes: int) -> bool:
+        """Whether an entry of `nbytes` may live in this tier at all."""
+        limit = self.capacity if self.max_entry is None else min(self.max_entry, self.capacity)
+        return nbytes <= limit and self.capacity > 0
+
+
+@dataclass(frozen=True)
+class NvmeBudget(TierBudget):
+    """The nvme tier: a budget plus how its files are read and written."""
+
+    io: str = _choice(
+        default="auto", choices=lambda: ("auto", "direct", "buffered"),
+        doc="'direct' (O_DIRECT), 'buffered' (page cache) or 'auto' (direct where the filesystem allows it)",
+    )
+    threads: int = _int(default=4, minimum=1, doc="I/O threads reading and writing one entry in parallel")
+    task_size: int = _size(default=8 << 20, doc="bytes one I/O call moves; a multiple of 4 KiB")
+    verify_checksums: bool = _bool(default=True, doc="check each tensor's CRC32C when it is read back")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task_size == 0 or self.task_size % 4096:
+            raise PolicyError(f"task_size: {self.task_size} is not a positive multiple of 4 KiB (4096)")
+
+
+@dataclass(frozen=True)
+class Tiers(_Section):
+    hbm: TierBudget = field(default_factory=lambda: TierBudget(capacity=2 << 30))
+    host: TierBudget = field(default_factory=lambda: TierBudget(capacity=8 << 30))
+    nvme: NvmeBudget = field(default_factory=lambda: NvmeBudget(capacity=100 << 30))
+
+    def __getitem__(self, name: str) -> TierBudget:
+        if name not in TIER_NAMES:
+            raise KeyError(f"no tier named {name!r}; tiers are {', '.join(TIER_NAMES)}")
+        return typing.cast(TierBudget, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class EvictionSettings(_Section):
+    rule: str = _choice(default="lru", choices=_eviction_rules, doc="which entries a full tier demotes first")
+
+
+@dataclass(frozen=True)
+class PlacementSettings(_Section):
+    rule: str = _choice(default="size", choices=_placement_rules, doc="how a new entry's tier is chosen")
+    on_full: str = _choice(
+        default="demote", choices=lambda: ("demote", "next_tier"),
+        doc="when the preferred tier is full: 'demote' its victims, or use the 'next_tier' down with free space",
+    )
+    promote_on_hit: bool = _bool(default=True, doc="move an entry up to its preferred tier when it is read")
+
+
+@dataclass(frozen=True)
+class Policy(_Section):
+    """Everything a cache is configured by. Build with `Policy.load(path)`, `Policy.preset(name)` or `from_dict`."""
+
+    name: str = _text(default="custom", doc="a label shown in stats()")
+    description: str = _text(default="", doc="the hardware this policy is for and where its figures come from")
+    tiers: Tiers = field(default_factory=Tiers)
+    eviction: EvictionSettings = field(default_factory=EvictionSettings)
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
+    source: str = field(default="<defaults>", compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Policy:
+        """A policy from nested mappings shaped like the TOML file; any key left out takes its default."""
+        try:
+            built = _build(cls(), data, "")
+        except PolicyError as exc:
+            raise PolicyError(f"{source}: {exc}") from None
+        return dataclasses.replace(built, source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Read a TOML policy file."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise PolicyError(f"{path}: no such policy file; presets are {', '.join(preset_names())}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def preset(cls, name: str) -> Policy:
+        """A preset from `policies/NAME.toml`."""
+        for directory in PRESET_DIRS:
+            if (directory / f"{name}.toml").is_file():
+                return cls.load(directory / f"{name}.toml")
+        raise PolicyError(f"no policy preset named {name!r}; presets are {', '.join(preset_names()) or 'none found'}")
+
+
+def _build(base: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    """`base` (a default section) with the keys of `data` applied, refusing unknown keys, recursing into tables."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"{prefix.rstrip('.') or 'policy'}: must be a table, got {data!r}")
+    known = [f.name for f in dataclasses.fields(base) if f.name != "source"]
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise PolicyError(f"unknown key '{prefix}{key}'; allowed here: {', '.join(known)}")
+        default = getattr(base, key)
+        changes[key] = _build(default, value, f"{prefix}{key}.") if isinstance(default, _Section) else value
+    try:
+        return dataclasses.replace(base, **changes)
+    except PolicyError as exc:
+        raise PolicyError(f"{prefix}{exc}") from None
+
+
+def preset_names() -> list[str]:
+    """Names of the preset policy files that can be found."""
+    names: set[str] = set()
+    for directory in PRESET_DIRS:
+        if directory.is_dir():
+            names.update(p.stem for p in directory.glob("*.toml"))
+    return sorted(names)
+
+
+def resolve_policy(policy: str | Path | Policy | None) -> Policy:
+    """Accept a Policy, a path to a TOML file, or a preset name; None means the 'cpu' preset."""
+    if policy is None:
+        return Policy.preset("cpu")
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, Path) or (isinstance(policy, str) and (policy.endswith(".toml") or "/" in policy)):
+        return Policy.load(policy)
+    if isinstance(policy, str):
+        return Policy.preset(policy)
+    raise PolicyError(f"policy= takes a Policy, a path to a .toml file or a preset name, not {type(policy).__name__}")
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every policy key, walking the default policy."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(section: _Section, prefix: str) -> None:
+        for f in dataclasses.fields(section):  # type: ignore[arg-type]
+            value = getattr(section, f.name)
+            if isinstance(value, _Section):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.name != "source":
+                rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("doc", "")))
+
+    walk(Policy(), "")
+    return rows
+
+
+__all__ = [
+    "NvmeBudget", "EvictionSettings", "PlacementSettings", "Policy", "TIER_NAMES", "TierBudget", "Tiers",
+    "preset_names", "resolve_policy", "SIZE_FORMS",
+]

@@ -1,0 +1,46 @@
+"""One exception tree. Every error is a `TierCacheError` and also the built-in a caller would catch."""
+
+from __future__ import annotations
+
+
+class TierCacheError(Exception):
+    """Base of every error tiercache raises."""
+
+
+class EntryNotFoundError(TierCacheError, KeyError):
+    """A key that is not in the cache (a miss)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; show it as written
+        return str(self.args[0]) if self.args else ""
+
+
+class EntryTypeError(TierCacheError, TypeError):
+    """A key or a tensor of a type the cache cannot store."""
+
+
+class EntryValueError(TierCacheError, ValueError):
+    """A well-typed argument with a value the cache refuses (an empty key, unpin of an unpinned entry, ...)."""
+
+
+class CapacityError(TierCacheError, MemoryError):
+    """An entry that no tier can hold, even after evicting everything evictable."""
+
+
+class PolicyError(TierCacheError, ValueError):
+    """A policy file or object that is malformed: unknown key, wrong type, bad size."""
+
+
+class StorageError(TierCacheError, OSError):
+    """The nvme tier's files could not be read or written."""
+
+
+class CorruptEntryError(StorageError):
+    """Stored bytes that fail their checksum or do not match their manifest; never returned as data."""
+
+
+class RootInUseError(StorageError):
+    """Another open cache (in this process or another) holds the same root directory."""
+
+
+class CacheClosedError(TierCacheError, RuntimeError):
+    """An operation on a cache after `close()`."""

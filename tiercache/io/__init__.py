@@ -1,0 +1,8 @@
+"""nvme I/O backends. `posix` runs everywhere; a kvikio backend joins it on CUDA machines."""
+
+from __future__ import annotations
+
+from .aligned import ALIGN, aligned_empty, buffer_of, round_up
+from .posix import PendingRead, PosixIO, drop_page_cache
+
+__all__ = ["ALIGN", "PendingRead", "PosixIO", "aligned_empty", "buffer_of", "drop_page_cache", "round_up"]

@@ -1,0 +1,318 @@
+"""The nvme tier's on-disk format: one zarr v3 group per entry, written atomically, checksummed, re-indexed on open.
+
+    ROOT/.lock                       held (flock) by the one cache that has ROOT open
+    ROOT/entries/zarr.json           a zarr group whose members are the entries
+    ROOT/entries/<H>-<U>/zarr.json   an entry: a zarr group; attributes["tiercache"] is its manifest
+    ROOT/entries/<H>-<U>/t<i>/...    tensor i: a zarr array, one chunk, codecs bytes(little) + crc32c
+    ROOT/tmp/, ROOT/trash/           entries being written / being removed; emptied on open
+
+H hashes the key (keys are attributes, never file names, so no key can reach outside ROOT); U is unique per write,
+so a new version of a key never collides with an old one still being read. A chunk file holds the tensor's raw
+little-endian bytes followed by their CRC32C, exactly what zarr's crc32c codec writes and checks, so zarr-python
+reads every entry back by itself. bfloat16 and float8 are stored as same-width unsigned integers with the real
+dtype in the attributes. Every chunk is written, even when it equals the fill value.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import torch
+
+from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
+from .errors import CorruptEntryError, RootInUseError, StorageError
+from .io import PendingRead, PosixIO, aligned_empty
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tiercache-entry"
+FORMAT_VERSION = 1
+CHECKSUM_BYTES = 4
+
+# tiercache dtype -> (zarr v3 data_type, fill_value). Types zarr lacks are stored as same-width unsigned views.
+ZARR_TYPES: dict[str, tuple[str, Any]] = {
+    "bool": ("bool", False),
+    **{t: (t, 0) for t in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")},
+    **{t: (t, 0.0) for t in ("float16", "float32", "float64")},
+    "bfloat16": ("uint16", 0),
+    "float8_e4m3fn": ("uint8", 0),
+    "float8_e5m2": ("uint8", 0),
+    "complex64": ("complex64", [0.0, 0.0]),
+    "complex128": ("complex128", [0.0, 0.0]),
+}
+
+
+def crc32c(data: torch.Tensor, crc: int = 0) -> int:
+    """CRC32C of a contiguous uint8 CPU tensor, continuing from `crc`."""
+    return int(google_crc32c.extend(crc, data.numpy())) if data.numel() else crc
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """An entry as it lies on disk."""
+
+    spec: EntrySpec
+    path: Path
+    checksums: tuple[int | None, ...]  # per tensor; None for an empty tensor (no chunk file)
+    written_ns: int
+
+    def chunk_path(self, index: int) -> Path:
+        return chunk_path(self.path / f"t{index}", len(self.spec.tensors[index].shape))
+
+
+def chunk_path(array_dir: Path, ndim: int) -> Path:
+    """zarr v3 default chunk key encoding ("/"): "c" for 0-d, "c/0/0/..." for the single chunk of an n-d array."""
+    return array_dir.joinpath("c", *(["0"] * ndim))
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class DiskLayout:
+    """Reads and writes entries under one root directory, which it holds locked while open."""
+
+    def __init__(self, root: Path, io: PosixIO) -> None:
+        self.root = root
+        self.io = io
+        self.entries_dir = root / "entries"
+        self.tmp_dir = root / "tmp"
+        self.trash_dir = root / "trash"
+        for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_root(root)
+        if not (self.entries_dir / "zarr.json").exists():
+            _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+        self._syncer = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-fsync")
+
+    def close(self) -> None:
+        self._syncer.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    # ---- writing ----------------------------------------------------------------------------------------------
+    def write(self, spec: EntrySpec, tensors: Iterable[torch.Tensor]) -> StoredEntry:
+        """Write an entry durably and atomically: under tmp/, fsync everything, rename into entries/."""
+        name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
+        staging = self.tmp_dir / name
+        staging.mkdir()
+        try:
+            written: list[Path] = [staging]
+            checksums: list[int | None] = []
+            for index, (tspec, tensor) in enumerate(zip(spec.tensors, tensors, strict=True)):
+                checksums.append(self._write_array(staging / f"t{index}", index, tspec, tensor, written))
+            written_ns = time.time_ns()
+            manifest = _group_metadata(spec, checksums, written_ns)
+            _write_json(staging / "zarr.json", manifest, sync=False)
+            written.append(staging / "zarr.json")
+            # Data files were fsynced as written; make every new name durable before the rename publishes them.
+            list(self._syncer.map(_fsync_path, written))
+            final = self.entries_dir / name
+            os.rename(staging, final)
+            _fsync_path(self.entries_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return StoredEntry(spec=spec, path=final, checksums=tuple(checksums), written_ns=written_ns)
+
+    def _write_array(self, array_dir: Path, index: int, spec: TensorSpec, tensor: torch.Tensor, written: list[Path]) -> int | None:
+        array_dir.mkdir()
+        written.append(array_dir)
+        _write_json(array_dir / "zarr.json", _array_metadata(spec, index), sync=False)
+        written.append(array_dir / "zarr.json")
+        if spec.nbytes == 0:  # an empty array has no chunks in zarr
+            return None
+        raw = as_bytes(tensor.cpu() if tensor.device.type != "cpu" else tensor)
+        checksum = crc32c(raw)
+        chunk = chunk_path(array_dir, len(spec.shape))
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        for parent in _parents_between(chunk, array_dir):
+            written.append(parent)
+        self.io.write_file(chunk, raw, trailer=checksum.to_bytes(CHECKSUM_BYTES, "little"))
+        return checksum
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+    def read(self, stored: StoredEntry, verify: bool) -> Tensors:
+        """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C."""
+        spec = stored.spec
+        buffers: list[torch.Tensor | None] = []
+        pending: list[PendingRead | None] = []
+        try:
+            for index, tspec in enumerate(spec.tensors):  # start every file first: all pieces queue at once
+                if tspec.nbytes == 0:
+                    buffers.append(None)
+                    pending.append(None)
+                    continue
+                buffer = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
+                buffers.append(buffer)
+                pending.append(self.io.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES))
+            out: Tensors = {}
+            for index, tspec in enumerate(spec.tensors):
+                buffer, job = buffers[index], pending[index]
+                if buffer is None or job is None:
+                    out[tspec.name] = torch.empty(tspec.shape, dtype=tspec.torch_dtype)
+                    continue
+                crc = 0
+                for start, end in job.ranges():  # checksum the pieces in order while later ones are still reading
+                    if verify and start < tspec.nbytes:
+                        crc = crc32c(buffer[start : min(end, tspec.nbytes)], crc)
+                pending[index] = None
+                job.finish()
+                if verify:
+                    self._verify(stored, index, buffer, crc)
+                out[tspec.name] = from_bytes(buffer, tspec)
+            return out
+        finally:
+            for job in pending:
+                if job is not None:
+                    try:
+                        job.finish()
+                    except StorageError:
+                        pass  # the first error is already propagating
+
+    def _verify(self, stored: StoredEntry, index: int, buffer: torch.Tensor, computed: int) -> None:
+        nbytes = stored.spec.tensors[index].nbytes
+        trailer = int.from_bytes(bytes(buffer[nbytes : nbytes + CHECKSUM_BYTES].numpy()), "little")
+        expected = stored.checksums[index]
+        if computed != trailer or computed != expected:
+            raise CorruptEntryError(
+                f"entry {stored.spec.key!r}: tensor {stored.spec.tensors[index].name!r} in {stored.chunk_path(index)} "
+                f"fails its checksum (computed crc32c {computed:#010x}, file says {trailer:#010x}, manifest says "
+                f"{expected:#010x}); the data was not returned. Delete the entry and put it again."
+            )
+
+    # ---- removal and the index --------------------------------------------------------------------------------
+    def remove(self, stored: StoredEntry) -> None:
+        """Delete an entry: an atomic rename out of entries/, then the files."""
+        target = self.trash_dir / stored.path.name
+        try:
+            os.rename(stored.path, target)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(target, ignore_errors=True)
+
+    def scan(self) -> list[StoredEntry]:
+        """Rebuild the index from disk, oldest first. Leftovers of interrupted writes and removals are cleared;
+        of two versions of a key the newer wins; an unreadable entry is removed with a warning."""
+        for leftover in (self.tmp_dir, self.trash_dir):
+            for path in leftover.iterdir():
+                shutil.rmtree(path, ignore_errors=True)
+        newest: dict[str, StoredEntry] = {}
+        for path in sorted(p for p in self.entries_dir.iterdir() if p.is_dir()):
+            try:
+                stored = _parse_group(path)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("tiercache: removing unreadable entry %s: %s", path, exc)
+                self.remove(StoredEntry(EntrySpec("", ()), path, (), 0))
+                continue
+            older = newest.get(stored.spec.key)
+            if older is not None:
+                keep, drop = (stored, older) if stored.written_ns >= older.written_ns else (older, stored)
+                newest[stored.spec.key] = keep
+                self.remove(drop)
+            else:
+                newest[stored.spec.key] = stored
+        return sorted(newest.values(), key=lambda s: s.written_ns)
+
+
+def _group_metadata(spec: EntrySpec, checksums: list[int | None], written_ns: int) -> dict[str, Any]:
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "key": spec.key,
+        "nbytes": spec.nbytes,
+        "written_ns": written_ns,
+        "tensors": [
+            {"name": t.name, "array": f"t{i}", "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "crc32c": c}
+            for i, (t, c) in enumerate(zip(spec.tensors, checksums, strict=True))
+        ],
+    }
+    return {"zarr_format": 3, "node_type": "group", "attributes": {"tiercache": manifest}}
+
+
+def _array_metadata(spec: TensorSpec, index: int) -> dict[str, Any]:
+    data_type, fill_value = ZARR_TYPES[spec.dtype]
+    bytes_codec: dict[str, Any] = {"name": "bytes"}
+    if spec.itemsize > 1:
+        bytes_codec["configuration"] = {"endian": "little"}
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(spec.shape),
+        "data_type": data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(d, 1) for d in spec.shape]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill_value,
+        "codecs": [bytes_codec, {"name": "crc32c"}],
+        "attributes": {"tiercache": {"name": spec.name, "dtype": spec.dtype, "index": index}},
+        "storage_transformers": [],
+    }
+
+
+def _parse_group(path: Path) -> StoredEntry:
+    meta = json.loads((path / "zarr.json").read_text())
+    manifest = meta["attributes"]["tiercache"]
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} manifest")
+    tensors = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in manifest["tensors"])
+    for t in tensors:
+        if t.dtype not in ZARR_TYPES or any(not isinstance(d, int) or d < 0 for d in t.shape):
+            raise ValueError(f"bad tensor spec {t}")
+    spec = EntrySpec(key=manifest["key"], tensors=tensors)
+    if spec.nbytes != manifest["nbytes"]:
+        raise ValueError(f"manifest nbytes {manifest['nbytes']} != sum of its tensors {spec.nbytes}")
+    checksums = tuple(t["crc32c"] for t in manifest["tensors"])
+    return StoredEntry(spec=spec, path=path, checksums=checksums, written_ns=int(manifest["written_ns"]))
+
+
+def _parents_between(path: Path, top: Path) -> list[Path]:
+    """Directories from `top`'s child down to `path`'s parent (the ones a mkdir(parents=True) may have created)."""
+    chain: list[Path] = []
+    parent = path.parent
+    while parent != top:
+        chain.append(parent)
+        parent = parent.parent
+    return chain
+
+
+def _write_json(path: Path, data: dict[str, Any], sync: bool = True) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_root(root: Path) -> int:
+    fd = os.open(root / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RootInUseError(
+            f"{root} is already open by another TierCache (this process or another); "
+            "close that cache first, or give this one a different root="
+        ) from None
+    return fd

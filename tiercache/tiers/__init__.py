@@ -1,0 +1,10 @@
+"""Tiers behind one interface; `TIER_NAMES` orders them fastest first."""
+
+from __future__ import annotations
+
+from ..config import TIER_NAMES
+from .base import EntryId, Tier
+from .memory import MemoryTier
+from .nvme import NvmeTier
+
+__all__ = ["EntryId", "MemoryTier", "NvmeTier", "TIER_NAMES", "Tier"]
