@@ -281,20 +281,22 @@ class TierCache:
 
     def _finish_read(self, record: _Record, tier: str, held: Tensors | None, device: str | torch.device | None) -> Tensors:
         target = torch.device(device) if device is not None else self.device
+        hit = tier == "hbm" and _same_device(target, self.device)
         try:
             start = time.perf_counter()
-            if held is None:
-                loaded = self._nvme.read(record.uid)
-                tensors = {n: t.to(target) for n, t in loaded.items()}
-            elif tier == "hbm" and _same_device(target, self.device):
-                return held  # a hit: no transfer
+            if hit:
+                tensors = held or {}  # no transfer: the cached tensors themselves
+            elif held is None:
+                tensors = {n: t.to(target) for n, t in self._nvme.read(record.uid).items()}
             else:
                 tensors = {n: t.to(target, copy=True) for n, t in held.items()}
-            self._log.record(self._pathway(tier, self._tier_name_of(target)), record.spec.nbytes, time.perf_counter() - start)
+            if not hit:
+                self._log.record(self._pathway(tier, self._tier_name_of(target)), record.spec.nbytes, time.perf_counter() - start)
         except BaseException:
             self._end_read(record)
             raise
-        self._end_read(record, promote=(tier, tensors) if _same_device(target, self.device) else None)
+        promote = (tier, tensors) if not hit and _same_device(target, self.device) else None
+        self._end_read(record, promote)
         return tensors
 
     def _end_read(self, record: _Record, promote: tuple[str, Tensors] | None = None) -> None:

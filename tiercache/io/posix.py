@@ -114,7 +114,10 @@ class PosixIO:
     def write_file(self, path: Path, data: torch.Tensor, trailer: bytes = b"") -> None:
         """Create `path` holding `data` (a contiguous uint8 CPU tensor) followed by `trailer`, and fsync it."""
         size = data.numel() + len(trailer)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | self._flags, 0o644)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | self._flags, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot create {path}: {exc}") from exc
         try:
             direct = self.mode == "o_direct"
             body = (data.numel() // ALIGN) * ALIGN if direct else data.numel()

@@ -1,0 +1,36 @@
+# `make test` and `make bench` set themselves up: a .venv holding torch==2.13.0 (the CPU wheel, never a
+# multi-GB CUDA build) and tiercache in editable mode. On a machine whose Python already has everything
+# (the offline GPU machines, see ../shared/gpu/README.md) pass it instead: `make test-gpu PY=python3`.
+PYTHON ?= python3
+VENV := .venv
+ifdef PY
+  RUN := $(PY)
+  SETUP :=
+else
+  RUN := $(VENV)/bin/python
+  SETUP := $(VENV)/.installed
+endif
+PYTEST := $(RUN) -m pytest -rs
+
+.PHONY: test test-gpu bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+## the whole suite on this machine; GPU tests are skipped, with the reason shown, where CUDA is absent
+test: $(SETUP)
+	$(PYTEST) -q
+
+## only the tests that need CUDA
+test-gpu: $(SETUP)
+	$(PYTEST) -v -m gpu
+
+## put/get round trips of every tier and the nvme read against raw O_DIRECT preadv; BENCH_SIZES=16MiB,64MiB,...
+bench: $(SETUP)
+	$(RUN) -m bench
+
+clean:
+	rm -rf $(VENV) bench/out .pytest_cache .hypothesis

@@ -1,0 +1,55 @@
+"""Test helpers: small policies, entries and a bit-exact comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import tiercache
+from tiercache.config import TIER_NAMES
+from tiercache.entry import as_bytes
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def policy(**sections: Mapping[str, Any]) -> tiercache.Policy:
+    """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it."""
+    base: dict[str, Any] = {
+        "name": "test",
+        "tiers": {"hbm": {"capacity": 1 * MiB}, "host": {"capacity": 2 * MiB}, "nvme": {"capacity": 16 * MiB, "task_size": "64KiB"}},
+    }
+    for name, section in sections.items():
+        if name == "tiers":
+            for tier, values in section.items():
+                base["tiers"].setdefault(tier, {}).update(values)
+        else:
+            base[name] = dict(section)
+    return tiercache.Policy.from_dict(base)
+
+
+def only_tier(tier: str, capacity: int = 8 * MiB) -> tiercache.Policy:
+    """A policy in which every entry lands in `tier`: the faster tiers have no capacity."""
+    tiers = {t: {"capacity": 0} for t in TIER_NAMES[: TIER_NAMES.index(tier)]}
+    tiers[tier] = {"capacity": capacity}
+    return policy(tiers=tiers)
+
+
+def assert_same(got: Mapping[str, torch.Tensor], want: Mapping[str, Any]) -> None:
+    """Bit-exact equality of two entries: names in order, dtypes, shapes and bytes."""
+    assert list(got) == list(want)
+    for name, expected in want.items():
+        expected = torch.from_numpy(expected) if not isinstance(expected, torch.Tensor) else expected
+        actual = got[name]
+        assert actual.dtype == expected.dtype, name
+        assert actual.shape == expected.shape, name
+        assert torch.equal(as_bytes(actual.cpu().contiguous()), as_bytes(expected.cpu().contiguous())), name
+
+
+def kv(seed: int, nbytes: int = 64 * KiB, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """An entry of two tensors ("k", "v") of about `nbytes` in total."""
+    gen = torch.Generator().manual_seed(seed)
+    n = max(1, nbytes // 2 // dtype.itemsize)
+    return {name: torch.randn(n, generator=gen).to(dtype) for name in ("k", "v")}
