@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import torch
 
+from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError, StorageError
 from .io import PendingRead, PosixIO, aligned_empty
@@ -53,11 +53,6 @@ ZARR_TYPES: dict[str, tuple[str, Any]] = {
     "complex64": ("complex64", [0.0, 0.0]),
     "complex128": ("complex128", [0.0, 0.0]),
 }
-
-
-def crc32c(data: torch.Tensor, crc: int = 0) -> int:
-    """CRC32C of a contiguous uint8 CPU tensor, continuing from `crc`."""
-    return int(google_crc32c.extend(crc, data.numpy())) if data.numel() else crc
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,59 @@
+"""The environment header of a report: what machine, what filesystem, which I/O mode, which versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy
+import torch
+import zarr
+
+import tiercache
+from tiercache.io.posix import probe_direct_io
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount point and filesystem type holding `path`, from /proc/mounts."""
+    best = ("?", "?")
+    try:
+        resolved = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fstype, *_ = line.split()
+            if resolved.startswith(mount) and len(mount) >= len(best[0]) and best[0] != mount:
+                best = (mount, fstype)
+    except OSError:
+        pass
+    return f"{best[1]} at {best[0]}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(root: Path) -> dict[str, Any]:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    why_not_direct = probe_direct_io(root)
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram / 2**30, 1),
+        "gpu": gpu,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "filesystem": filesystem_of(root),
+        "o_direct": "yes" if why_not_direct is None else f"no ({why_not_direct})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "zarr": zarr.__version__,
+        "tiercache": tiercache.__version__,
+    }

@@ -1,0 +1,247 @@
+"""Round trips of every tier, each beside the raw limit of the same machine, measured in the same run.
+
+For each entry size: put and get through hbm, host and nvme (a policy forces the tier and turns promotion off,
+so every get takes the same pathway), interleaved repetition by repetition with the raw operation each pathway
+is bounded by: a memcpy into a fresh tensor (clone) for the memory tiers, a single-threaded O_DIRECT
+pwritev / preadv of the same bytes into fresh page-aligned buffers for nvme. The page cache is dropped for the
+files read before every nvme read, tiercache's and the raw one alike.
+
+Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB"  BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tiercache
+from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
+from tiercache.io.posix import O_DIRECT
+
+from .environment import describe
+
+DEFAULT_SIZES = "16MiB,64MiB,256MiB"
+LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
+
+
+@dataclass
+class Row:
+    size: int
+    case: str
+    seconds: float  # median
+    spread: tuple[float, float]  # min, max
+    baseline: str
+    baseline_seconds: float | None
+    target: float | None = None  # the least acceptable ratio, where the project states one
+
+    @property
+    def gbps(self) -> float:
+        return self.size / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    @property
+    def ratio(self) -> float | None:
+        """tiercache's throughput over the baseline's (>= 1: tiercache is at least as fast)."""
+        return self.baseline_seconds / self.seconds if self.baseline_seconds and self.seconds > 0 else None
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None or self.ratio is None:
+            return ""
+        return "met" if self.ratio >= self.target else "BELOW"
+
+
+def make_entry(size: int) -> dict[str, torch.Tensor]:
+    per_tensor = max(1, size // (2 * LAYERS) // 2)
+    gen = torch.Generator().manual_seed(size)
+    return {
+        f"block{i}.{kv}": torch.randn(per_tensor, generator=gen).to(torch.bfloat16)
+        for i in range(LAYERS) for kv in ("k", "v")
+    }
+
+
+def forcing_policy(tier: str, size: int, *, verify: bool = True) -> tiercache.Policy:
+    tiers: dict[str, Any] = {t: {"capacity": 0} for t in tiercache.TIER_NAMES}
+    tiers[tier] = {"capacity": 2 * size + (1 << 20)}
+    tiers["nvme"].update({"verify_checksums": verify})
+    return tiercache.Policy.from_dict(
+        {"name": f"bench-{tier}", "tiers": tiers, "placement": {"promote_on_hit": False}}, source="bench"
+    )
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def side_by_side(ours: Callable[[], object], raw: Callable[[], object] | None, repeat: int, before: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
+    """Warm up once, then alternate ours / raw `repeat` times so drift hits both alike."""
+    before(); ours()
+    if raw is not None:
+        before(); raw()
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(repeat):
+        before(); a.append(timed(ours))
+        if raw is not None:
+            before(); b.append(timed(raw))
+    return a, b
+
+
+def row(size: int, case: str, ours: list[float], baseline: str, raw: list[float], target: float | None = None) -> Row:
+    return Row(size, case, statistics.median(ours), (min(ours), max(ours)), baseline, statistics.median(raw) if raw else None, target)
+
+
+def clone_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in tensors.items()}
+
+
+def chunk_files(root: Path) -> list[tuple[Path, int]]:
+    files = [p for p in (root / "entries").glob("*/t*/c/**/*") if p.is_file()]
+    return [(p, p.stat().st_size) for p in sorted(files)]
+
+
+def raw_direct_read(files: list[tuple[Path, int]]) -> list[torch.Tensor]:
+    """The limit: one thread, one O_DIRECT preadv per file into a fresh page-aligned buffer (from the same
+    allocator as tiercache's), all buffers kept, as a get keeps every tensor it returns."""
+    buffers = []
+    for path, size in files:
+        buffer = aligned_empty(size)
+        buffers.append(buffer)
+        view = buffer_of(buffer)
+        fd = os.open(path, os.O_RDONLY | O_DIRECT)
+        try:
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [view[done:]], done)
+                if n == 0:
+                    break
+                done += n
+        finally:
+            os.close(fd)
+    return buffers
+
+
+def raw_direct_write(directory: Path, sources: list[torch.Tensor]) -> None:
+    """The limit: one thread, one O_DIRECT pwritev per file from page-aligned buffers, then fsync."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    for i, source in enumerate(sources):
+        fd = os.open(directory / f"f{i}", os.O_CREAT | os.O_WRONLY | O_DIRECT, 0o644)
+        try:
+            view = buffer_of(source)
+            done = 0
+            while done < len(view):
+                done += os.pwritev(fd, [view[done:]], done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], None]) -> list[Row]:
+    entry = make_entry(size)
+    nbytes = sum(t.numel() * t.element_size() for t in entry.values())
+    rows: list[Row] = []
+
+    for tier in ("hbm", "host"):
+        progress(f"{tier} put/get {tiercache.format_size(nbytes)}")
+        with tiercache.TierCache(root=root, policy=forcing_policy(tier, nbytes)) as cache:
+            ours, raw = side_by_side(lambda: cache.put("e", entry), lambda: clone_all(entry), repeat)
+            rows.append(row(nbytes, f"put -> {tier}", ours, "memcpy (clone)", raw))
+            get_ours, get_raw = side_by_side(lambda: cache.get("e"), lambda: clone_all(entry), repeat)
+            baseline = "memcpy (clone)"
+            if tier == "hbm":  # a hit hands back the cached tensors: there is no copy to compare with
+                rows.append(row(nbytes, "get <- hbm (hit, no copy)", get_ours, "-", []))
+            else:
+                rows.append(row(nbytes, f"get <- {tier}", get_ours, baseline, get_raw, 0.80 if nbytes >= 64 << 20 else None))
+
+    progress(f"nvme put {tiercache.format_size(nbytes)}")
+    aligned_sources = []
+    for t in entry.values():
+        raw_bytes = t.reshape(-1).view(torch.uint8)
+        buf = aligned_empty(raw_bytes.numel())
+        buf[raw_bytes.numel():].zero_()
+        buf[: raw_bytes.numel()].copy_(raw_bytes)
+        aligned_sources.append(buf[: round_up(raw_bytes.numel())])
+    scratch = root.parent / "raw-write"
+    with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes)) as cache:
+        io_mode = cache.stats().nvme_io
+        ours, raw = side_by_side(lambda: cache.put("e", entry), lambda: raw_direct_write(scratch, aligned_sources), repeat)
+        rows.append(row(nbytes, f"put -> nvme ({io_mode})", ours, "O_DIRECT pwritev, 1 thread", raw))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    for verify in (True, False):
+        progress(f"nvme get (checksums {'on' if verify else 'off'}) {tiercache.format_size(nbytes)}")
+        with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes, verify=verify)) as cache:
+            files = chunk_files(root)
+
+            def drop() -> None:
+                for path, _ in files:
+                    drop_page_cache(path)
+
+            ours, raw = side_by_side(lambda: cache.get("e"), lambda: raw_direct_read(files), repeat, before=drop)
+            label = f"get <- nvme ({io_mode}, crc32c {'checked' if verify else 'not checked'})"
+            rows.append(row(nbytes, label, ours, "O_DIRECT preadv, 1 thread", raw, 0.90))
+    shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def markdown(rows: list[Row], env: dict[str, Any]) -> str:
+    lines = [
+        "# tiercache bench: round trips of every tier beside the raw limit",
+        "",
+        "Environment: " + "; ".join(f"{k} {v}" for k, v in env.items()),
+        "",
+        f"Entries are {LAYERS} layers x (K, V) bf16 tensors. Medians of the repetitions; ratio = tiercache's "
+        "throughput / the baseline's, both measured in this run, interleaved. Times are of this machine only.",
+        "",
+        "| size | pathway | median ms | min-max ms | GB/s | baseline | baseline ms | ratio | target |",
+        "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
+        target = f">= {r.target:.2f}x {r.verdict}" if r.target is not None else ""
+        base_ms = f"{r.baseline_seconds * 1e3:.1f}" if r.baseline_seconds is not None else "-"
+        lines.append(
+            f"| {tiercache.format_size(r.size)} | {r.case} | {r.seconds * 1e3:.1f} | "
+            f"{r.spread[0] * 1e3:.1f}-{r.spread[1] * 1e3:.1f} | {r.gbps:.2f} | {r.baseline} | {base_ms} | {ratio} | {target} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    sizes = [tiercache.parse_size(s) for s in os.environ.get("BENCH_SIZES", DEFAULT_SIZES).split(",") if s.strip()]
+    repeat = int(os.environ.get("BENCH_REPEAT", "5"))
+    out = Path(os.environ.get("BENCH_OUT", Path(__file__).resolve().parent / "out"))
+    root = Path(os.environ.get("BENCH_ROOT", out / "root"))
+    out.mkdir(parents=True, exist_ok=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    env = describe(root.parent)
+    steps = len(sizes) * 5
+    done = [0]
+
+    def progress(what: str) -> None:
+        done[0] += 1
+        print(f"[{done[0]:>2}/{steps}] {what}", file=sys.stderr, flush=True)
+
+    shutil.rmtree(root, ignore_errors=True)
+    rows = [r for size in sizes for r in bench_size(size, root, repeat, progress)]
+    report = markdown(rows, env)
+    (out / "report.md").write_text(report)
+    (out / "report.json").write_text(json.dumps(
+        {"environment": env, "repeat": repeat, "rows": [asdict(r) | {"gbps": r.gbps, "ratio": r.ratio, "verdict": r.verdict} for r in rows]},
+        indent=1,
+    ))
+    print(report)
+    print(f"written: {out / 'report.md'}, {out / 'report.json'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,28 @@
+"""A tiny run of every benchmark, so `make bench` cannot quietly break."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.run import main
+
+
+def test_bench_runs_end_to_end_at_tiny_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("BENCH_SIZES", "64KiB,1MiB")
+    monkeypatch.setenv("BENCH_REPEAT", "2")
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
+    assert main() == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    cases = {(r["size"], r["case"].split(" (")[0]) for r in report["rows"]}
+    for size in (64 << 10, 1 << 20):
+        for case in ("put -> hbm", "get <- hbm", "put -> host", "get <- host", "put -> nvme", "get <- nvme"):
+            assert (size, case) in cases
+    assert all(r["seconds"] > 0 for r in report["rows"])
+    assert report["environment"]["o_direct"] == "yes"
+    printed = capsys.readouterr().out
+    assert "| size | pathway |" in printed and "O_DIRECT preadv" in printed
+    assert (tmp_path / "out" / "report.md").read_text() in printed
+    assert not (tmp_path / "out" / "root").exists()  # the data it wrote is cleaned up

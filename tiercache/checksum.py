@@ -1,0 +1,47 @@
+"""CRC32C (Castagnoli), the checksum zarr's crc32c codec stores after each chunk.
+
+google-crc32c computes it with SSE4.2 / ARMv8 instructions but holds the GIL while it does, which stalls the
+I/O threads that verification is meant to overlap with. Where its native library is mapped into this process
+we call that library through ctypes, which releases the GIL; elsewhere we use google-crc32c's Python API.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from pathlib import Path
+
+import google_crc32c
+import google_crc32c._crc32c  # noqa: F401 - loads the native library, so it shows in /proc/self/maps
+import torch
+
+
+def _native_extend() -> Callable[[int, int, int], int] | None:
+    """crc32c_extend(crc, address, length) from the library google-crc32c loaded, if it can be found."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = {line.split()[-1] for line in maps.splitlines() if "libcrc32c" in line and line.split()[-1].startswith("/")}
+    for path in sorted(paths):
+        try:
+            fn = ctypes.CDLL(path).crc32c_extend
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_uint32
+        fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        return fn  # type: ignore[no-any-return]
+    return None
+
+
+_EXTEND = _native_extend()
+RELEASES_GIL = _EXTEND is not None
+
+
+def crc32c(data: torch.Tensor, crc: int = 0) -> int:
+    """CRC32C of a contiguous uint8 CPU tensor, continuing from `crc` (0 to start)."""
+    if data.numel() == 0:
+        return crc
+    if _EXTEND is not None:
+        return int(_EXTEND(crc, data.data_ptr(), data.numel()))
+    return int(google_crc32c.extend(crc, data.numpy()))
