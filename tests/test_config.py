@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -116,5 +117,5 @@ def test_every_key_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for key, _default, doc in describe_keys():
         assert doc, key
-        leaf = key.replace("tiers.hbm.", "tiers.<tier>.").replace("tiers.host.", "tiers.<tier>.")
-        assert f"`{leaf}`" in readme or f"`{key}`" in readme, key
+        shared = re.sub(r"^tiers\.(hbm|host|nvme)\.(capacity|max_entry)$", r"tiers.<tier>.\2", key)
+        assert f"| `{shared}` |" in readme, key
