@@ -24,7 +24,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,31 +91,38 @@ class DiskLayout:
         self._lock_fd = _lock_root(root)
         if not (self.entries_dir / "zarr.json").exists():
             _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
-        self._syncer = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-fsync")
+        # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
+        self._files = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 
     def close(self) -> None:
-        self._syncer.shutdown(wait=True)
+        self._files.shutdown(wait=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def write(self, spec: EntrySpec, tensors: Iterable[torch.Tensor]) -> StoredEntry:
-        """Write an entry durably and atomically: under tmp/, fsync everything, rename into entries/."""
+        """Write an entry durably and atomically: under tmp/, fsync everything, rename into entries/.
+
+        Tensors are written concurrently (each file's pieces go to the I/O pool), so an entry of many small
+        tensors is not a queue of one-file-at-a-time open/write/fsync round trips.
+        """
         name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
         staging = self.tmp_dir / name
         staging.mkdir()
         try:
-            written: list[Path] = [staging]
-            checksums: list[int | None] = []
-            for index, (tspec, tensor) in enumerate(zip(spec.tensors, tensors, strict=True)):
-                checksums.append(self._write_array(staging / f"t{index}", index, tspec, tensor, written))
+            jobs = [
+                self._files.submit(self._write_array, staging / f"t{index}", index, tspec, tensor)
+                for index, (tspec, tensor) in enumerate(zip(spec.tensors, tensors, strict=True))
+            ]
+            wait(jobs)  # all of them, even after a failure: none may still be writing when staging is removed
+            results = [job.result() for job in jobs]
+            checksums = [checksum for checksum, _ in results]
             written_ns = time.time_ns()
-            manifest = _group_metadata(spec, checksums, written_ns)
-            _write_json(staging / "zarr.json", manifest, sync=False)
-            written.append(staging / "zarr.json")
+            _write_json(staging / "zarr.json", _group_metadata(spec, checksums, written_ns), sync=False)
             # Data files were fsynced as written; make every new name durable before the rename publishes them.
-            list(self._syncer.map(_fsync_path, written))
+            created = [staging, staging / "zarr.json", *(path for _, paths in results for path in paths)]
+            list(self._files.map(_fsync_path, created))
             final = self.entries_dir / name
             os.rename(staging, final)
             _fsync_path(self.entries_dir)
@@ -124,21 +131,20 @@ class DiskLayout:
             raise
         return StoredEntry(spec=spec, path=final, checksums=tuple(checksums), written_ns=written_ns)
 
-    def _write_array(self, array_dir: Path, index: int, spec: TensorSpec, tensor: torch.Tensor, written: list[Path]) -> int | None:
+    def _write_array(self, array_dir: Path, index: int, spec: TensorSpec, tensor: torch.Tensor) -> tuple[int | None, list[Path]]:
+        """Write one tensor's zarr array; returns its checksum and the paths it created (to fsync)."""
         array_dir.mkdir()
-        written.append(array_dir)
         _write_json(array_dir / "zarr.json", _array_metadata(spec, index), sync=False)
-        written.append(array_dir / "zarr.json")
+        created = [array_dir, array_dir / "zarr.json"]
         if spec.nbytes == 0:  # an empty array has no chunks in zarr
-            return None
+            return None, created
         raw = as_bytes(tensor.cpu() if tensor.device.type != "cpu" else tensor)
         checksum = crc32c(raw)
         chunk = chunk_path(array_dir, len(spec.shape))
         chunk.parent.mkdir(parents=True, exist_ok=True)
-        for parent in _parents_between(chunk, array_dir):
-            written.append(parent)
+        created += _parents_between(chunk, array_dir)
         self.io.write_file(chunk, raw, trailer=checksum.to_bytes(CHECKSUM_BYTES, "little"))
-        return checksum
+        return checksum, created
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def read(self, stored: StoredEntry, verify: bool) -> Tensors:
