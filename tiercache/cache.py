@@ -12,10 +12,12 @@ Disk reads and memory copies for `get`/`prefetch` run outside the lock; writes a
 from __future__ import annotations
 
 import itertools
+import logging
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,12 +29,15 @@ import torch
 
 from .config import TIER_NAMES, Policy, resolve_policy
 from .entry import EntrySpec, Tensors, TensorSpec, check_key, normalize_tensors
-from .errors import CacheClosedError, CapacityError, EntryNotFoundError, EntryValueError
+from .errors import CacheClosedError, CapacityError, EntryNotFoundError, EntryValueError, TierCacheError
 from .eviction import EvictionPolicy, make_eviction_policy
+from .layout import StoredEntry
 from .placement import Attempt, PlacementPolicy, make_placement_policy
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import MemoryTier, NvmeTier, Tier
 from .units import format_size
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -106,6 +111,8 @@ class TierCache:
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
         budgets = self.policy.tiers
         self._nvme = NvmeTier(self.root, budgets.nvme)
+        self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="tiercache-prefetch")
+        self._finalizer = weakref.finalize(self, _shut_down, self._nvme, self._prefetcher, self._temp_root)
         self._tiers: dict[str, Tier] = {
             "hbm": MemoryTier("hbm", budgets.hbm.capacity, self.device),
             "host": MemoryTier("host", budgets.host.capacity, torch.device("cpu")),
@@ -121,9 +128,14 @@ class TierCache:
         self._misses = 0
         self._evicted = 0
         self._log = TransferLog()
-        self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="tiercache-prefetch")
+        self._active_reads = 0
+        self._idle = threading.Condition(self._lock)
         self._closed = False
-        self._adopt_disk_entries()
+        try:
+            self._adopt_disk_entries()
+        except BaseException:
+            self._finalizer()
+            raise
 
     # ---- the public contract ----------------------------------------------------------------------------------
     def put(self, key: str, tensors: Mapping[str, Any], *, copy: bool = True) -> str:
@@ -143,31 +155,38 @@ class TierCache:
             attempts = self._placement.place(spec.nbytes, self._free())
             if not attempts:
                 raise CapacityError(self._no_tier_admits(spec))
-            if not any(self._can_make_room(a, spec.nbytes, old) for a in attempts):
+            feasible = [a for a in attempts if self._can_make_room(a, spec.nbytes, old)]
+            if not feasible:
                 raise CapacityError(self._tiers_full(spec, attempts))
-            if old is not None:
-                self._remove(old)
             record = _Record(uid=next(self._uids), spec=spec, pins=old.pins if old else 0)
+            if old is not None:
+                self._unindex(old)  # out of sight, but its bytes stay until the new version is stored
             self._by_uid[record.uid] = record
-            self._records[key] = record
             record.readers += 1  # not a victim of its own placement
             try:
-                for attempt in attempts:
-                    if self._make_room(attempt.tier, spec.nbytes, attempt.evict):
-                        self._store(record, attempt.tier, data, copy=copy, source="put")
-                        return attempt.tier
+                tier = self._first_fit(feasible, spec.nbytes, sacrifice=old)
+                if tier is None:  # _can_make_room said otherwise; refuse rather than keep half an entry
+                    raise CapacityError(self._tiers_full(spec, attempts))
+                self._store(record, tier, data, copy=copy, source="put")
             except BaseException:
-                self._remove(record)
+                del self._by_uid[record.uid]
+                if old is not None and old.tiers:  # its bytes were not needed: the old version stays
+                    self._reindex(old)
+                elif old is not None:
+                    self._by_uid.pop(old.uid, None)
                 raise
             finally:
                 record.readers -= 1
-            self._remove(record)  # unreachable while _can_make_room is right; kept so no half-entry survives
-            raise CapacityError(self._tiers_full(spec, attempts))
+            self._records[key] = record
+            if old is not None:
+                self._retire(old)
+            return tier
 
     def get(self, key: str, device: str | torch.device | None = None) -> Tensors:
         """The entry's tensors on `device` (default: the compute device), bit-exact. A miss raises KeyError.
 
-        An hbm hit returns the cached tensors themselves: read them, or clone before modifying them.
+        The result may be the cache's own tensors (an hbm hit, or an entry this get promoted): read them, or
+        clone them before modifying them.
         """
         record, tier, held = self._begin_read(key)
         return self._finish_read(record, tier, held, device)
@@ -217,10 +236,12 @@ class TierCache:
             return list(self._records)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._records
+        with self._lock:
+            return isinstance(key, str) and key in self._records
 
     def __len__(self) -> int:
-        return len(self._records)
+        with self._lock:
+            return len(self._records)
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -238,19 +259,21 @@ class TierCache:
             )
 
     def close(self) -> None:
-        """Wait for prefetches, free the memory tiers and release the root. Entries in nvme stay on disk."""
+        """Wait for gets and prefetches in flight, free the memory tiers and release the root. Entries in nvme
+        stay on disk. A cache that is never closed releases its root when it is garbage-collected."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-        self._prefetcher.shutdown(wait=True)  # prefetches finish (they need the lock) before the tiers go
+            self._closed = True  # no new reads start from here on
+        self._prefetcher.shutdown(wait=True)
         with self._lock:
+            self._idle.wait_for(lambda: self._active_reads == 0)
             for tier in self._tiers.values():
-                tier.close()
+                if tier is not self._nvme:
+                    tier.close()
             self._records.clear()
             self._by_uid.clear()
-        if self._temp_root is not None:
-            shutil.rmtree(self._temp_root, ignore_errors=True)
+        self._finalizer()
 
     def __enter__(self) -> TierCache:
         return self
@@ -273,6 +296,7 @@ class TierCache:
                 self._misses += 1
                 raise EntryNotFoundError(self._miss_message(key))
             tier = record.tiers[0]
+            self._active_reads += 1
             self._hits[tier] += 1
             self._order[tier].accessed(record.uid)
             record.readers += 1
@@ -302,22 +326,30 @@ class TierCache:
     def _end_read(self, record: _Record, promote: tuple[str, Tensors] | None = None) -> None:
         with self._lock:
             record.readers -= 1
-            if record.deleted:
-                if record.readers == 0:
-                    self._release(record)
-            elif promote is not None and not self._closed and record.tiers and record.tiers[0] == promote[0]:
-                self._promote(record, *promote)
+            try:
+                if record.deleted:
+                    if record.readers == 0:
+                        self._release(record)
+                elif promote is not None and not self._closed and record.tiers and record.tiers[0] == promote[0]:
+                    self._promote(record, *promote)
+            except (TierCacheError, OSError) as exc:  # the read itself succeeded; moving others down did not
+                log.warning("tiercache: promoting %r after a read failed: %s", record.spec.key, exc)
+            finally:
+                self._active_reads -= 1
+                if self._active_reads == 0:
+                    self._idle.notify_all()
 
     def _promote(self, record: _Record, current: str, tensors: Tensors) -> None:
+        if record.readers > 0:  # another read still copies from the current tier: a later read promotes
+            return
         attempts = self._placement.promote(record.spec.nbytes, current, self._free())
         record.readers += 1  # making room below must not demote the entry being promoted
         try:
-            for attempt in attempts:
-                if self._make_room(attempt.tier, record.spec.nbytes, attempt.evict):
-                    self._store(record, attempt.tier, tensors, copy=False, source=None)
-                    if current != "nvme":  # memory tiers are exclusive; the nvme copy stays
-                        self._drop(record, current)
-                    return
+            target = self._first_fit(attempts, record.spec.nbytes)
+            if target is not None:
+                self._store(record, target, tensors, copy=False, source=None)
+                if current != "nvme":  # memory tiers are exclusive; the nvme copy stays
+                    self._drop(record, current)
         finally:
             record.readers -= 1
 
@@ -339,11 +371,23 @@ class TierCache:
         )
         return free + reclaimable >= nbytes
 
-    def _make_room(self, tier_name: str, nbytes: int, evict: bool) -> bool:
-        """Demote the tier's victims, in policy order, until `nbytes` are free; False if it cannot."""
+    def _first_fit(self, attempts: list[Attempt], nbytes: int, sacrifice: _Record | None = None) -> str | None:
+        """The first attempt's tier that has, or can be given, `nbytes` of room; nothing moves for the others."""
+        for attempt in attempts:
+            if self._can_make_room(attempt, nbytes, sacrifice) and self._make_room(attempt.tier, nbytes, attempt.evict, sacrifice):
+                return attempt.tier
+        return None
+
+    def _make_room(self, tier_name: str, nbytes: int, evict: bool, sacrifice: _Record | None = None) -> bool:
+        """Free `nbytes` in a tier: first the old version being replaced (`sacrifice`), then, if `evict`, by
+        demoting the tier's victims in policy order. False if it cannot."""
         tier = self._tiers[tier_name]
         if tier.free >= nbytes:
             return True
+        if sacrifice is not None and tier_name in sacrifice.tiers and sacrifice.readers == 0:
+            self._drop(sacrifice, tier_name)
+            if tier.free >= nbytes:
+                return True
         if not evict:
             return False
         for uid in self._order[tier_name].victims():
@@ -363,11 +407,9 @@ class TierCache:
         try:
             attempts = self._placement.demote(size, from_tier, self._free())
             if attempts and not any(TIER_NAMES.index(t) > below for t in record.tiers):  # no copy below yet
-                data = self._tiers[from_tier].read(record.uid)
-                for attempt in attempts:
-                    if self._make_room(attempt.tier, size, attempt.evict):
-                        self._store(record, attempt.tier, data, copy=False, source=from_tier)
-                        break
+                target = self._first_fit(attempts, size)
+                if target is not None:
+                    self._store(record, target, self._tiers[from_tier].read(record.uid), copy=False, source=from_tier)
             self._drop(record, from_tier)
         finally:
             record.readers -= 1
@@ -399,11 +441,23 @@ class TierCache:
 
     def _remove(self, record: _Record) -> None:
         """Take an entry out of the cache; its storage goes now, or when its last reader is done."""
+        self._unindex(record)
+        self._retire(record)
+
+    def _unindex(self, record: _Record) -> None:
+        """Hide an entry from lookups and from eviction; its storage and accounting stay."""
         if self._records.get(record.spec.key) is record:
             del self._records[record.spec.key]
-        record.deleted = True
         for tier_name in record.tiers:
-            self._order[tier_name].removed(record.uid)  # no longer a victim candidate
+            self._order[tier_name].removed(record.uid)
+
+    def _reindex(self, record: _Record) -> None:
+        self._records[record.spec.key] = record
+        for tier_name in record.tiers:
+            self._order[tier_name].inserted(record.uid, record.spec.nbytes)
+
+    def _retire(self, record: _Record) -> None:
+        record.deleted = True
         if record.readers == 0:
             self._release(record)
 
@@ -413,17 +467,25 @@ class TierCache:
         self._by_uid.pop(record.uid, None)
 
     def _adopt_disk_entries(self) -> None:
-        """Index the entries a previous process left in nvme. If the budget shrank, the newest that fit stay."""
-        found = self._nvme.scan()
-        keep: list[tuple[_Record, Any]] = []
+        """Index the entries a previous process left in nvme, newest first while they fit the budget. Entries
+        that do not fit stay on disk, unindexed, for a cache opened with a larger budget: never deleted here."""
         budget = self.policy.tiers.nvme
         room = self._nvme.capacity
-        for stored in reversed(found):  # newest first
+        keep: list[tuple[_Record, StoredEntry]] = []
+        left: list[StoredEntry] = []
+        for stored in reversed(self._nvme.scan()):  # newest first
             if budget.admits(stored.spec.nbytes) and stored.spec.nbytes <= room:
                 room -= stored.spec.nbytes
                 keep.append((_Record(uid=next(self._uids), spec=stored.spec), stored))
             else:
-                self._nvme.discard(stored)
+                left.append(stored)
+        if left:
+            log.warning(
+                "tiercache: %d entries (%s) in %s exceed this policy's nvme budget (%s, %s) and were left on disk "
+                "unindexed; open the root with a larger tiers.nvme.capacity to use or delete them",
+                len(left), format_size(sum(s.spec.nbytes for s in left)), self.root, format_size(budget.capacity),
+                self.policy.source,
+            )
         for record, stored in reversed(keep):  # oldest first, so LRU order follows write time
             self._nvme.adopt(record.uid, stored)
             record.tiers.append("nvme")
@@ -485,6 +547,14 @@ class TierCache:
             f"admit it cannot make room ({states}). Unpin or delete entries, or raise capacities in "
             f"{self.policy.source}. Nothing stored was changed."
         )
+
+
+def _shut_down(nvme: NvmeTier, prefetcher: ThreadPoolExecutor, temp_root: Path | None) -> None:
+    """Release what outlives a cache's Python object: the prefetch threads, the root's lock, a temporary root."""
+    prefetcher.shutdown(wait=False)  # close() has already waited; the garbage collector must not block
+    nvme.close()
+    if temp_root is not None:
+        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -130,8 +130,10 @@ class NvmeBudget(TierBudget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.task_size == 0 or self.task_size % 4096:
-            raise PolicyError(f"task_size: {self.task_size} is not a positive multiple of 4 KiB (4096)")
+        if self.task_size == 0 or self.task_size % 4096 or self.task_size > 1 << 30:
+            raise PolicyError(f"task_size: {self.task_size} is not a multiple of 4 KiB (4096) between 4KiB and 1GiB")
+        if self.threads > 256:
+            raise PolicyError(f"threads: {self.threads} is more than 256; each thread keeps a task_size buffer")
 
 
 @dataclass(frozen=True)

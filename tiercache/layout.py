@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FORMAT = "tiercache-entry"
 FORMAT_VERSION = 1
 CHECKSUM_BYTES = 4
+COMPACT_BELOW = 1 << 20  # tensors read back smaller than this are copied out of their padded I/O buffers
 
 # tiercache dtype -> (zarr v3 data_type, fill_value). Types zarr lacks are stored as same-width unsigned views.
 ZARR_TYPES: dict[str, tuple[str, Any]] = {
@@ -175,7 +176,10 @@ class DiskLayout:
                 job.finish()
                 if verify:
                     self._verify(stored, index, buffer, crc)
-                out[tspec.name] = from_bytes(buffer, tspec)
+                tensor = from_bytes(buffer, tspec)
+                # A tensor keeps its whole I/O buffer alive (up to 4 KiB of padding and checksum): copy small
+                # ones out, so that padding never outweighs data held in a memory tier.
+                out[tspec.name] = tensor.clone() if tspec.nbytes < COMPACT_BELOW else tensor
             return out
         finally:
             for job in pending:
@@ -204,11 +208,13 @@ class DiskLayout:
             os.rename(stored.path, target)
         except FileNotFoundError:
             return
+        _fsync_path(self.entries_dir)  # the removal is durable before the files go
         shutil.rmtree(target, ignore_errors=True)
 
     def scan(self) -> list[StoredEntry]:
         """Rebuild the index from disk, oldest first. Leftovers of interrupted writes and removals are cleared;
-        of two versions of a key the newer wins; an unreadable entry is removed with a warning."""
+        of two versions of a key the newer wins; an entry that cannot be read (damaged, or written by a newer
+        format) is skipped with a warning and left on disk."""
         for leftover in (self.tmp_dir, self.trash_dir):
             for path in leftover.iterdir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -216,9 +222,8 @@ class DiskLayout:
         for path in sorted(p for p in self.entries_dir.iterdir() if p.is_dir()):
             try:
                 stored = _parse_group(path)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("tiercache: removing unreadable entry %s: %s", path, exc)
-                self.remove(StoredEntry(EntrySpec("", ()), path, (), 0))
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # never delete what we cannot read
+                log.warning("tiercache: skipping unreadable entry %s (left on disk; delete it to reclaim): %s", path, exc)
                 continue
             older = newest.get(stored.spec.key)
             if older is not None:
@@ -277,6 +282,9 @@ def _parse_group(path: Path) -> StoredEntry:
     if spec.nbytes != manifest["nbytes"]:
         raise ValueError(f"manifest nbytes {manifest['nbytes']} != sum of its tensors {spec.nbytes}")
     checksums = tuple(t["crc32c"] for t in manifest["tensors"])
+    for t, checksum in zip(tensors, checksums, strict=True):
+        if not (checksum is None if t.nbytes == 0 else isinstance(checksum, int) and 0 <= checksum < 2**32):
+            raise ValueError(f"tensor {t.name!r} has checksum {checksum!r}")
     return StoredEntry(spec=spec, path=path, checksums=checksums, written_ns=int(manifest["written_ns"]))
 
 

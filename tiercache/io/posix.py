@@ -12,7 +12,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -121,10 +121,12 @@ class PosixIO:
         try:
             direct = self.mode == "o_direct"
             body = (data.numel() // ALIGN) * ALIGN if direct else data.numel()
-            futures = [
-                self._pool.submit(self._write_piece, fd, data[start : min(start + self.task_size, body)], start)
-                for start in range(0, body, self.task_size)
-            ]
+            futures: list[Future[None]] = []
+            try:
+                for start in range(0, body, self.task_size):
+                    futures.append(self._pool.submit(self._write_piece, fd, data[start : min(start + self.task_size, body)], start))
+            finally:
+                wait(futures)  # every piece has stopped using fd before it can be closed (and its number reused)
             for future in futures:
                 future.result()
             tail = torch.cat([data[body:], torch.frombuffer(bytearray(trailer), dtype=torch.uint8)]) if trailer else data[body:]
@@ -169,15 +171,16 @@ class PosixIO:
             fd = os.open(path, os.O_RDONLY | self._flags)
         except OSError as exc:
             raise StorageError(f"cannot open {path}: {exc}") from exc
+        pieces: list[tuple[int, int, Future[int]]] = []
         try:
             actual = os.fstat(fd).st_size
             if actual != size:
                 raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
-            pieces = [
-                (start, self.task_size, self._pool.submit(_pread_all, fd, buffer_of(dest[start : min(start + self.task_size, span)]), start))
-                for start in range(0, span, self.task_size)
-            ]
+            for start in range(0, span, self.task_size):
+                piece = buffer_of(dest[start : min(start + self.task_size, span)])
+                pieces.append((start, self.task_size, self._pool.submit(_pread_all, fd, piece, start)))
         except BaseException:
+            wait([future for _, _, future in pieces])
             os.close(fd)
             raise
         return PendingRead(path, fd, size, pieces)

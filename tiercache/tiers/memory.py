@@ -19,9 +19,11 @@ class MemoryTier(Tier):
         return self._device
 
     def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors) -> None:
+        # Tensors already on this device are kept as handed over; others are copied here, before accounting,
+        # so that a failed copy (out of memory) leaves the tier as it was.
+        moved = {name: t.to(self._device) for name, t in tensors.items()}
         self._admit(entry, spec)
-        # Tensors already on this device are kept as handed over; others are copied here.
-        self._data[entry] = {name: t.to(self._device) for name, t in tensors.items()}
+        self._data[entry] = moved
 
     def read(self, entry: EntryId) -> Tensors:
         return dict(self._data[entry])

@@ -1,0 +1,138 @@
+"""Failure paths: refused or failed operations lose nothing, I/O errors never touch another file, close and
+garbage collection while work is in flight. Ordering is forced with events, never with sleeps."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CacheFactory
+from helpers import assert_same, kv, only_tier
+
+import tiercache
+from tiercache import Policy, StorageError
+from tiercache.io import posix
+from tiercache.io.posix import PosixIO
+
+
+def uint8s(n: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.arange(n, dtype=torch.uint8)}
+
+
+def test_a_put_moves_nothing_in_a_tier_it_cannot_use(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with tiercache.TierCache(root=root, policy=only_tier("nvme", capacity=40)) as cache:
+        cache.put("D", uint8s(40))
+    pol = Policy.from_dict({"tiers": {"hbm": {"capacity": 100}, "host": {"capacity": 80}, "nvme": {"capacity": 40}}})
+    with tiercache.TierCache(root=root, policy=pol) as cache:
+        cache.put("A", uint8s(60))
+        cache.pin("A")
+        cache.put("B", uint8s(40))
+        # hbm cannot make room for C (A is pinned, B alone frees too little): C must go to host untouched by
+        # any demotion from hbm, and D must not be pushed out of nvme.
+        assert cache.put("C", uint8s(50)) == "host"
+        assert {k: cache.tier_of(k) for k in "ABCD"} == {"A": "hbm", "B": "hbm", "C": "host", "D": "nvme"}
+        assert cache.stats().evicted == 0
+
+
+def test_a_failed_replacement_keeps_the_old_version(make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = make_cache(only_tier("nvme"))
+    cache.put("k", kv(1))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise StorageError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache._nvme.io, "write_file", disk_full)
+    with pytest.raises(StorageError):
+        cache.put("k", kv(2))
+    assert_same(cache.get("k"), kv(1))
+    assert cache.stats().tiers["nvme"].used == 64 * 1024
+    monkeypatch.undo()
+    cache.put("k", kv(3))
+    assert_same(cache.get("k"), kv(3))
+    assert len(list((cache.root / "entries").glob("*/zarr.json"))) == 1  # the old version's files are gone
+
+
+def test_a_replacement_that_needs_the_old_versions_room_gets_it(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("hbm", capacity=100 * 1024))
+    cache.put("k", kv(1))
+    assert cache.put("k", kv(2)) == "hbm"
+    assert_same(cache.get("k"), kv(2))
+
+
+def test_a_failed_piece_does_not_close_the_file_under_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = PosixIO(tmp_path, threads=2, task_size=4096, io="buffered")
+    first_failed = threading.Event()
+    events: list[str] = []
+    real_write, real_close = posix._pwrite_all, os.close
+
+    def piece(fd: int, buffer: memoryview, offset: int) -> None:
+        if offset == 0:
+            first_failed.set()
+            raise OSError(errno.EIO, "media error")
+        first_failed.wait()
+        real_write(fd, buffer, offset)
+        events.append(f"wrote {offset}")
+
+    def close(fd: int) -> None:
+        events.append("close")
+        real_close(fd)
+
+    monkeypatch.setattr(posix, "_pwrite_all", piece)
+    monkeypatch.setattr(posix.os, "close", close)
+    with pytest.raises(StorageError, match="media error"):
+        io.write_file(tmp_path / "entry", torch.full((8192,), 0xAB, dtype=torch.uint8))
+    monkeypatch.undo()
+    io.close()
+    assert events == ["wrote 4096", "close"]
+
+
+def test_close_waits_for_a_get_in_flight(make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = make_cache(only_tier("nvme"))
+    cache.put("k", kv(1))
+    reading, closing = threading.Event(), threading.Event()
+    real_read, real_shutdown = cache._nvme.read, cache._prefetcher.shutdown
+
+    def slow_read(uid: int) -> dict[str, torch.Tensor]:
+        reading.set()
+        closing.wait()  # close() has begun
+        return real_read(uid)
+
+    def shutdown(*args: object, **kwargs: object) -> None:
+        closing.set()
+        real_shutdown(*args, **kwargs)
+
+    monkeypatch.setattr(cache._nvme, "read", slow_read)
+    monkeypatch.setattr(cache._prefetcher, "shutdown", shutdown)
+    result: dict[str, object] = {}
+    reader = threading.Thread(target=lambda: result.update(got=cache.get("k")))
+    reader.start()
+    reading.wait()
+    cache.close()
+    reader.join()
+    assert_same(result["got"], kv(1))  # type: ignore[arg-type]
+
+
+def test_an_unclosed_cache_releases_its_root_when_collected(tmp_path: Path) -> None:
+    cache = tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme"))
+    cache.put("k", kv(1))
+    del cache
+    gc.collect()
+    with tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme")) as again:
+        assert_same(again.get("k"), kv(1))
+
+
+def test_a_failed_open_releases_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: object) -> None:
+        raise OSError(errno.EIO, "cannot list entries")
+
+    monkeypatch.setattr(tiercache.cache.TierCache, "_adopt_disk_entries", broken)
+    with pytest.raises(OSError):
+        tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme"))
+    monkeypatch.undo()
+    tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme")).close()
