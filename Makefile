@@ -6,13 +6,15 @@ VENV := .venv
 ifdef PY
   RUN := $(PY)
   SETUP :=
+  LINT :=
 else
   RUN := $(VENV)/bin/python
   SETUP := $(VENV)/.installed
+  LINT := lint
 endif
 PYTEST := $(RUN) -m pytest -rs
 
-.PHONY: test test-gpu bench clean
+.PHONY: test test-gpu bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-## the whole suite on this machine; GPU tests are skipped, with the reason shown, where CUDA is absent
-test: $(SETUP)
+## lint and types, then the whole suite on this machine; GPU tests are skipped, with the reason shown, where
+## CUDA is absent
+test: $(SETUP) $(LINT)
 	$(PYTEST) -q
+
+lint: $(SETUP)
+	$(RUN) -m ruff check tiercache bench tests
+	$(RUN) -m ruff format --check tiercache bench tests
+	$(RUN) -m mypy
 
 ## only the tests that need CUDA
 test-gpu: $(SETUP)

@@ -11,6 +11,7 @@ Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB"  BENCH_REPEAT=5  BENCH_
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -65,7 +66,8 @@ def make_entry(size: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(size)
     return {
         f"block{i}.{kv}": torch.randn(per_tensor, generator=gen).to(torch.bfloat16)
-        for i in range(LAYERS) for kv in ("k", "v")
+        for i in range(LAYERS)
+        for kv in ("k", "v")
     }
 
 
@@ -84,22 +86,40 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def side_by_side(ours: Callable[[], object], raw: Callable[[], object] | None, repeat: int, before: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
-    """Warm up once, then alternate ours / raw `repeat` times so drift hits both alike."""
-    before(); ours()
-    if raw is not None:
-        before(); raw()
+def side_by_side(
+    ours: Callable[[], object],
+    raw: Callable[[], object] | None,
+    repeat: int,
+    before: Callable[[], None] = lambda: None,
+) -> tuple[list[float], list[float]]:
+    """Warm up once, then alternate ours / raw `repeat` times so drift hits both alike. `before` runs untimed
+    ahead of every call (dropping the page cache, for instance)."""
     a: list[float] = []
     b: list[float] = []
-    for _ in range(repeat):
-        before(); a.append(timed(ours))
+    for rep in range(repeat + 1):
+        before()
+        ours_s = timed(ours)
+        raw_s = None
         if raw is not None:
-            before(); b.append(timed(raw))
+            before()
+            raw_s = timed(raw)
+        if rep:  # the first round is the warm-up
+            a.append(ours_s)
+            if raw_s is not None:
+                b.append(raw_s)
     return a, b
 
 
 def row(size: int, case: str, ours: list[float], baseline: str, raw: list[float], target: float | None = None) -> Row:
-    return Row(size, case, statistics.median(ours), (min(ours), max(ours)), baseline, statistics.median(raw) if raw else None, target)
+    return Row(
+        size,
+        case,
+        statistics.median(ours),
+        (min(ours), max(ours)),
+        baseline,
+        statistics.median(raw) if raw else None,
+        target,
+    )
 
 
 def clone_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -109,6 +129,11 @@ def clone_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def chunk_files(root: Path) -> list[tuple[Path, int]]:
     files = [p for p in (root / "entries").glob("*/t*/c/**/*") if p.is_file()]
     return [(p, p.stat().st_size) for p in sorted(files)]
+
+
+def drop_page_caches(paths: list[Path]) -> None:
+    for path in paths:
+        drop_page_cache(path)
 
 
 def raw_direct_read(files: list[tuple[Path, int]]) -> list[torch.Tensor]:
@@ -163,20 +188,24 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
             if tier == "hbm":  # a hit hands back the cached tensors: there is no copy to compare with
                 rows.append(row(nbytes, "get <- hbm (hit, no copy)", get_ours, "-", []))
             else:
-                rows.append(row(nbytes, f"get <- {tier}", get_ours, baseline, get_raw, 0.80 if nbytes >= 64 << 20 else None))
+                rows.append(
+                    row(nbytes, f"get <- {tier}", get_ours, baseline, get_raw, 0.80 if nbytes >= 64 << 20 else None)
+                )
 
     progress(f"nvme put {tiercache.format_size(nbytes)}")
     aligned_sources = []
     for t in entry.values():
         raw_bytes = t.reshape(-1).view(torch.uint8)
         buf = aligned_empty(raw_bytes.numel())
-        buf[raw_bytes.numel():].zero_()
+        buf[raw_bytes.numel() :].zero_()
         buf[: raw_bytes.numel()].copy_(raw_bytes)
         aligned_sources.append(buf[: round_up(raw_bytes.numel())])
     scratch = root.parent / "raw-write"
     with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes)) as cache:
         io_mode = cache.stats().nvme_io
-        ours, raw = side_by_side(lambda: cache.put("e", entry), lambda: raw_direct_write(scratch, aligned_sources), repeat)
+        ours, raw = side_by_side(
+            lambda: cache.put("e", entry), lambda: raw_direct_write(scratch, aligned_sources), repeat
+        )
         rows.append(row(nbytes, f"put -> nvme ({io_mode})", ours, "O_DIRECT pwritev, 1 thread", raw))
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -184,12 +213,8 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
         progress(f"nvme get (checksums {'on' if verify else 'off'}) {tiercache.format_size(nbytes)}")
         with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes, verify=verify)) as cache:
             files = chunk_files(root)
-
-            def drop() -> None:
-                for path, _ in files:
-                    drop_page_cache(path)
-
-            ours, raw = side_by_side(lambda: cache.get("e"), lambda: raw_direct_read(files), repeat, before=drop)
+            drop = functools.partial(drop_page_caches, [path for path, _ in files])
+            ours, raw = side_by_side(lambda: cache.get("e"), functools.partial(raw_direct_read, files), repeat, drop)
             label = f"get <- nvme ({io_mode}, crc32c {'checked' if verify else 'not checked'})"
             rows.append(row(nbytes, label, ours, "O_DIRECT preadv, 1 thread", raw, 0.90))
     shutil.rmtree(root, ignore_errors=True)
@@ -214,7 +239,8 @@ def markdown(rows: list[Row], env: dict[str, Any]) -> str:
         base_ms = f"{r.baseline_seconds * 1e3:.1f}" if r.baseline_seconds is not None else "-"
         lines.append(
             f"| {tiercache.format_size(r.size)} | {r.case} | {r.seconds * 1e3:.1f} | "
-            f"{r.spread[0] * 1e3:.1f}-{r.spread[1] * 1e3:.1f} | {r.gbps:.2f} | {r.baseline} | {base_ms} | {ratio} | {target} |"
+            f"{r.spread[0] * 1e3:.1f}-{r.spread[1] * 1e3:.1f} | {r.gbps:.2f} | "
+            f"{r.baseline} | {base_ms} | {ratio} | {target} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -238,10 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for size in sizes for r in bench_size(size, root, repeat, progress)]
     report = markdown(rows, env)
     (out / "report.md").write_text(report)
-    (out / "report.json").write_text(json.dumps(
-        {"environment": env, "repeat": repeat, "rows": [asdict(r) | {"gbps": r.gbps, "ratio": r.ratio, "verdict": r.verdict} for r in rows]},
-        indent=1,
-    ))
+    (out / "report.json").write_text(
+        json.dumps(
+            {
+                "environment": env,
+                "repeat": repeat,
+                "rows": [asdict(r) | {"gbps": r.gbps, "ratio": r.ratio, "verdict": r.verdict} for r in rows],
+            },
+            indent=1,
+        )
+    )
     print(report)
     print(f"written: {out / 'report.md'}, {out / 'report.json'}", file=sys.stderr)
     return 0

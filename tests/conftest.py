@@ -46,5 +46,3 @@ def make_cache(tmp_path: Path) -> Iterator[CacheFactory]:
 @pytest.fixture(params=TIER_NAMES)
 def tier_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-

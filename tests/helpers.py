@@ -19,7 +19,11 @@ def policy(**sections: Mapping[str, Any]) -> tiercache.Policy:
     """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it."""
     base: dict[str, Any] = {
         "name": "test",
-        "tiers": {"hbm": {"capacity": 1 * MiB}, "host": {"capacity": 2 * MiB}, "nvme": {"capacity": 16 * MiB, "task_size": "64KiB"}},
+        "tiers": {
+            "hbm": {"capacity": 1 * MiB},
+            "host": {"capacity": 2 * MiB},
+            "nvme": {"capacity": 16 * MiB, "task_size": "64KiB"},
+        },
     }
     for name, section in sections.items():
         if name == "tiers":

@@ -10,7 +10,9 @@ import pytest
 from bench.run import main
 
 
-def test_bench_runs_end_to_end_at_tiny_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_runs_end_to_end_at_tiny_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("BENCH_SIZES", "64KiB,1MiB")
     monkeypatch.setenv("BENCH_REPEAT", "2")
     monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))

@@ -36,7 +36,9 @@ def test_the_issue_example(make_cache: CacheFactory) -> None:
 
 
 def test_placement_follows_size_thresholds(make_cache: CacheFactory) -> None:
-    cache = make_cache(policy(tiers={"hbm": {"capacity": 1 * MiB, "max_entry": 64 * KiB}, "host": {"capacity": 2 * MiB}}))
+    cache = make_cache(
+        policy(tiers={"hbm": {"capacity": 1 * MiB, "max_entry": 64 * KiB}, "host": {"capacity": 2 * MiB}})
+    )
     assert cache.put("small", kv(1, 32 * KiB)) == "hbm"
     assert cache.put("medium", kv(2, 256 * KiB)) == "host"  # above hbm's max_entry
     assert cache.put("large", kv(3, 3 * MiB)) == "nvme"  # above host's capacity: straight to nvme
@@ -80,7 +82,9 @@ def test_evicting_from_nvme_deletes(make_cache: CacheFactory) -> None:
 
 
 def test_pinned_entries_are_never_evicted(make_cache: CacheFactory) -> None:
-    cache = make_cache(policy(tiers={"hbm": {"capacity": 150 * KiB}, "host": {"capacity": 0}, "nvme": {"capacity": 150 * KiB}}))
+    cache = make_cache(
+        policy(tiers={"hbm": {"capacity": 150 * KiB}, "host": {"capacity": 0}, "nvme": {"capacity": 150 * KiB}})
+    )
     cache.put("pinned", kv(1))
     cache.pin("pinned")
     for i in range(6):
@@ -114,7 +118,12 @@ def test_an_entry_larger_than_every_tier_is_refused_and_nothing_is_lost(make_cac
     with pytest.raises(CapacityError) as err:
         cache.put("huge", kv(5, 17 * MiB))
     message = str(err.value)
-    assert "'huge'" in message and "17 MiB (17825792 bytes)" in message and "nvme: capacity 16 MiB" in message and "Raise" in message
+    assert (
+        "'huge'" in message
+        and "17 MiB (17825792 bytes)" in message
+        and "nvme: capacity 16 MiB" in message
+        and "Raise" in message
+    )
     assert isinstance(err.value, MemoryError)
     assert {k: cache.info(k).tiers for k in stored} == before
     for key, entry in stored.items():
@@ -123,7 +132,9 @@ def test_an_entry_larger_than_every_tier_is_refused_and_nothing_is_lost(make_cac
 
 
 def test_tiers_full_of_pinned_entries_refuse_without_moving_anything(make_cache: CacheFactory) -> None:
-    cache = make_cache(policy(tiers={"hbm": {"capacity": 150 * KiB}, "host": {"capacity": 70 * KiB}, "nvme": {"capacity": 70 * KiB}}))
+    cache = make_cache(
+        policy(tiers={"hbm": {"capacity": 150 * KiB}, "host": {"capacity": 70 * KiB}, "nvme": {"capacity": 70 * KiB}})
+    )
     for key in ("a", "b", "c", "d"):
         cache.put(key, kv(ord(key)))
         cache.pin(key)
@@ -195,7 +206,7 @@ def test_prefetch_returns_at_once_and_a_miss_raises_immediately(make_cache: Cach
     for key, entry in entries.items():
         cache.put(key, entry)
     handles = [cache.prefetch(key) for key in entries]
-    for handle, (key, entry) in zip(handles, entries.items()):
+    for handle, (key, entry) in zip(handles, entries.items(), strict=True):
         assert handle.key == key
         assert_same(handle.wait(timeout=30), entry)
         assert handle.done()
@@ -204,7 +215,9 @@ def test_prefetch_returns_at_once_and_a_miss_raises_immediately(make_cache: Cach
 
 
 def test_concurrent_gets_and_puts_keep_values_and_budgets(make_cache: CacheFactory) -> None:
-    cache = make_cache(policy(tiers={"hbm": {"capacity": 200 * KiB}, "host": {"capacity": 200 * KiB}, "nvme": {"capacity": 4 * MiB}}))
+    cache = make_cache(
+        policy(tiers={"hbm": {"capacity": 200 * KiB}, "host": {"capacity": 200 * KiB}, "nvme": {"capacity": 4 * MiB}})
+    )
     for i in range(12):
         cache.put(f"e{i}", kv(i))
     errors: list[BaseException] = []
@@ -260,7 +273,12 @@ def test_a_closed_cache_refuses_work(make_cache: CacheFactory) -> None:
     cache.put("a", kv(1))
     cache.close()
     cache.close()  # idempotent
-    for call in (lambda: cache.get("a"), lambda: cache.put("b", kv(2)), lambda: cache.prefetch("a"), lambda: cache.delete("a")):
+    for call in (
+        lambda: cache.get("a"),
+        lambda: cache.put("b", kv(2)),
+        lambda: cache.prefetch("a"),
+        lambda: cache.delete("a"),
+    ):
         with pytest.raises(CacheClosedError):
             call()
 

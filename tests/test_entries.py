@@ -12,9 +12,23 @@ import tiercache
 from tiercache import EntryTypeError, EntryValueError
 
 DTYPES = [
-    torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-    torch.uint16, torch.uint32, torch.uint64,
+    torch.float32,
+    torch.float16,
+    torch.float64,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
 ]
 
 
@@ -29,7 +43,9 @@ def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.T
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_dtype_round_trips_bit_exactly_through_every_tier(make_cache: CacheFactory, tier_name: str, dtype: torch.dtype) -> None:
+def test_every_dtype_round_trips_bit_exactly_through_every_tier(
+    make_cache: CacheFactory, tier_name: str, dtype: torch.dtype
+) -> None:
     cache = make_cache(only_tier(tier_name))
     entry = {"x": sample(dtype, (3, 5, 7)), "scalar": sample(dtype, ()), "empty": sample(dtype, (0, 4))}
     cache.put("k", entry)
@@ -37,9 +53,7 @@ def test_every_dtype_round_trips_bit_exactly_through_every_tier(make_cache: Cach
     assert_same(cache.get("k"), entry)
 
 
-@pytest.mark.parametrize(
-    "shape", [(), (0,), (5, 0, 3), (1,), (4097,), (3, 1, 1, 1, 2), (1025, 1023)], ids=str
-)
+@pytest.mark.parametrize("shape", [(), (0,), (5, 0, 3), (1,), (4097,), (3, 1, 1, 1, 2), (1025, 1023)], ids=str)
 def test_shapes_round_trip_through_every_tier(make_cache: CacheFactory, tier_name: str, shape: tuple[int, ...]) -> None:
     cache = make_cache(only_tier(tier_name))
     entry = {"t": sample(torch.bfloat16, shape, seed=3)}
@@ -57,7 +71,12 @@ def test_a_large_entry_spanning_many_io_pieces_round_trips(make_cache: CacheFact
 def test_non_contiguous_inputs_are_stored_as_their_values(make_cache: CacheFactory, tier_name: str) -> None:
     cache = make_cache(only_tier(tier_name))
     base = sample(torch.float32, (16, 24), seed=4)
-    views = {"t": base.t(), "strided": base[::3, 1::2], "expanded": torch.arange(4.0).expand(5, 4), "conj": torch.randn(3, dtype=torch.complex64).conj()}
+    views = {
+        "t": base.t(),
+        "strided": base[::3, 1::2],
+        "expanded": torch.arange(4.0).expand(5, 4),
+        "conj": torch.randn(3, dtype=torch.complex64).conj(),
+    }
     cache.put("k", views)
     got = cache.get("k")
     for name, view in views.items():
@@ -69,7 +88,12 @@ def test_numpy_arrays_are_accepted_and_returned_as_torch(make_cache: CacheFactor
     cache = make_cache(only_tier(tier_name))
     readonly = np.arange(10, dtype=np.int32)
     readonly.flags.writeable = False
-    arrays = {"f": np.linspace(0, 1, 33, dtype=np.float32), "ro": readonly, "big_endian": np.arange(5, dtype=">i4"), "fortran": np.asfortranarray(np.ones((3, 4)))}
+    arrays = {
+        "f": np.linspace(0, 1, 33, dtype=np.float32),
+        "ro": readonly,
+        "big_endian": np.arange(5, dtype=">i4"),
+        "fortran": np.asfortranarray(np.ones((3, 4))),
+    }
     cache.put("k", arrays)
     got = cache.get("k")
     for name, array in arrays.items():
@@ -99,7 +123,9 @@ def test_put_copies_by_default_and_can_take_ownership(make_cache: CacheFactory) 
         ({"meta": torch.empty(3, device="meta")}, "tensor 'meta': only dense tensors"),
     ],
 )
-def test_bad_entries_raise_type_errors_naming_the_item_and_lose_nothing(make_cache: CacheFactory, tensors: object, fragment: str) -> None:
+def test_bad_entries_raise_type_errors_naming_the_item_and_lose_nothing(
+    make_cache: CacheFactory, tensors: object, fragment: str
+) -> None:
     cache = make_cache()
     keep = {"t": torch.arange(4)}
     cache.put("bad", keep)
@@ -110,7 +136,9 @@ def test_bad_entries_raise_type_errors_naming_the_item_and_lose_nothing(make_cac
     assert_same(cache.get("bad"), keep)
 
 
-@pytest.mark.parametrize(("key", "error"), [(b"bytes", EntryTypeError), (7, EntryTypeError), (None, EntryTypeError), ("", EntryValueError)])
+@pytest.mark.parametrize(
+    ("key", "error"), [(b"bytes", EntryTypeError), (7, EntryTypeError), (None, EntryTypeError), ("", EntryValueError)]
+)
 def test_bad_keys_are_refused(make_cache: CacheFactory, key: object, error: type[Exception]) -> None:
     cache = make_cache()
     with pytest.raises(error):
@@ -140,6 +168,14 @@ def test_error_classes_inherit_the_matching_builtins() -> None:
     assert issubclass(tiercache.StorageError, OSError)
     assert issubclass(tiercache.CorruptEntryError, tiercache.StorageError)
     assert issubclass(tiercache.PolicyError, ValueError)
-    for cls in (tiercache.EntryNotFoundError, tiercache.CapacityError, tiercache.StorageError, tiercache.PolicyError,
-                tiercache.EntryTypeError, tiercache.EntryValueError, tiercache.CacheClosedError, tiercache.RootInUseError):
+    for cls in (
+        tiercache.EntryNotFoundError,
+        tiercache.CapacityError,
+        tiercache.StorageError,
+        tiercache.PolicyError,
+        tiercache.EntryTypeError,
+        tiercache.EntryValueError,
+        tiercache.CacheClosedError,
+        tiercache.RootInUseError,
+    ):
         assert issubclass(cls, tiercache.TierCacheError)

@@ -65,7 +65,9 @@ def test_a_replacement_that_needs_the_old_versions_room_gets_it(make_cache: Cach
     assert_same(cache.get("k"), kv(2))
 
 
-def test_a_failed_piece_does_not_close_the_file_under_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_piece_does_not_close_the_file_under_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     io = PosixIO(tmp_path, threads=2, task_size=4096, io="buffered")
     first_failed = threading.Event()
     events: list[str] = []

@@ -21,9 +21,15 @@ def test_the_compute_device_is_cuda(make_cache: CacheFactory) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_tensors_round_trip_through_every_tier(make_cache: CacheFactory, tier_name: str, dtype: torch.dtype) -> None:
+def test_cuda_tensors_round_trip_through_every_tier(
+    make_cache: CacheFactory, tier_name: str, dtype: torch.dtype
+) -> None:
     cache = make_cache(only_tier(tier_name))
-    entry = {"x": sample(dtype, (3, 5, 7)).cuda(), "scalar": sample(dtype, ()).cuda(), "empty": sample(dtype, (0, 4)).cuda()}
+    entry = {
+        "x": sample(dtype, (3, 5, 7)).cuda(),
+        "scalar": sample(dtype, ()).cuda(),
+        "empty": sample(dtype, (0, 4)).cuda(),
+    }
     cache.put("k", entry)
     got = cache.get("k")
     assert all(t.device.type == "cuda" for t in got.values())
@@ -39,7 +45,11 @@ def test_demotion_and_promotion_move_between_device_and_host(make_cache: CacheFa
     for i in range(4):
         assert_same(cache.get(f"e{i}"), kv(i))
     paths = cache.stats().pathways
-    assert "hbm->host" in paths and "host->hbm" in paths and any(p.startswith("nvme(") and p.endswith("->hbm") for p in paths)
+    assert (
+        "hbm->host" in paths
+        and "host->hbm" in paths
+        and any(p.startswith("nvme(") and p.endswith("->hbm") for p in paths)
+    )
     assert cache.get("e0")["k"].is_cuda
 
 

@@ -37,7 +37,7 @@ def test_zarr_python_reads_every_entry_back_to_the_same_values(make_cache: Cache
     cache.close()
 
     root = zarr.open_group(cache.root / "entries", mode="r")
-    (name, group), = list(root.groups())
+    ((name, group),) = list(root.groups())
     manifest = group.attrs["tiercache"]
     assert manifest["key"] == "flux/seed42/kv" and name != "flux/seed42/kv"
     for spec in manifest["tensors"]:
@@ -112,7 +112,9 @@ def test_a_chunk_swapped_for_another_valid_chunk_is_caught_by_the_manifest(make_
 
 
 def test_verification_can_be_switched_off(make_cache: CacheFactory) -> None:
-    cache = make_cache(policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"verify_checksums": False}}))
+    cache = make_cache(
+        policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"verify_checksums": False}})
+    )
     cache.put("k", {"a": torch.zeros(1000)})
     flip_a_byte(entry_dirs(cache.root)[0] / "t0" / "c" / "0")
     assert cache.get("k")["a"].count_nonzero() == 1  # the policy chose speed over the check
@@ -151,17 +153,30 @@ def test_of_two_versions_on_disk_the_newer_wins(tmp_path: Path) -> None:
     [
         lambda meta: "not json",
         lambda meta: json.dumps(meta | {"attributes": {"tiercache": meta["attributes"]["tiercache"] | {"version": 2}}}),
-        lambda meta: json.dumps(meta | {"attributes": {"tiercache": meta["attributes"]["tiercache"] | {"tensors": [
-            t | {"crc32c": None} for t in meta["attributes"]["tiercache"]["tensors"]]}}}),
+        lambda meta: json.dumps(
+            meta
+            | {
+                "attributes": {
+                    "tiercache": meta["attributes"]["tiercache"]
+                    | {"tensors": [t | {"crc32c": None} for t in meta["attributes"]["tiercache"]["tensors"]]}
+                }
+            }
+        ),
     ],
     ids=["not-json", "newer-format", "null-checksum"],
 )
-def test_an_unreadable_entry_is_skipped_with_a_warning_and_left_on_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreadable_entry_is_skipped_with_a_warning_and_left_on_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage
+) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "root"
     with tiercache.TierCache(root=root, policy=NVME) as cache:
         cache.put("good", kv(1))
         cache.put("bad", kv(2))
-    bad = next(d for d in entry_dirs(root) if json.loads((d / "zarr.json").read_text())["attributes"]["tiercache"]["key"] == "bad")
+    bad = next(
+        d
+        for d in entry_dirs(root)
+        if json.loads((d / "zarr.json").read_text())["attributes"]["tiercache"]["key"] == "bad"
+    )
     (bad / "zarr.json").write_text(damage(json.loads((bad / "zarr.json").read_text())))
     with caplog.at_level(logging.WARNING), tiercache.TierCache(root=root, policy=NVME) as cache:
         assert cache.keys() == ["good"]
@@ -170,12 +185,17 @@ def test_an_unreadable_entry_is_skipped_with_a_warning_and_left_on_disk(tmp_path
     assert bad.exists()  # never delete what we cannot read
 
 
-def test_a_smaller_budget_indexes_the_newest_that_fit_and_leaves_the_rest_on_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_smaller_budget_indexes_the_newest_that_fit_and_leaves_the_rest_on_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "root"
     with tiercache.TierCache(root=root, policy=NVME) as cache:
         for i in range(4):
             cache.put(f"e{i}", kv(i))
-    with caplog.at_level(logging.WARNING), tiercache.TierCache(root=root, policy=only_tier("nvme", capacity=130 * 1024)) as cache:
+    with (
+        caplog.at_level(logging.WARNING),
+        tiercache.TierCache(root=root, policy=only_tier("nvme", capacity=130 * 1024)) as cache,
+    ):
         assert sorted(cache.keys()) == ["e2", "e3"]
         assert cache.stats().tiers["nvme"].used == 128 * 1024
     assert "2 entries (128 KiB)" in caplog.text and "left on disk" in caplog.text
@@ -185,9 +205,13 @@ def test_a_smaller_budget_indexes_the_newest_that_fit_and_leaves_the_rest_on_dis
 
 def test_small_tensors_read_back_do_not_keep_their_padded_io_buffers(make_cache: CacheFactory) -> None:
     cache = make_cache(NVME)
-    entry = {f"s{i}": torch.tensor(float(i)) for i in range(50)} | {"big": torch.zeros(2 * 1024 * 1024, dtype=torch.uint8)}
+    entry = {f"s{i}": torch.tensor(float(i)) for i in range(50)} | {
+        "big": torch.zeros(2 * 1024 * 1024, dtype=torch.uint8)
+    }
     cache.put("k", entry)
     got = cache.get("k")
     assert_same(got, entry)
     assert all(got[f"s{i}"].untyped_storage().nbytes() == 4 for i in range(50))
-    assert got["big"].untyped_storage().nbytes() < 2 * 1024 * 1024 + 2 * 4096 + 2 * 1024 * 1024  # + alignment, virtual only
+    assert (
+        got["big"].untyped_storage().nbytes() < 2 * 1024 * 1024 + 2 * 4096 + 2 * 1024 * 1024
+    )  # + alignment, virtual only

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tiercache.config import TIER_NAMES, PlacementSettings, Tiers, TierBudget, NvmeBudget
+from tiercache.config import TIER_NAMES, NvmeBudget, PlacementSettings, TierBudget, Tiers
 from tiercache.eviction import EVICTION_RULES, LruPolicy, make_eviction_policy
 from tiercache.placement import PLACEMENT_RULES, make_placement_policy
 
@@ -53,10 +53,16 @@ def test_lru_evicts_the_least_recently_used_first() -> None:
     assert list(p.victims()) == ["b", "d", "a", "c"]
 
 
-BUDGETS = Tiers(hbm=TierBudget(capacity=100, max_entry=40), host=TierBudget(capacity=400), nvme=NvmeBudget(capacity=1000))
+BUDGETS = Tiers(
+    hbm=TierBudget(capacity=100, max_entry=40), host=TierBudget(capacity=400), nvme=NvmeBudget(capacity=1000)
+)
 
 
-@pytest.fixture(scope="module", params=[(r, f) for r in sorted(PLACEMENT_RULES) for f in ("demote", "next_tier")], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(r, f) for r in sorted(PLACEMENT_RULES) for f in ("demote", "next_tier")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def placement(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     rule, on_full = request.param
     return make_placement_policy(PlacementSettings(rule=rule, on_full=on_full), BUDGETS)
@@ -77,8 +83,12 @@ def test_placement_only_proposes_tiers_that_admit_the_size(placement, nbytes: in
 @given(nbytes=st.integers(0, 1200), free=FREE, source=st.sampled_from(TIER_NAMES))
 def test_demotion_goes_down_and_promotion_goes_up(placement, nbytes: int, free: dict[str, int], source: str) -> None:  # type: ignore[no-untyped-def]
     rank = TIER_NAMES.index
-    assert all(rank(a.tier) > rank(source) and BUDGETS[a.tier].admits(nbytes) for a in placement.demote(nbytes, source, free))
-    assert all(rank(a.tier) < rank(source) and BUDGETS[a.tier].admits(nbytes) for a in placement.promote(nbytes, source, free))
+    assert all(
+        rank(a.tier) > rank(source) and BUDGETS[a.tier].admits(nbytes) for a in placement.demote(nbytes, source, free)
+    )
+    assert all(
+        rank(a.tier) < rank(source) and BUDGETS[a.tier].admits(nbytes) for a in placement.promote(nbytes, source, free)
+    )
 
 
 def test_size_thresholds_route_entries(placement) -> None:  # type: ignore[no-untyped-def]

@@ -8,8 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import tiercache
 from helpers import assert_same, kv
+
+import tiercache
 
 POLICY = """
 name = "reopen"
@@ -38,8 +39,12 @@ sys.stdout.flush()
 def run_writer(tmp_path: Path, ending: str) -> dict[str, list[str]]:
     policy_file = tmp_path / "reopen.toml"
     policy_file.write_text(POLICY)
-    code = WRITER.format(tests=str(Path(__file__).parent), root=str(tmp_path / "root"), policy=str(policy_file), ending=ending)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, check=True)
+    code = WRITER.format(
+        tests=str(Path(__file__).parent), root=str(tmp_path / "root"), policy=str(policy_file), ending=ending
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

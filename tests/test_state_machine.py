@@ -39,7 +39,11 @@ class CacheAgainstDict(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="tc-sm-"))
         self.policy = policy(
-            tiers={"hbm": {"capacity": 64 * KiB}, "host": {"capacity": 96 * KiB}, "nvme": {"capacity": self.nvme_capacity, "task_size": "16KiB"}}
+            tiers={
+                "hbm": {"capacity": 64 * KiB},
+                "host": {"capacity": 96 * KiB},
+                "nvme": {"capacity": self.nvme_capacity, "task_size": "16KiB"},
+            }
         )
         self.cache = tiercache.TierCache(root=self.dir, policy=self.policy)
         self.model: dict[str, dict[str, torch.Tensor]] = {}
@@ -147,7 +151,9 @@ class TightCacheAgainstDict(CacheAgainstDict):
     nvme_capacity = 100 * KiB
 
 
-SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestRoomyCache = CacheAgainstDict.TestCase
 TestRoomyCache.settings = SETTINGS
 TestTightCache = TightCacheAgainstDict.TestCase

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -118,7 +118,9 @@ class TierCache:
             "host": MemoryTier("host", budgets.host.capacity, torch.device("cpu")),
             "nvme": self._nvme,
         }
-        self._order: dict[str, EvictionPolicy] = {t: make_eviction_policy(self.policy.eviction.rule) for t in TIER_NAMES}
+        self._order: dict[str, EvictionPolicy] = {
+            t: make_eviction_policy(self.policy.eviction.rule) for t in TIER_NAMES
+        }
         self._placement: PlacementPolicy = make_placement_policy(self.policy.placement, budgets)
         self._lock = threading.RLock()
         self._records: dict[str, _Record] = {}
@@ -247,15 +249,27 @@ class TierCache:
         with self._lock:
             tiers = {
                 name: TierStats(
-                    name=name, capacity=tier.capacity, used=tier.used, entries=len(tier),
-                    pinned=sum(1 for uid in tier if self._by_uid[uid].pins), hits=self._hits[name],
+                    name=name,
+                    capacity=tier.capacity,
+                    used=tier.used,
+                    entries=len(tier),
+                    pinned=sum(1 for uid in tier if self._by_uid[uid].pins),
+                    hits=self._hits[name],
                 )
                 for name, tier in self._tiers.items()
             }
-            notes = [f"nvme: buffered I/O because {self._nvme.io.why_buffered}"] if self._nvme.io_mode == "buffered" else []
+            notes = (
+                [f"nvme: buffered I/O because {self._nvme.io.why_buffered}"] if self._nvme.io_mode == "buffered" else []
+            )
             return CacheStats(
-                policy=f"{self.policy.name} ({self.policy.source})", device=str(self.device), nvme_io=self._nvme.io_mode,
-                tiers=tiers, pathways=self._log.snapshot(), misses=self._misses, evicted=self._evicted, notes=notes,
+                policy=f"{self.policy.name} ({self.policy.source})",
+                device=str(self.device),
+                nvme_io=self._nvme.io_mode,
+                tiers=tiers,
+                pathways=self._log.snapshot(),
+                misses=self._misses,
+                evicted=self._evicted,
+                notes=notes,
             )
 
     def close(self) -> None:
@@ -278,11 +292,16 @@ class TierCache:
     def __enter__(self) -> TierCache:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"TierCache(root={str(self.root)!r}, policy={self.policy.name!r}, device={str(self.device)!r}, entries={len(self)})"
+        return (
+            f"TierCache(root={str(self.root)!r}, policy={self.policy.name!r}, device={str(self.device)!r}, "
+            f"entries={len(self)})"
+        )
 
     # ---- reads ------------------------------------------------------------------------------------------------
     def _begin_read(self, key: str) -> tuple[_Record, str, Tensors | None]:
@@ -303,7 +322,9 @@ class TierCache:
             held = self._tiers[tier].read(record.uid) if tier != "nvme" else None
             return record, tier, held
 
-    def _finish_read(self, record: _Record, tier: str, held: Tensors | None, device: str | torch.device | None) -> Tensors:
+    def _finish_read(
+        self, record: _Record, tier: str, held: Tensors | None, device: str | torch.device | None
+    ) -> Tensors:
         target = torch.device(device) if device is not None else self.device
         hit = tier == "hbm" and _same_device(target, self.device)
         try:
@@ -315,7 +336,9 @@ class TierCache:
             else:
                 tensors = {n: t.to(target, copy=True) for n, t in held.items()}
             if not hit:
-                self._log.record(self._pathway(tier, self._tier_name_of(target)), record.spec.nbytes, time.perf_counter() - start)
+                self._log.record(
+                    self._pathway(tier, self._tier_name_of(target)), record.spec.nbytes, time.perf_counter() - start
+                )
         except BaseException:
             self._end_read(record)
             raise
@@ -366,7 +389,8 @@ class TierCache:
         if free >= nbytes or not attempt.evict:
             return free >= nbytes
         reclaimable = sum(
-            self._by_uid[uid].spec.nbytes for uid in tier
+            self._by_uid[uid].spec.nbytes
+            for uid in tier
             if self._by_uid[uid] is not replacing and not self._by_uid[uid].busy
         )
         return free + reclaimable >= nbytes
@@ -374,7 +398,9 @@ class TierCache:
     def _first_fit(self, attempts: list[Attempt], nbytes: int, sacrifice: _Record | None = None) -> str | None:
         """The first attempt's tier that has, or can be given, `nbytes` of room; nothing moves for the others."""
         for attempt in attempts:
-            if self._can_make_room(attempt, nbytes, sacrifice) and self._make_room(attempt.tier, nbytes, attempt.evict, sacrifice):
+            if self._can_make_room(attempt, nbytes, sacrifice) and self._make_room(
+                attempt.tier, nbytes, attempt.evict, sacrifice
+            ):
                 return attempt.tier
         return None
 
@@ -391,7 +417,7 @@ class TierCache:
         if not evict:
             return False
         for uid in self._order[tier_name].victims():
-            record = self._by_uid[uid]
+            record = self._by_uid[cast(int, uid)]
             if record.busy:
                 continue
             self._demote(record, tier_name)
@@ -483,7 +509,10 @@ class TierCache:
             log.warning(
                 "tiercache: %d entries (%s) in %s exceed this policy's nvme budget (%s, %s) and were left on disk "
                 "unindexed; open the root with a larger tiers.nvme.capacity to use or delete them",
-                len(left), format_size(sum(s.spec.nbytes for s in left)), self.root, format_size(budget.capacity),
+                len(left),
+                format_size(sum(s.spec.nbytes for s in left)),
+                self.root,
+                format_size(budget.capacity),
                 self.policy.source,
             )
         for record, stored in reversed(keep):  # oldest first, so LRU order follows write time

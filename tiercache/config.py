@@ -106,7 +106,8 @@ class TierBudget(_Section):
 
     capacity: int = _size(default=0, doc="bytes of tensor data the tier may hold; 0 disables the tier")
     max_entry: int | None = _size(
-        default=None, optional=True,
+        default=None,
+        optional=True,
         doc="entries larger than this skip the tier (placement and demotion); default: the capacity",
     )
 
@@ -121,7 +122,8 @@ class NvmeBudget(TierBudget):
     """The nvme tier: a budget plus how its files are read and written."""
 
     io: str = _choice(
-        default="auto", choices=lambda: ("auto", "direct", "buffered"),
+        default="auto",
+        choices=lambda: ("auto", "direct", "buffered"),
         doc="'direct' (O_DIRECT), 'buffered' (page cache) or 'auto' (direct where the filesystem allows it)",
     )
     threads: int = _int(default=4, minimum=1, doc="I/O threads reading and writing one entry in parallel")
@@ -157,7 +159,8 @@ class EvictionSettings(_Section):
 class PlacementSettings(_Section):
     rule: str = _choice(default="size", choices=_placement_rules, doc="how a new entry's tier is chosen")
     on_full: str = _choice(
-        default="demote", choices=lambda: ("demote", "next_tier"),
+        default="demote",
+        choices=lambda: ("demote", "next_tier"),
         doc="when the preferred tier is full: 'demote' its victims, or use the 'next_tier' down with free space",
     )
     promote_on_hit: bool = _bool(default=True, doc="move an entry up to its preferred tier when it is read")
@@ -260,6 +263,14 @@ def describe_keys() -> list[tuple[str, str, str]]:
 
 
 __all__ = [
-    "NvmeBudget", "EvictionSettings", "PlacementSettings", "Policy", "TIER_NAMES", "TierBudget", "Tiers",
-    "preset_names", "resolve_policy", "SIZE_FORMS",
+    "NvmeBudget",
+    "EvictionSettings",
+    "PlacementSettings",
+    "Policy",
+    "TIER_NAMES",
+    "TierBudget",
+    "Tiers",
+    "preset_names",
+    "resolve_policy",
+    "SIZE_FORMS",
 ]

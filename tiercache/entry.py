@@ -14,11 +14,22 @@ from .errors import EntryTypeError, EntryValueError
 # Every dtype an entry may hold: its name on disk and in manifests. The set is what torch can view as bytes.
 DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
-    "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-    "uint16": torch.uint16, "uint32": torch.uint32, "uint64": torch.uint64,
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
-    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
-    "complex64": torch.complex64, "complex128": torch.complex128,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -90,7 +101,8 @@ def normalize_tensors(key: str, tensors: object) -> Tensors:
     """
     if not isinstance(tensors, Mapping):
         raise EntryTypeError(
-            f"put({key!r}, ...) takes a mapping of names to tensors (e.g. {{'k': tensor}}); got {type(tensors).__name__}"
+            f"put({key!r}, ...) takes a mapping of names to tensors (e.g. {{'k': tensor}}); "
+            f"got {type(tensors).__name__}"
         )
     out: Tensors = {}
     for name, value in tensors.items():

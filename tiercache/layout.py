@@ -89,7 +89,7 @@ class DiskLayout:
         self.trash_dir = root / "trash"
         for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock_root(root)
+        self._lock_fd: int | None = _lock_root(root)
         if not (self.entries_dir / "zarr.json").exists():
             _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
@@ -132,7 +132,9 @@ class DiskLayout:
             raise
         return StoredEntry(spec=spec, path=final, checksums=tuple(checksums), written_ns=written_ns)
 
-    def _write_array(self, array_dir: Path, index: int, spec: TensorSpec, tensor: torch.Tensor) -> tuple[int | None, list[Path]]:
+    def _write_array(
+        self, array_dir: Path, index: int, spec: TensorSpec, tensor: torch.Tensor
+    ) -> tuple[int | None, list[Path]]:
         """Write one tensor's zarr array; returns its checksum and the paths it created (to fsync)."""
         array_dir.mkdir()
         _write_json(array_dir / "zarr.json", _array_metadata(spec, index), sync=False)
@@ -159,9 +161,9 @@ class DiskLayout:
                     buffers.append(None)
                     pending.append(None)
                     continue
-                buffer = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
-                buffers.append(buffer)
-                pending.append(self.io.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES))
+                fresh = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
+                buffers.append(fresh)
+                pending.append(self.io.read_file(stored.chunk_path(index), fresh, tspec.nbytes + CHECKSUM_BYTES))
             out: Tensors = {}
             for index, tspec in enumerate(spec.tensors):
                 buffer, job = buffers[index], pending[index]
@@ -223,7 +225,9 @@ class DiskLayout:
             try:
                 stored = _parse_group(path)
             except (OSError, ValueError, KeyError, TypeError) as exc:  # never delete what we cannot read
-                log.warning("tiercache: skipping unreadable entry %s (left on disk; delete it to reclaim): %s", path, exc)
+                log.warning(
+                    "tiercache: skipping unreadable entry %s (left on disk; delete it to reclaim): %s", path, exc
+                )
                 continue
             older = newest.get(stored.spec.key)
             if older is not None:
@@ -243,7 +247,14 @@ def _group_metadata(spec: EntrySpec, checksums: list[int | None], written_ns: in
         "nbytes": spec.nbytes,
         "written_ns": written_ns,
         "tensors": [
-            {"name": t.name, "array": f"t{i}", "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "crc32c": c}
+            {
+                "name": t.name,
+                "array": f"t{i}",
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "nbytes": t.nbytes,
+                "crc32c": c,
+            }
             for i, (t, c) in enumerate(zip(spec.tensors, checksums, strict=True))
         ],
     }

@@ -6,13 +6,22 @@ import re
 from decimal import Decimal, InvalidOperation
 
 _UNITS: dict[str, int] = {
-    "": 1, "b": 1,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "": 1,
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
 }
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
-SIZE_FORMS = "an integer number of bytes or a string such as '512MiB', '8GiB', '1.5TB' (B, KiB/MiB/GiB/TiB, KB/MB/GB/TB)"
+SIZE_FORMS = (
+    "an integer number of bytes or a string such as '512MiB', '8GiB', '1.5TB' (B, KiB/MiB/GiB/TiB, KB/MB/GB/TB)"
+)
 
 
 def parse_size(value: object) -> int:

@@ -43,4 +43,4 @@ def buffer_of(tensor: torch.Tensor) -> memoryview:
     """A writable, zero-copy memoryview of a contiguous uint8 CPU tensor (keeps the tensor alive)."""
     if tensor.dtype != torch.uint8 or not tensor.is_contiguous() or tensor.device.type != "cpu":
         raise ValueError("buffer_of() takes a contiguous uint8 CPU tensor")
-    return memoryview(tensor.numpy())
+    return memoryview(tensor.numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol

@@ -124,12 +124,18 @@ class PosixIO:
             futures: list[Future[None]] = []
             try:
                 for start in range(0, body, self.task_size):
-                    futures.append(self._pool.submit(self._write_piece, fd, data[start : min(start + self.task_size, body)], start))
+                    futures.append(
+                        self._pool.submit(self._write_piece, fd, data[start : min(start + self.task_size, body)], start)
+                    )
             finally:
                 wait(futures)  # every piece has stopped using fd before it can be closed (and its number reused)
             for future in futures:
                 future.result()
-            tail = torch.cat([data[body:], torch.frombuffer(bytearray(trailer), dtype=torch.uint8)]) if trailer else data[body:]
+            tail = (
+                torch.cat([data[body:], torch.frombuffer(bytearray(trailer), dtype=torch.uint8)])
+                if trailer
+                else data[body:]
+            )
             if tail.numel():
                 if direct:  # O_DIRECT writes whole blocks: pad the tail, then cut the file to its true size
                     padded = aligned_empty(tail.numel())

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from ..entry import EntrySpec, Tensors
 from ..errors import CapacityError
 
-EntryId = Hashable
+EntryId = int  # unique per stored version of an entry, so a replaced key never collides with itself
 
 
 class Tier(ABC):
@@ -73,5 +73,6 @@ class Tier(ABC):
     def device(self) -> torch.device:
         """Where `read()` returns tensors."""
 
+    @abstractmethod
     def close(self) -> None:
         """Release what the tier holds in memory (on-disk entries stay)."""
