@@ -33,6 +33,10 @@ def _int(*, default: int, minimum: int, doc: str) -> Any:
     return field(default=default, metadata={"kind": "int", "min": minimum, "doc": doc})
 
 
+def _seconds(*, default: float, doc: str) -> Any:
+    return field(default=default, metadata={"kind": "seconds", "doc": doc})
+
+
 def _bool(*, default: bool, doc: str) -> Any:
     return field(default=default, metadata={"kind": "bool", "doc": doc})
 
@@ -86,6 +90,10 @@ def _check(meta: Mapping[str, Any], value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < meta["min"]:
             raise PolicyError(f"{where}: expected an integer >= {meta['min']}, got {value!r}")
         return value
+    if kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise PolicyError(f"{where}: expected a number of seconds >= 0, got {value!r}")
+        return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise PolicyError(f"{where}: expected true or false, got {value!r}")
@@ -152,7 +160,15 @@ class Tiers(_Section):
 
 @dataclass(frozen=True)
 class EvictionSettings(_Section):
-    rule: str = _choice(default="lru", choices=_eviction_rules, doc="which entries a full tier demotes first")
+    rule: str = _choice(
+        default="lru",
+        choices=_eviction_rules,
+        doc="which entries a full tier demotes first: 'lru', 'lfu', 'fifo' or 'gdsf' (reload cost x hits / size)",
+    )
+    ttl_s: float = _seconds(default=0.0, doc="entries not used for this many seconds expire; 0: never")
+    nvme_admit_after: int = _int(
+        default=1, minimum=1, doc="a victim is written back to nvme only once it has been used this many times"
+    )
 
 
 @dataclass(frozen=True)
@@ -164,6 +180,11 @@ class PlacementSettings(_Section):
         doc="when the preferred tier is full: 'demote' its victims, or use the 'next_tier' down with free space",
     )
     promote_on_hit: bool = _bool(default=True, doc="move an entry up to its preferred tier when it is read")
+    write: str = _choice(
+        default="back",
+        choices=lambda: ("back", "through"),
+        doc="'back': an entry reaches nvme when demoted; 'through': every put also writes it to nvme at once",
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +193,9 @@ class Policy(_Section):
 
     name: str = _text(default="custom", doc="a label shown in stats()")
     description: str = _text(default="", doc="the hardware this policy is for and where its figures come from")
+    profile: str = _text(
+        default="cpu", doc="the hardware profile of the cost model: a name from policies/profiles/ or a path"
+    )
     tiers: Tiers = field(default_factory=Tiers)
     eviction: EvictionSettings = field(default_factory=EvictionSettings)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
@@ -184,7 +208,11 @@ class Policy(_Section):
             built = _build(cls(), data, "")
         except PolicyError as exc:
             raise PolicyError(f"{source}: {exc}") from None
-        return dataclasses.replace(built, source=source)
+        policy = dataclasses.replace(built, source=source)
+        from .costmodel import profile_for  # the cost model reads profiles from the same preset folders
+
+        profile_for(policy)  # refuse a policy whose profile cannot be loaded, naming both files
+        return policy
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
