@@ -15,7 +15,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 
-def policy(**sections: Mapping[str, Any]) -> tiercache.Policy:
+def policy(**sections: Any) -> tiercache.Policy:
     """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it."""
     base: dict[str, Any] = {
         "name": "test",
@@ -30,7 +30,7 @@ def policy(**sections: Mapping[str, Any]) -> tiercache.Policy:
             for tier, values in section.items():
                 base["tiers"].setdefault(tier, {}).update(values)
         else:
-            base[name] = dict(section)
+            base[name] = dict(section) if isinstance(section, Mapping) else section
     return tiercache.Policy.from_dict(base)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cache import EntryInfo, PrefetchHandle, TierCache, default_device
+from .cache import Decision, EntryInfo, PrefetchHandle, TierCache, default_device
 from .config import TIER_NAMES, Policy, preset_names
 from .entry import DTYPES, EntrySpec, TensorSpec
 from .errors import (
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheClosedError",
+    "Decision",
     "CacheStats",
     "CapacityError",
     "CorruptEntryError",

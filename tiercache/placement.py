@@ -1,16 +1,20 @@
 """Placement policies: which tier a new, demoted or promoted entry should go to.
 
-A policy proposes an ordered list of attempts; the cache carries them out (making room by demotion where an
-attempt allows it) and takes the first that succeeds. Policies never touch storage.
+A policy proposes an ordered list of attempts with the reason for its choice; the engine carries them out
+(making room by demotion where an attempt allows it) and takes the first that succeeds. Policies never touch
+storage. A put may carry a reload deadline: the policy then picks the cheapest tier whose predicted reload
+meets it, from the cost model; without one, the size thresholds of the policy file decide.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from .config import TIER_NAMES, PlacementSettings, Tiers
+
+ReloadSeconds = Callable[[str, int], float]  # (tier, bytes) -> predicted seconds to bring it back to hbm
 
 
 @dataclass(frozen=True)
@@ -21,12 +25,22 @@ class Attempt:
     evict: bool
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where a new entry should go, in order of preference, and why."""
+
+    attempts: list[Attempt]
+    reason: str
+    reload_ms: dict[str, float] = field(default_factory=dict)  # predicted reload per admitting tier
+
+
 class PlacementPolicy(ABC):
     name: str = ""
 
-    def __init__(self, settings: PlacementSettings, budgets: Tiers) -> None:
+    def __init__(self, settings: PlacementSettings, budgets: Tiers, reload_seconds: ReloadSeconds) -> None:
         self.settings = settings
         self.budgets = budgets
+        self.reload_seconds = reload_seconds
 
     def eligible(self, nbytes: int, below: str | None = None) -> list[str]:
         """Tiers (fastest first, strictly below `below` if given) whose budget admits an entry of this size."""
@@ -34,8 +48,8 @@ class PlacementPolicy(ABC):
         return [t for t in TIER_NAMES[start:] if self.budgets[t].admits(nbytes)]
 
     @abstractmethod
-    def place(self, nbytes: int, free: Mapping[str, int]) -> list[Attempt]:
-        """Attempts for a new entry; empty when no tier can ever hold it."""
+    def place(self, nbytes: int, free: Mapping[str, int], deadline_ms: float | None = None) -> Plan:
+        """Attempts for a new entry; none when no tier can ever hold it."""
 
     @abstractmethod
     def demote(self, nbytes: int, from_tier: str, free: Mapping[str, int]) -> list[Attempt]:
@@ -50,7 +64,8 @@ class SizePlacement(PlacementPolicy):
     """The fastest tier whose budget and `max_entry` threshold admit the entry's size.
 
     With on_full = "demote" a full tier demotes its victims to make room; with "next_tier" the entry goes to the
-    fastest tier with free space, and only if none has any does the fastest tier demote.
+    fastest tier with free space, and only if none has any does the fastest tier demote. With a deadline, the
+    cheapest (slowest) admitting tier whose predicted reload meets it comes first, then the faster ones.
     """
 
     name = "size"
@@ -60,8 +75,31 @@ class SizePlacement(PlacementPolicy):
             return [Attempt(t, evict=True) for t in tiers]
         return [Attempt(t, evict=False) for t in tiers if free[t] >= nbytes] + [Attempt(t, evict=True) for t in tiers]
 
-    def place(self, nbytes: int, free: Mapping[str, int]) -> list[Attempt]:
-        return self._attempts(self.eligible(nbytes), free, nbytes)
+    def place(self, nbytes: int, free: Mapping[str, int], deadline_ms: float | None = None) -> Plan:
+        tiers = self.eligible(nbytes)
+        reload_ms = {t: self.reload_seconds(t, nbytes) * 1e3 for t in tiers}
+        if not tiers:
+            return Plan([], "no tier's capacity and max_entry admit it", reload_ms)
+        if deadline_ms is None:
+            return Plan(
+                self._attempts(tiers, free, nbytes), f"{tiers[0]}: the fastest tier that admits its size", reload_ms
+            )
+        meeting = [t for t in tiers if reload_ms[t] <= deadline_ms]
+        if not meeting:
+            return Plan(
+                self._attempts(tiers, free, nbytes),
+                f"{tiers[0]}: no tier meets the {deadline_ms:g} ms deadline (fastest reload "
+                f"{reload_ms[tiers[0]]:.3g} ms), so the fastest that admits it",
+                reload_ms,
+            )
+        cheapest = meeting[-1]
+        order = [cheapest, *reversed(meeting[:-1])]  # then the faster ones, nearest in cost first
+        return Plan(
+            [Attempt(t, evict=True) for t in order],
+            f"{cheapest}: the cheapest tier whose predicted reload ({reload_ms[cheapest]:.3g} ms) meets the "
+            f"{deadline_ms:g} ms deadline",
+            reload_ms,
+        )
 
     def demote(self, nbytes: int, from_tier: str, free: Mapping[str, int]) -> list[Attempt]:
         return self._attempts(self.eligible(nbytes, below=from_tier), free, nbytes)
@@ -77,5 +115,7 @@ class SizePlacement(PlacementPolicy):
 PLACEMENT_RULES: dict[str, type[PlacementPolicy]] = {SizePlacement.name: SizePlacement}
 
 
-def make_placement_policy(settings: PlacementSettings, budgets: Tiers) -> PlacementPolicy:
-    return PLACEMENT_RULES[settings.rule](settings, budgets)
+def make_placement_policy(
+    settings: PlacementSettings, budgets: Tiers, reload_seconds: ReloadSeconds
+) -> PlacementPolicy:
+    return PLACEMENT_RULES[settings.rule](settings, budgets, reload_seconds)

@@ -41,6 +41,9 @@ class CacheStats:
     pathways: dict[str, PathwayStats]
     misses: int
     evicted: int  # entries that left the cache because no lower tier could take them
+    expired: int  # entries removed by eviction.ttl_s
+    profile: str  # the cost model's hardware profile
+    profile_measured: bool  # False: the preset's assumed figures, not measured on this machine
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ class Tier(ABC):
     that would take it over `capacity` raises instead of storing (the cache makes room first)."""
 
     name: str
+    keeps_tensors: bool = False  # True: read() returns the tier's own tensors, cheap to hand over under a lock
 
     def __init__(self, name: str, capacity: int) -> None:
         self.name = name
@@ -57,7 +58,7 @@ class Tier(ABC):
         return spec
 
     @abstractmethod
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors) -> None:
+    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None) -> None:
         """Store an entry. The tier may keep the given tensors (the caller hands them over)."""
 
     @abstractmethod

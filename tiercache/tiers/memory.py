@@ -9,6 +9,8 @@ from .base import EntryId, Tier
 
 
 class MemoryTier(Tier):
+    keeps_tensors = True
+
     def __init__(self, name: str, capacity: int, device: torch.device) -> None:
         super().__init__(name, capacity)
         self._device = device
@@ -18,7 +20,9 @@ class MemoryTier(Tier):
     def device(self) -> torch.device:
         return self._device
 
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors) -> None:
+    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None) -> None:
+        if tensors is None:
+            raise ValueError(f"tier {self.name} stores tensors; got none for {spec.key!r}")
         # Tensors already on this device are kept as handed over; others are copied here, before accounting,
         # so that a failed copy (out of memory) leaves the tier as it was.
         moved = {name: t.to(self._device) for name, t in tensors.items()}

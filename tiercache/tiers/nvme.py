@@ -47,7 +47,9 @@ class NvmeTier(Tier):
         """Remove an on-disk entry that was never adopted."""
         self.layout.remove(stored)
 
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors) -> None:
+    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None) -> None:
+        if tensors is None:
+            raise ValueError(f"tier nvme stores tensors; got none for {spec.key!r}")
         self._admit(entry, spec)
         try:
             self._stored[entry] = self.layout.write(spec, [tensors[t.name] for t in spec.tensors])
