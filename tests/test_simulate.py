@@ -1,0 +1,106 @@
+"""The trace simulator: traces parse strictly, the real engine replays them, and Belady's MIN bounds every
+eviction rule at every level for entries of one size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import policy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiercache.cli import main
+from tiercache.eviction import EVICTION_RULES
+from tiercache.simulate import Request, TraceError, belady_hits, load_trace, parse_trace, replay, simulate_report
+
+TRACES = Path(__file__).resolve().parent.parent / "bench" / "traces"
+
+
+def req(op: str, key: str, size: int | None = 1, t: float = 0.0) -> Request:
+    return Request(t=t, op=op, key=key, size=size)
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("{", "not a request"),
+        ('{"t": 0, "op": "get"}', "not a request"),
+        ('{"t": 0, "op": "scan", "key": "a"}', "op must be"),
+        ('{"t": 0, "op": "put", "key": "a"}', "needs a size"),
+        ('{"t": 0, "op": "put", "key": "a", "size": -3}', "needs a size"),
+    ],
+)
+def test_bad_trace_lines_are_refused_naming_the_line(line: str, fragment: str) -> None:
+    with pytest.raises(TraceError) as err:
+        parse_trace(['{"t": 0, "op": "get", "key": "x", "size": 1}', line], "t.jsonl")
+    assert "t.jsonl:2" in str(err.value) and fragment in str(err.value)
+
+
+def test_time_may_not_go_backwards() -> None:
+    with pytest.raises(TraceError, match="backwards"):
+        parse_trace(['{"t": 5, "op": "get", "key": "x"}', '{"t": 4, "op": "get", "key": "x"}'])
+
+
+def test_belady_on_a_textbook_sequence() -> None:
+    # capacity 2, unit sizes; requests a b c a b d a: MIN keeps a, and b or c as needed
+    trace = [req("get", k) for k in "abcabda"]
+    assert belady_hits(trace, 2) == 3  # a (4th), b (5th) ... then a (7th)
+    assert belady_hits(trace, 3) == 3
+    assert belady_hits(trace, 1) == 2  # keep a throughout: hits at positions 4 and 7
+    assert belady_hits(trace, 0) == 0
+
+
+def test_replay_counts_hits_by_tier_and_predicts_transfer_time() -> None:
+    pol = policy(
+        profile="rtx-pro-6000-blackwell",
+        tiers={"hbm": {"capacity": 100}, "host": {"capacity": 100}, "nvme": {"capacity": 1000}},
+    )
+    trace = [
+        req("put", "a", 80),
+        req("put", "b", 80),
+        req("get", "a", 80),
+        req("get", "zzz", None),
+        req("get", "c", 50),
+    ]
+    outcome = replay(trace, pol)
+    assert outcome.hits == {"hbm": 0, "host": 1, "nvme": 0} and outcome.misses == 2 and outcome.gets == 3
+    assert outcome.moved_bytes["host(pageable)->hbm"] == 80  # the reload of a
+    assert outcome.moved_seconds["host(pageable)->hbm"] == pytest.approx(80 / 31.5e9)
+
+
+UNIFORM = st.lists(
+    st.tuples(st.sampled_from(["put", "get", "get", "get", "delete"]), st.sampled_from("abcdefg")),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=UNIFORM, slots=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 4)))
+def test_belady_bounds_every_rule_at_every_level_for_one_size(
+    ops: list[tuple[str, str]], slots: tuple[int, int, int]
+) -> None:
+    size = 10
+    trace = [Request(t=float(i), op=op, key=key, size=size) for i, (op, key) in enumerate(ops)]
+    capacities = [n * size for n in slots]
+    tiers = {name: {"capacity": c} for name, c in zip(("hbm", "host", "nvme"), capacities, strict=True)}
+    bounds = [belady_hits(trace, sum(capacities[:k])) for k in (1, 2, 3)]
+    for rule in EVICTION_RULES:
+        outcome = replay(trace, policy(tiers=tiers, eviction={"rule": rule}))
+        for k in (1, 2, 3):
+            assert outcome.hits_within(k) <= bounds[k - 1], (rule, k)
+
+
+def test_the_shipped_traces_load_and_replay(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("flux-wan.jsonl", "serving.jsonl"):
+        trace = load_trace(TRACES / name)
+        assert len(trace) > 1000 and {r.op for r in trace} >= {"put", "get"}
+    report = simulate_report(load_trace(TRACES / "serving.jsonl"), ["cpu"], ["lru", "gdsf"])
+    assert "| lru |" in report and "| gdsf |" in report and "| Belady MIN (bound) |" in report
+    assert main(["simulate", str(TRACES / "serving.jsonl"), "--policy", "h100", "--rules", "fifo"]) == 0
+    assert "| fifo |" in capsys.readouterr().out
+
+
+def test_an_unknown_rule_is_refused() -> None:
+    assert main(["simulate", str(TRACES / "serving.jsonl"), "--rules", "random"]) == 2
