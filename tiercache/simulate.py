@@ -195,17 +195,15 @@ def belady_hits(trace: Sequence[Request], capacity: int) -> int:
         key = request.key
         if request.op == "get" and key in cached:
             hits += 1
-            size, _ = cached[key]
-            cached[key] = (size, next_use[index])
+            cached[key] = (cached[key][0], next_use[index])
             heapq.heappush(heap, (-next_use[index], key))
             continue
         if key in cached:  # a new version, a delete, or (below) a re-put after a miss: the old copy goes
             used -= cached.pop(key)[0]
-        size = request.size
-        if request.op == "delete" or size is None or size > capacity or math.isinf(next_use[index]):
+        if request.op == "delete" or request.size is None or request.size > capacity or math.isinf(next_use[index]):
             continue  # nothing to keep, or nothing worth keeping
-        cached[key] = (size, next_use[index])
-        used += size
+        cached[key] = (request.size, next_use[index])
+        used += request.size
         heapq.heappush(heap, (-next_use[index], key))
         while used > capacity:
             negative, victim = heapq.heappop(heap)
