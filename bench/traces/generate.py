@@ -2,8 +2,8 @@
 
 flux-wan.jsonl: a Flux.1 -> Wan 2.1 pipeline over 14 runs of 10 prompts, 4 of them repeated. Per prompt,
 Flux puts its text K/V (359 MB) and reads it back at each of 28 denoising steps (0.24 s a step), then puts
-its image K/V per layer (57 layers, 2.87 GB in all). Wan puts its CLIP and text context K/V (211 MB, 94 MB) and at each of 20 steps
-(0.46 s a block) reads both contexts and streams the 57 Flux image K/V layers in order.
+its image K/V per layer (57 layers, 2.87 GB in all). Wan puts its CLIP and text context K/V (211 MB, 94 MB)
+and at each of 20 steps (0.46 s a block) reads both contexts and streams the 57 Flux image K/V layers in order.
 
 serving.jsonl: a many-prompt serving mix. 60 prompts with Zipf(1.1) popularity, 600 requests 0.5 s apart.
 Each request reads its prompt's text K/V (one of the three context sizes, recomputed and re-put on a miss)
