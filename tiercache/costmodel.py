@@ -63,7 +63,7 @@ class Profile:
         return self.pathways[pathway].seconds(nbytes)
 
     def describe(self) -> str:
-        kind = "measured on this machine" if self.measured else "preset figures, not measured on this machine"
+        kind = "measured by tiercache calibrate" if self.measured else "preset figures, not measured on this machine"
         return f"profile {self.name!r} ({kind}; {self.source})"
 
     @classmethod
