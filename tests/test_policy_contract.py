@@ -145,7 +145,10 @@ def test_placement_only_proposes_tiers_that_admit_the_size(
         assert all(a.evict or free[a.tier] >= nbytes for a in plan.attempts)  # a no-evict attempt needs free space
     elif plan.attempts:
         meets = [t for t in admitting if plan.reload_ms[t] <= deadline]
-        assert plan.attempts[0].tier == (meets[-1] if meets else admitting[0])  # cheapest that meets it
+        if meets:
+            assert plan.attempts[0].tier == meets[-1]  # the cheapest tier that meets it
+        else:  # none meets it: as without a deadline
+            assert plan.attempts == placement.place(nbytes, free).attempts
 
 
 @given(nbytes=st.integers(0, 1200), free=FREE, source=st.sampled_from(TIER_NAMES))

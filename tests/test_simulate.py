@@ -104,3 +104,39 @@ def test_the_shipped_traces_load_and_replay(capsys: pytest.CaptureFixture[str]) 
 
 def test_an_unknown_rule_is_refused() -> None:
     assert main(["simulate", str(TRACES / "serving.jsonl"), "--rules", "random"]) == 2
+
+
+MIXED = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "get", "get", "delete"]),
+        st.sampled_from("abcdefgh"),
+        st.integers(1, 60),
+        st.one_of(st.none(), st.floats(0, 5)),
+        st.integers(0, 2),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=MIXED,
+    caps=st.tuples(st.integers(0, 100), st.integers(0, 100), st.integers(0, 200)),
+    ttl=st.sampled_from([0, 7]),
+)
+def test_no_placement_ever_exceeds_a_budget(
+    ops: list[tuple[str, str, int, float | None, int]], caps: tuple[int, int, int], ttl: int
+) -> None:
+    trace = [Request(float(i), op, key, size, deadline, prio) for i, (op, key, size, deadline, prio) in enumerate(ops)]
+
+    def budgets_hold(engine) -> None:  # type: ignore[no-untyped-def]
+        for name, tier in engine.tiers.items():
+            held = sum(r.spec.nbytes for r in engine.by_uid.values() if name in r.tiers)
+            assert tier.used == held <= tier.capacity, name
+
+    tiers = {name: {"capacity": c} for name, c in zip(("hbm", "host", "nvme"), caps, strict=True)}
+    for rule in EVICTION_RULES:
+        for write in ("back", "through"):
+            pol = policy(tiers=tiers, eviction={"rule": rule, "ttl_s": ttl}, placement={"write": write})
+            replay(trace, pol, after_each=budgets_hold)

@@ -34,6 +34,8 @@ class CacheAgainstDict(RuleBasedStateMachine):
     # "roomy": nvme holds everything, so the cache must hold exactly what the model holds.
     # "tight": eviction out of the cache happens; only unpinned entries may vanish.
     nvme_capacity = 1024 * KiB
+    eviction_rule = "lru"
+    write = "back"
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,7 +45,9 @@ class CacheAgainstDict(RuleBasedStateMachine):
                 "hbm": {"capacity": 64 * KiB},
                 "host": {"capacity": 96 * KiB},
                 "nvme": {"capacity": self.nvme_capacity, "task_size": "16KiB"},
-            }
+            },
+            eviction={"rule": self.eviction_rule},
+            placement={"write": self.write},
         )
         self.cache = tiercache.TierCache(root=self.dir, policy=self.policy)
         self.model: dict[str, dict[str, torch.Tensor]] = {}
@@ -151,10 +155,30 @@ class TightCacheAgainstDict(CacheAgainstDict):
     nvme_capacity = 100 * KiB
 
 
+class LfuTightCache(TightCacheAgainstDict):
+    eviction_rule = "lfu"
+
+
+class FifoRoomyCache(CacheAgainstDict):
+    eviction_rule = "fifo"
+
+
+class GdsfWriteThroughTightCache(TightCacheAgainstDict):
+    eviction_rule = "gdsf"
+    write = "through"
+
+
 SETTINGS = settings(
     max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+FEWER = settings(SETTINGS, max_examples=25)
 TestRoomyCache = CacheAgainstDict.TestCase
 TestRoomyCache.settings = SETTINGS
 TestTightCache = TightCacheAgainstDict.TestCase
 TestTightCache.settings = SETTINGS
+TestLfuTightCache = LfuTightCache.TestCase
+TestLfuTightCache.settings = FEWER
+TestFifoRoomyCache = FifoRoomyCache.TestCase
+TestFifoRoomyCache.settings = FEWER
+TestGdsfWriteThroughTightCache = GdsfWriteThroughTightCache.TestCase
+TestGdsfWriteThroughTightCache.settings = FEWER

@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -136,9 +136,14 @@ class Outcome:
 
 
 def replay(
-    trace: Sequence[Request], policy: Policy, profile: Profile | None = None, label: str | None = None
+    trace: Sequence[Request],
+    policy: Policy,
+    profile: Profile | None = None,
+    label: str | None = None,
+    after_each: Callable[[Engine], None] | None = None,
 ) -> Outcome:
-    """Run a trace through the engine with size-only tiers; transfer times are the cost model's predictions."""
+    """Run a trace through the engine with size-only tiers; transfer times are the cost model's predictions.
+    `after_each(engine)` runs after every request (tests check invariants with it)."""
     profile = profile or profile_for(policy)
     outcome = Outcome(label or f"{policy.name} / {policy.eviction.rule}")
     now = [0.0]
@@ -159,25 +164,29 @@ def replay(
         except CapacityError:
             outcome.refused += 1
 
+    def get(request: Request) -> None:
+        outcome.gets += 1
+        try:
+            record, tier, _ = engine.begin_read(request.key)
+        except EntryNotFoundError:
+            outcome.misses += 1
+            if request.size is not None:
+                put(request)
+            return
+        if tier != "hbm":
+            moved(tier, "hbm", record.spec.nbytes, 0.0)
+        engine.end_read(record, (tier, {}))
+
     for request in trace:
         now[0] = request.t
         if request.op == "put":
             put(request)
-        elif request.op == "delete":
-            if request.key in engine.records:
-                engine.delete(request.key)
-        else:
-            outcome.gets += 1
-            try:
-                record, tier, _ = engine.begin_read(request.key)
-            except EntryNotFoundError:
-                outcome.misses += 1
-                if request.size is not None:
-                    put(request)
-                continue
-            if tier != "hbm":
-                moved(tier, "hbm", record.spec.nbytes, 0.0)
-            engine.end_read(record, (tier, {}))
+        elif request.op == "get":
+            get(request)
+        elif request.key in engine.records:
+            engine.delete(request.key)
+        if after_each is not None:
+            after_each(engine)
     outcome.hits = dict(engine.hits)
     outcome.evicted = engine.evicted
     return outcome
