@@ -180,9 +180,8 @@ class TierCache:
         """Why the entry is where it is, in words: the placement decision, its reason, the predicted reloads."""
         info = self.info(key)
         d = info.decision
-        lines = [
-            f"{key!r}: {format_size(info.nbytes)} in {', '.join(info.tiers)}; used {info.uses} time{'' if info.uses == 1 else 's'}"
-        ]
+        times = "time" if info.uses == 1 else "times"
+        lines = [f"{key!r}: {format_size(info.nbytes)} in {', '.join(info.tiers)}; used {info.uses} {times}"]
         if d is None:
             lines.append("found on disk when the cache opened (no placement decision recorded)")
         else:
