@@ -140,3 +140,71 @@ def test_stats_say_whether_the_cost_model_was_measured(make_cache: CacheFactory)
     stats = make_cache().stats()
     assert stats.profile == "cpu" and stats.profile_measured is False
     assert any("preset figures, not measured on this machine" in note for note in stats.notes)
+
+
+def test_a_failed_write_through_keeps_the_old_version(
+    make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from tiercache import StorageError
+
+    cache = make_cache(policy(tiers={"hbm": {"capacity": 64 * KiB}, "host": {"capacity": 0}}))
+    cache.put("k", kv(1))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise StorageError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache._nvme.io, "write_file", disk_full)
+    with pytest.raises(StorageError):
+        cache.put("k", kv(2), write_through=True)
+    assert_same(cache.get("k"), kv(1))
+
+
+def test_write_through_respects_nvme_max_entry(make_cache: CacheFactory) -> None:
+    cache = make_cache(policy(tiers={"nvme": {"max_entry": 16 * KiB}}))
+    with pytest.raises(CapacityError, match="write-through"):
+        cache.put("k", kv(1), write_through=True)
+    assert "k" not in cache
+    with pytest.raises(EntryValueError, match="write_through"):
+        cache.put("k", kv(1), write_through="no")  # type: ignore[arg-type]
+
+
+def test_reopening_with_a_wall_clock_and_a_ttl_keeps_fresh_entries(tmp_path: Path) -> None:
+    import time
+
+    pol = policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 0}}, eviction={"ttl_s": 3600})
+    with tiercache.TierCache(root=tmp_path / "r", policy=pol, clock=time.time) as cache:
+        cache.put("k", kv(1))
+    with tiercache.TierCache(root=tmp_path / "r", policy=pol, clock=time.time) as cache:
+        assert_same(cache.get("k"), kv(1))
+        assert cache.stats().expired == 0
+
+
+def test_explain_says_where_an_entry_went_when_the_first_choice_was_full(make_cache: CacheFactory) -> None:
+    cache = make_cache(policy(tiers={"hbm": {"capacity": 100 * KiB}}))
+    cache.put("vip", kv(1), priority=5)
+    cache.put("normal", kv(2))
+    text = cache.explain("normal")
+    assert "placed in host: hbm could not make room" in text and "since moved" not in text
+
+
+def test_a_deadline_that_no_tier_with_room_meets_is_best_effort_and_says_so(make_cache: CacheFactory) -> None:
+    seed = "rtx-pro-6000-blackwell"
+    cache = make_cache(policy(profile=seed, tiers={"hbm": {"capacity": 100 * KiB}, "host": {"capacity": 0}}))
+    cache.put("vip", kv(1), priority=5)
+    assert cache.put("urgent", kv(2), deadline_ms=0) == "nvme"  # hbm is held by a higher priority entry
+    assert "misses the deadline" in cache.explain("urgent")
+
+
+def test_entries_are_demoted_past_their_deadline_only_as_a_last_resort(make_cache: CacheFactory) -> None:
+    seed = "rtx-pro-6000-blackwell"  # host reload of 64 KiB: 0.0021 ms; nvme: 0.0047 ms
+    cache = make_cache(policy(profile=seed, tiers={"hbm": {"capacity": 0}, "host": {"capacity": 150 * KiB}}))
+    cache.put("tight", kv(1), deadline_ms=0.003)  # must stay in host to meet it
+    cache.put("loose", kv(2))
+    assert cache.tier_of("tight") == "host"
+    cache.put("third", kv(3))  # host is full: LRU would demote "tight"; its deadline keeps it, "loose" goes
+    assert cache.tier_of("tight") == "host" and cache.tier_of("loose") == "nvme"
+    cache.pin("third")
+    cache.put("fourth", kv(4))  # the only other candidate is pinned: as a last resort "tight" goes
+    assert cache.tier_of("fourth") == "host" and cache.tier_of("tight") == "nvme"

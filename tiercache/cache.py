@@ -137,6 +137,8 @@ class TierCache:
             raise EntryValueError(
                 f"put({key!r}): deadline_ms must be a number of milliseconds >= 0, got {deadline_ms!r}"
             )
+        if write_through is not None and not isinstance(write_through, bool):
+            raise EntryValueError(f"put({key!r}): write_through must be True, False or None, got {write_through!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise EntryValueError(f"put({key!r}): priority must be an integer, got {priority!r}")
         data = normalize_tensors(key, tensors)
@@ -353,7 +355,7 @@ class TierCache:
             )
         for stored in reversed(keep):  # oldest first, so LRU order follows write time
             self._engine.adopt(
-                stored.spec, "nvme", functools.partial(self._nvme.adopt, stored=stored), written=time.perf_counter()
+                stored.spec, "nvme", functools.partial(self._nvme.adopt, stored=stored), written=self._engine.clock()
             )
 
     def _record_transfer(self, source: str, dest: str, nbytes: int, seconds: float) -> None:

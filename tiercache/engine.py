@@ -24,7 +24,7 @@ from .costmodel import Profile
 from .entry import EntrySpec, Tensors, TensorSpec
 from .errors import CapacityError, EntryNotFoundError, EntryValueError
 from .eviction import EvictionPolicy, Usage, make_eviction_policy
-from .placement import Attempt, PlacementPolicy, make_placement_policy
+from .placement import Attempt, PlacementPolicy, Plan, make_placement_policy
 from .tiers import Tier
 from .units import format_size
 
@@ -68,6 +68,7 @@ class Record:
     uses: int = 1  # the put, then every get
     last_used: float = 0.0
     priority: int = 0
+    deadline_ms: float | None = None
     decision: Decision | None = None
 
     @property
@@ -131,24 +132,36 @@ class Engine:
         if not feasible:
             raise CapacityError(self._tiers_full(spec, plan.attempts))
         through = self.policy.placement.write == "through" if hints.write_through is None else hints.write_through
-        nvme_too = Attempt("nvme", evict=True)
-        if through and not self._can_make_room(nvme_too, spec.nbytes, old, hints.priority):
+        through = through and feasible[0].tier != "nvme"  # an entry placed in nvme is written through already
+        nvme_copy = Attempt("nvme", evict=True)
+        if through and not (
+            self.policy.tiers.nvme.admits(spec.nbytes)
+            and self._can_make_room(nvme_copy, spec.nbytes, old, hints.priority)
+        ):
             raise CapacityError(self._no_write_through(spec))
-        record = Record(uid=next(self._uids), spec=spec, pins=old.pins if old else 0, priority=hints.priority)
-        record.last_used = self.clock()
+        record = Record(
+            uid=next(self._uids),
+            spec=spec,
+            pins=old.pins if old else 0,
+            priority=hints.priority,
+            deadline_ms=hints.deadline_ms,
+            last_used=self.clock(),
+        )
         if old is not None:
             self._unindex(old)  # out of sight, but its bytes stay until the new version is stored
         self.by_uid[record.uid] = record
         record.readers += 1  # not a victim of its own placement
         try:
+            if through:  # the disk copy first: if it fails, the old version has lost nothing yet
+                if self._first_fit([nvme_copy], spec.nbytes, record.priority, sacrifice=old) != "nvme":
+                    raise CapacityError(self._no_write_through(spec))
+                self._store(record, "nvme", data, copy=False, source="put")
+                feasible = [a for a in feasible if a.tier != "nvme"] or [nvme_copy]
             tier = self._first_fit(feasible, spec.nbytes, record.priority, sacrifice=old)
             if tier is None:  # _can_make_room said otherwise; refuse rather than keep half an entry
                 raise CapacityError(self._tiers_full(spec, plan.attempts))
-            self._store(record, tier, data, copy=copy, source="put")
-            if through and tier != "nvme":
-                if self._first_fit([nvme_too], spec.nbytes, record.priority, sacrifice=old) != "nvme":
-                    raise CapacityError(self._no_write_through(spec))
-                self._store(record, "nvme", data, copy=False, source="put")
+            if tier not in record.tiers:
+                self._store(record, tier, data, copy=copy, source="put")
         except BaseException:
             for tier_name in list(record.tiers):
                 self._drop(record, tier_name)
@@ -160,11 +173,29 @@ class Engine:
             raise
         finally:
             record.readers -= 1
-        record.decision = Decision(tier, plan.reason, hints.deadline_ms, hints.priority, through, plan.reload_ms)
+        record.decision = Decision(
+            tier,
+            self._reason(tier, plan, hints.deadline_ms),
+            hints.deadline_ms,
+            hints.priority,
+            through,
+            plan.reload_ms,
+        )
         self.records[spec.key] = record
         if old is not None:
             self._retire(old)
         return tier
+
+    def _reason(self, tier: str, plan: Plan, deadline_ms: float | None) -> str:
+        """The plan's reason when its first choice was taken; otherwise where the entry went instead, and why."""
+        first = plan.attempts[0].tier
+        if tier == first:
+            return plan.reason
+        reason = f"{tier}: {first} could not make room (pinned, in-use or higher-priority entries); "
+        reason += f"the plan was {plan.reason}"
+        if deadline_ms is not None and plan.reload_ms.get(tier, 0.0) > deadline_ms:
+            reason += f"; {tier}'s predicted reload ({plan.reload_ms[tier]:.3g} ms) misses the deadline"
+        return reason
 
     def begin_read(self, key: str) -> tuple[Record, str, Data]:
         """Count the hit, protect the entry from eviction and deletion; memory tiers hand over their tensors."""
@@ -294,14 +325,24 @@ class Engine:
                 return True
         if not evict:
             return False
-        for uid in self.orders[tier_name].victims():
-            victim = self.by_uid[cast(int, uid)]
-            if not self._may_evict(victim, priority):
-                continue
-            self._demote(victim, tier_name)
-            if tier.free >= nbytes:
-                return True
+        # Entries whose demotion would break their reload deadline go last: only when nothing else frees enough.
+        for keep_deadlines in (True, False):
+            for uid in self.orders[tier_name].victims():
+                victim = self.by_uid.get(cast(int, uid))
+                if victim is None or not self._may_evict(victim, priority) or tier_name not in victim.tiers:
+                    continue
+                if keep_deadlines and self._demotion_misses_deadline(victim, tier_name):
+                    continue
+                self._demote(victim, tier_name)
+                if tier.free >= nbytes:
+                    return True
         return False
+
+    def _demotion_misses_deadline(self, record: Record, tier_name: str) -> bool:
+        if record.deadline_ms is None:
+            return False
+        below = self.placement.eligible(record.spec.nbytes, below=tier_name)
+        return not below or self.reload_seconds(below[0], record.spec.nbytes) * 1e3 > record.deadline_ms
 
     def _demote(self, record: Record, from_tier: str) -> None:
         """Move a victim one tier down (or further, if the next refuses its size); out of the cache from the

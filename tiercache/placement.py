@@ -94,8 +94,9 @@ class SizePlacement(PlacementPolicy):
             )
         cheapest = meeting[-1]
         order = [cheapest, *reversed(meeting[:-1])]  # then the faster ones, nearest in cost first
+        missing = [t for t in tiers if t not in meeting]  # a last resort when no tier that meets it has room
         return Plan(
-            [Attempt(t, evict=True) for t in order],
+            [Attempt(t, evict=True) for t in order + missing],
             f"{cheapest}: the cheapest tier whose predicted reload ({reload_ms[cheapest]:.3g} ms) meets the "
             f"{deadline_ms:g} ms deadline",
             reload_ms,
