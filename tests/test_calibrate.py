@@ -51,3 +51,28 @@ def test_the_calibrate_command_writes_a_profile_a_policy_names(
     with tiercache.TierCache(root=tmp_path / "cache", policy=tmp_path / "policy.toml") as cache:
         stats = cache.stats()
         assert stats.profile_measured and any("measured by tiercache calibrate" in n for n in stats.notes)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["calibrate", "--root", "R", "--out", "/no/such/dir/p.toml"], "does not exist or is not writable"),
+        (["calibrate", "--root", "R", "--sizes", "1MiB"], "two sizes or more"),
+        (["calibrate", "--root", "R", "--policy", "nope"], "no policy preset named 'nope'"),
+        (["simulate", "/no/such/trace.jsonl"], "No such file"),
+        (["model", "--profile", "nope"], "no hardware profile named 'nope'"),
+    ],
+)
+def test_command_errors_exit_2_with_a_message(
+    argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(tmp_path / "root") if a == "R" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_a_zero_repeat_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "--root", "x", "--repeat", "0"])
+    assert exit_.value.code == 2 and "integer >= 1" in capsys.readouterr().err

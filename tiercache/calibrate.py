@@ -30,23 +30,24 @@ Progress = Callable[[str], None]
 def calibrate(
     root: Path,
     *,
-    sizes: Sequence[int] = (16 << 20, 64 << 20, 256 << 20),
+    sizes: Sequence[int] = (1 << 20, 16 << 20, 64 << 20, 256 << 20),
     repeat: int = 3,
     name: str = "calibrated",
     threads: int = 4,
     task_size: int = 8 << 20,
+    io: str = "auto",
     progress: Progress = lambda line: None,
 ) -> Profile:
     """Measure every pathway at every size (median of `repeat`), fit each, and return a measured profile."""
     cuda = torch.cuda.is_available()
     workdir = root / f"calibrate-{uuid.uuid4().hex[:8]}"
     workdir.mkdir(parents=True)
-    io = PosixIO(workdir, threads=threads, task_size=task_size)
+    backend = PosixIO(workdir, threads=threads, task_size=task_size, io=io)
     points: dict[str, list[tuple[int, float]]] = {p: [] for p in PATHWAYS}
     steps = len(sizes) * len(PATHWAYS)
     try:
         for size in sizes:
-            for pathway, seconds in _measure_size(size, repeat, io, workdir, cuda):
+            for pathway, seconds in _measure_size(size, repeat, backend, workdir, cuda):
                 points[pathway].append((size, seconds))
                 step = sum(len(v) for v in points.values())
                 progress(
@@ -54,14 +55,15 @@ def calibrate(
                     f"({size / seconds / 1e9:6.2f} GB/s)"
                 )
     finally:
-        io.close()
+        backend.close()
         shutil.rmtree(workdir, ignore_errors=True)
     fitted: dict[str, PathwayCost] = {p: fit_line(points[p]) for p in PATHWAYS}
     device = torch.cuda.get_device_name() if cuda else "no GPU (memory pathways are memcpy)"
     source = (
         f"measured by tiercache calibrate on {socket.gethostname()} ({platform.machine()}, {device}), "
         f"{datetime.date.today().isoformat()}, sizes {', '.join(format_size(s) for s in sizes)}, "
-        f"median of {repeat}; nvme through {io.mode} I/O in {root}"
+        f"median of {repeat}; nvme through {backend.mode} I/O ({threads} threads, "
+        f"{format_size(task_size)} tasks) in {root}"
     )
     return Profile(name=name, source=source, measured=True, pathways=fitted, description=f"this machine: {device}")
 

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import resolve_policy
 from .costmodel import PATHWAYS, Profile, profile_names
 from .errors import TierCacheError
 from .units import parse_size
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _size(text: str) -> int:
@@ -78,8 +86,23 @@ def _cmd_model(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
-    profile = calibrate(Path(args.root), sizes=args.sizes, repeat=args.repeat, name=args.name, progress=print)
-    Path(args.out).write_text(profile.to_toml())
+    out = Path(args.out)
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):  # before minutes of measuring, not after
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist or is not writable")
+    if len(set(args.sizes)) < 2:
+        raise ValueError("--sizes: give two sizes or more, so that latency and bandwidth can both be fitted")
+    nvme = resolve_policy(args.policy).tiers.nvme
+    profile = calibrate(
+        Path(args.root),
+        sizes=args.sizes,
+        repeat=args.repeat,
+        name=args.name,
+        progress=print,
+        threads=nvme.threads,
+        task_size=nvme.task_size,
+        io=nvme.io,
+    )
+    out.write_text(profile.to_toml())
     print(model_table(profile, 8 * 10**9))
     print(f'\nwritten: {args.out} (name it in a policy: profile = "{args.out}")')
     return 0
@@ -112,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--sizes",
         type=lambda s: [_size(x) for x in s.split(",")],
-        default=[16 << 20, 64 << 20, 256 << 20],
-        help="comma-separated sizes to measure (default 16MiB,64MiB,256MiB)",
+        default=[1 << 20, 16 << 20, 64 << 20, 256 << 20],
+        help="comma-separated sizes to measure (default 1MiB,16MiB,64MiB,256MiB)",
     )
-    cal.add_argument("--repeat", type=int, default=3, help="measurements per size (the median is fitted)")
+    cal.add_argument("--repeat", type=_positive, default=3, help="measurements per size (the median is fitted)")
+    cal.add_argument("--policy", default="cpu", help="take nvme threads, task size and I/O mode from this policy")
     cal.set_defaults(run=_cmd_calibrate)
 
     sim = sub.add_parser("simulate", help="replay a trace through the real placement and eviction code")
@@ -135,9 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except TierCacheError as exc:
-        print(f"tiercache: {exc}", file=sys.stderr)
-        return 2
+    except ImportError as exc:
+        print(
+            f"tiercache {args.command}: {exc.name or exc} is needed here: pip install 'tiercache[plot]'",
+            file=sys.stderr,
+        )
+    except (TierCacheError, OSError, ValueError) as exc:
+        print(f"tiercache {args.command}: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

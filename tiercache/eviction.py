@@ -132,7 +132,10 @@ class GdsfPolicy(_ScoredPolicy):
     """Greedy-Dual-Size-Frequency: value = L + uses x reload cost / size; the lowest value leaves first.
 
     L ("inflation") rises to the value of each evicted entry, so entries that were valuable long ago age out
-    instead of staying forever on old counts. Cheap-to-reload, large, rarely used entries go first.
+    instead of staying forever on old counts. The reload cost is the cost model's time to bring the entry back
+    from the tier it would fall to: where that is latency + bytes / bandwidth, small entries (latency-bound)
+    are kept before large ones; with a bandwidth-only profile the size cancels out and the value ranks uses
+    and how slow the tier below is per byte.
     """
 
     name = "gdsf"

@@ -11,9 +11,10 @@ optional on a put: "deadline_ms", "priority". A get that misses re-puts the entr
 (the application recomputes it and stores it again), as a real pipeline would.
 
 The bound is Belady's MIN (evict what is needed again farthest in the future, or do not cache it at all) run
-on one cache of the capacity of the fastest tier, of the two fastest, and of all three: the entries in the
-k fastest tiers of any policy form such a cache, so for entries of one size MIN's hits bound each policy's
-hits in those tiers. For entries of mixed sizes MIN is the classic reference, not a proven bound.
+on one cache of the capacity of the fastest tier, of the two fastest, and of all three, allowed to (re)fetch
+any live entry whenever it is requested: the entries in the k fastest tiers of any policy form such a cache
+with fewer options, so for entries of one size MIN's hits bound each policy's hits in those tiers. For
+entries of mixed sizes MIN is the classic reference, not a proven bound, and the report says so.
 """
 
 from __future__ import annotations
@@ -84,8 +85,16 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>") -> list[Request]:
             raise TraceError(f'{where}: not a request ({exc}); expected {{"t", "op", "key", "size"}}') from None
         if request.op not in ("put", "get", "delete") or not isinstance(request.key, str):
             raise TraceError(f"{where}: op must be put, get or delete, and key a string")
-        if request.op == "put" and not (isinstance(request.size, int) and request.size >= 0):
-            raise TraceError(f"{where}: a put needs a size in bytes (an integer >= 0)")
+        size_ok = isinstance(request.size, int) and not isinstance(request.size, bool) and request.size >= 0
+        if not size_ok and (request.op == "put" or request.size is not None):
+            raise TraceError(f"{where}: size must be a number of bytes (an integer >= 0); a put needs one")
+        deadline = request.deadline_ms
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline < 0
+        ):
+            raise TraceError(f"{where}: deadline_ms must be a number >= 0")
+        if isinstance(request.priority, bool) or not isinstance(request.priority, int):
+            raise TraceError(f"{where}: priority must be an integer")
         if requests and request.t < requests[-1].t:
             raise TraceError(f"{where}: time {request.t} goes backwards (previous {requests[-1].t})")
         requests.append(request)
@@ -193,9 +202,11 @@ def replay(
 
 
 def belady_hits(trace: Sequence[Request], capacity: int) -> int:
-    """Hits of Belady's MIN on one cache of `capacity` bytes: on every put (and re-put after a miss) it keeps
-    what is requested again soonest, evicting, or not caching, what is needed farthest in the future."""
+    """Hits of Belady's MIN on one cache of `capacity` bytes: on every request of a live entry (its put, and any
+    get that misses: a policy may refetch it from a lower tier, or the application re-put it) it keeps what is
+    requested again soonest, evicting, or not caching, what is needed farthest in the future."""
     next_use = _next_uses(trace)
+    live: dict[str, int] = {}  # key -> size of its current version
     cached: dict[str, tuple[int, float]] = {}  # key -> (size, next use)
     heap: list[tuple[float, str]] = []  # (-next use, key); stale items skipped
     used = 0
@@ -207,12 +218,18 @@ def belady_hits(trace: Sequence[Request], capacity: int) -> int:
             cached[key] = (cached[key][0], next_use[index])
             heapq.heappush(heap, (-next_use[index], key))
             continue
-        if key in cached:  # a new version, a delete, or (below) a re-put after a miss: the old copy goes
+        if key in cached:  # a new version or a delete: the old copy goes
             used -= cached.pop(key)[0]
-        if request.op == "delete" or request.size is None or request.size > capacity or math.isinf(next_use[index]):
+        if request.op == "delete":
+            live.pop(key, None)
+            continue
+        if request.size is not None:
+            live[key] = request.size
+        size = live.get(key)
+        if size is None or size > capacity or math.isinf(next_use[index]):
             continue  # nothing to keep, or nothing worth keeping
-        cached[key] = (request.size, next_use[index])
-        used += request.size
+        cached[key] = (size, next_use[index])
+        used += size
         heapq.heappush(heap, (-next_use[index], key))
         while used > capacity:
             negative, victim = heapq.heappop(heap)
@@ -265,7 +282,9 @@ def simulate_report(
                 f"| {o.label} | {o.hits_within(1)} | {o.hits_within(2)} | {o.hits_within(3)} | {o.misses} | "
                 f"{o.refused} | {sum(o.moved_bytes.values()) / 1e9:.1f} GB | {o.transfer_seconds:.2f} s | {ratio} |"
             )
-        lines.append(f"| Belady MIN (bound) | {bounds[0]} | {bounds[1]} | {bounds[2]} | {gets - bounds[2]} | | | | |")
+        one_size = len({r.size for r in trace if r.size is not None}) <= 1
+        label = "Belady MIN (bound)" if one_size else "Belady MIN (reference: mixed sizes, not a proven bound)"
+        lines.append(f"| {label} | {bounds[0]} | {bounds[1]} | {bounds[2]} | {gets - bounds[2]} | | | | |")
         pathways = sorted({p for o in outcomes for p in o.moved_bytes})
         if pathways:
             lines += ["", "Bytes moved and predicted time, by pathway:", ""]
