@@ -24,7 +24,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 
 from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
-from .errors import CorruptEntryError, RootInUseError, StorageError
+from .errors import CorruptEntryError, RootInUseError
 from .io import PendingRead, PosixIO, aligned_empty
 
 log = logging.getLogger(__name__)
@@ -151,45 +151,42 @@ class DiskLayout:
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def read(self, stored: StoredEntry, verify: bool) -> Tensors:
-        """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C."""
-        spec = stored.spec
-        buffers: list[torch.Tensor | None] = []
-        pending: list[PendingRead | None] = []
+        """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C.
+
+        Every file's pieces are queued on the I/O pool at once; each file is then checked by a task of its own
+        (CRC32C of its pieces in order, as they land), so files are verified in parallel while others still read.
+        """
+        landing: list[Future[torch.Tensor]] = []
         try:
-            for index, tspec in enumerate(spec.tensors):  # start every file first: all pieces queue at once
+            for index, tspec in enumerate(stored.spec.tensors):
                 if tspec.nbytes == 0:
-                    buffers.append(None)
-                    pending.append(None)
+                    landing.append(_done(torch.empty(tspec.shape, dtype=tspec.torch_dtype)))
                     continue
-                fresh = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
-                buffers.append(fresh)
-                pending.append(self.io.read_file(stored.chunk_path(index), fresh, tspec.nbytes + CHECKSUM_BYTES))
-            out: Tensors = {}
-            for index, tspec in enumerate(spec.tensors):
-                buffer, job = buffers[index], pending[index]
-                if buffer is None or job is None:
-                    out[tspec.name] = torch.empty(tspec.shape, dtype=tspec.torch_dtype)
-                    continue
-                crc = 0
-                for start, end in job.ranges():  # checksum the pieces in order while later ones are still reading
-                    if verify and start < tspec.nbytes:
-                        crc = crc32c(buffer[start : min(end, tspec.nbytes)], crc)
-                pending[index] = None
-                job.finish()
-                if verify:
-                    self._verify(stored, index, buffer, crc)
-                tensor = from_bytes(buffer, tspec)
-                # A tensor keeps its whole I/O buffer alive (up to 4 KiB of padding and checksum): copy small
-                # ones out, so that padding never outweighs data held in a memory tier.
-                out[tspec.name] = tensor.clone() if tspec.nbytes < COMPACT_BELOW else tensor
-            return out
+                buffer = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
+                job = self.io.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES)
+                landing.append(self._files.submit(self._land, stored, index, buffer, job, verify))
         finally:
-            for job in pending:
-                if job is not None:
-                    try:
-                        job.finish()
-                    except StorageError:
-                        pass  # the first error is already propagating
+            wait(landing)  # on any error too: no task may still be writing into a buffer or reading a file
+        return {t.name: future.result() for t, future in zip(stored.spec.tensors, landing, strict=True)}
+
+    def _land(
+        self, stored: StoredEntry, index: int, buffer: torch.Tensor, job: PendingRead, verify: bool
+    ) -> torch.Tensor:
+        """Checksum one file's pieces in order as they arrive, close it, verify, and view its bytes as the tensor."""
+        tspec = stored.spec.tensors[index]
+        crc = 0
+        try:
+            for start, end in job.ranges():
+                if verify and start < tspec.nbytes:
+                    crc = crc32c(buffer[start : min(end, tspec.nbytes)], crc)
+        finally:
+            job.finish()  # waits for every piece and closes the file, whatever happened above
+        if verify:
+            self._verify(stored, index, buffer, crc)
+        tensor = from_bytes(buffer, tspec)
+        # A tensor keeps its whole I/O buffer alive (up to 4 KiB of padding and checksum): copy small ones out,
+        # so that padding never outweighs data held in a memory tier.
+        return tensor.clone() if tspec.nbytes < COMPACT_BELOW else tensor
 
     def _verify(self, stored: StoredEntry, index: int, buffer: torch.Tensor, computed: int) -> None:
         nbytes = stored.spec.tensors[index].nbytes
@@ -237,6 +234,12 @@ class DiskLayout:
             else:
                 newest[stored.spec.key] = stored
         return sorted(newest.values(), key=lambda s: s.written_ns)
+
+
+def _done(value: torch.Tensor) -> Future[torch.Tensor]:
+    future: Future[torch.Tensor] = Future()
+    future.set_result(value)
+    return future
 
 
 def _group_metadata(spec: EntrySpec, checksums: list[int | None], written_ns: int) -> dict[str, Any]:
