@@ -16,111 +16,26 @@ import functools
 import json
 import os
 import shutil
-import statistics
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import tiercache
-from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
+from tiercache.io import aligned_empty, buffer_of, round_up
 from tiercache.io.posix import O_DIRECT
 
+from .chart import latency_chart
 from .environment import describe
+from .measure import LAYERS, Row, chunk_files, drop_page_caches, forcing_policy, make_entry, row, side_by_side
+from .peers import bench_peers
+from .seed import seed_table
 
 DEFAULT_SIZES = "16MiB,64MiB,256MiB"
-LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
-
-
-@dataclass
-class Row:
-    size: int
-    case: str
-    seconds: float  # median
-    spread: tuple[float, float]  # min, max
-    baseline: str
-    baseline_seconds: float | None
-    target: float | None = None  # the least acceptable ratio, where the project states one
-
-    @property
-    def gbps(self) -> float:
-        return self.size / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-
-    @property
-    def ratio(self) -> float | None:
-        """tiercache's throughput over the baseline's (>= 1: tiercache is at least as fast)."""
-        return self.baseline_seconds / self.seconds if self.baseline_seconds and self.seconds > 0 else None
-
-    @property
-    def verdict(self) -> str:
-        if self.target is None or self.ratio is None:
-            return ""
-        return "met" if self.ratio >= self.target else "BELOW"
-
-
-def make_entry(size: int) -> dict[str, torch.Tensor]:
-    per_tensor = max(1, size // (2 * LAYERS) // 2)
-    gen = torch.Generator().manual_seed(size)
-    return {
-        f"block{i}.{kv}": torch.randn(per_tensor, generator=gen).to(torch.bfloat16)
-        for i in range(LAYERS)
-        for kv in ("k", "v")
-    }
-
-
-def forcing_policy(tier: str, size: int, *, verify: bool = True) -> tiercache.Policy:
-    tiers: dict[str, Any] = {t: {"capacity": 0} for t in tiercache.TIER_NAMES}
-    tiers[tier] = {"capacity": 2 * size + (1 << 20)}
-    tiers["nvme"].update({"verify_checksums": verify})
-    return tiercache.Policy.from_dict(
-        {"name": f"bench-{tier}", "tiers": tiers, "placement": {"promote_on_hit": False}}, source="bench"
-    )
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def side_by_side(
-    ours: Callable[[], object],
-    raw: Callable[[], object] | None,
-    repeat: int,
-    before: Callable[[], None] = lambda: None,
-) -> tuple[list[float], list[float]]:
-    """Warm up once, then alternate ours / raw `repeat` times so drift hits both alike. `before` runs untimed
-    ahead of every call (dropping the page cache, for instance)."""
-    a: list[float] = []
-    b: list[float] = []
-    for rep in range(repeat + 1):
-        before()
-        ours_s = timed(ours)
-        raw_s = None
-        if raw is not None:
-            before()
-            raw_s = timed(raw)
-        if rep:  # the first round is the warm-up
-            a.append(ours_s)
-            if raw_s is not None:
-                b.append(raw_s)
-    return a, b
-
-
-def row(size: int, case: str, ours: list[float], baseline: str, raw: list[float], target: float | None = None) -> Row:
-    return Row(
-        size,
-        case,
-        statistics.median(ours),
-        (min(ours), max(ours)),
-        baseline,
-        statistics.median(raw) if raw else None,
-        target,
-    )
+PEER_NAMES = ("torch", "safetensors", "numpy", "zarr")
 
 
 def clone_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,16 +52,6 @@ class HeldClone:
 
     def __call__(self) -> None:
         self.held = clone_all(self.tensors)
-
-
-def chunk_files(root: Path) -> list[tuple[Path, int]]:
-    files = [p for p in (root / "entries").glob("*/t*/c/**/*") if p.is_file()]
-    return [(p, p.stat().st_size) for p in sorted(files)]
-
-
-def drop_page_caches(paths: list[Path]) -> None:
-    for path in paths:
-        drop_page_cache(path)
 
 
 def raw_direct_read(files: list[tuple[Path, int]]) -> list[torch.Tensor]:
@@ -258,6 +163,17 @@ def markdown(rows: list[Row], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def progress_bar(steps: int) -> Callable[[str], None]:
+    done = [0]
+
+    def show(what: str) -> None:
+        done[0] += 1
+        filled = round(30 * done[0] / steps)
+        print(f"[{'#' * filled}{'.' * (30 - filled)}] {done[0]:>2}/{steps} {what}", file=sys.stderr, flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     sizes = [tiercache.parse_size(s) for s in os.environ.get("BENCH_SIZES", DEFAULT_SIZES).split(",") if s.strip()]
     repeat = int(os.environ.get("BENCH_REPEAT", "5"))
@@ -266,16 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     env = describe(root.parent)
-    steps = len(sizes) * 5
-    done = [0]
-
-    def progress(what: str) -> None:
-        done[0] += 1
-        print(f"[{done[0]:>2}/{steps}] {what}", file=sys.stderr, flush=True)
-
+    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)))
     shutil.rmtree(root, ignore_errors=True)
     rows = [r for size in sizes for r in bench_size(size, root, repeat, progress)]
-    report = markdown(rows, env)
+    rows += [r for size in sizes for r in bench_peers(size, root, min(repeat, 3), progress)]
+    chart_note = latency_chart(rows, out / "latency_chart.png")
+    report = markdown(rows, env) + "\n" + seed_table(rows) + (f"\n{chart_note}\n" if chart_note else "")
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(
         json.dumps(
@@ -288,5 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(report)
-    print(f"written: {out / 'report.md'}, {out / 'report.json'}", file=sys.stderr)
+    written = ", ".join(str(out / f) for f in ("report.md", "report.json", "latency_chart.png") if (out / f).exists())
+    print(f"written: {written}", file=sys.stderr)
     return 0

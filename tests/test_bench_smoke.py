@@ -22,9 +22,13 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     for size in (64 << 10, 1 << 20):
         for case in ("put -> hbm", "get <- hbm", "put -> host", "get <- host", "put -> nvme", "get <- nvme"):
             assert (size, case) in cases
+    for peer in ("torch.save", "torch.load", "safetensors save_file", "load_file", "numpy .npy", "zarr-python"):
+        assert any(peer in r["case"] for r in report["rows"]), peer
     assert all(r["seconds"] > 0 for r in report["rows"])
     assert report["environment"]["o_direct"] == "yes"
     printed = capsys.readouterr().out
     assert "| size | pathway |" in printed and "O_DIRECT preadv" in printed
     assert (tmp_path / "out" / "report.md").read_text() in printed
+    assert "| host(pinned)->hbm (PCIe Gen5 pinned DMA) | 126.98 ms |" in printed and "| 571.43 ms |" in printed
+    assert (tmp_path / "out" / "latency_chart.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "out" / "root").exists()  # the data it wrote is cleaned up

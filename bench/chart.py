@@ -1,0 +1,49 @@
+"""latency_chart.png: measured latency against size, one line per pathway, with the seed's modelled lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiercache.costmodel import Profile
+
+from .measure import Row
+from .seed import SEED_PATHWAYS
+
+
+def latency_chart(rows: list[Row], out: Path) -> str:
+    """Write the chart; returns a note for the report (why it is missing, if it is)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "latency_chart.png not written: matplotlib is not installed (pip install 'tiercache[plot]')"
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    cases = sorted({r.case for r in rows if not r.case.startswith("get <- hbm") and " vs " not in r.case})
+    for index, case in enumerate(cases):
+        points = sorted((r.size, r.seconds) for r in rows if r.case == case)
+        ax.plot([s / 1e9 for s, _ in points], [t * 1e3 for _, t in points], "o-", color=f"C{index % 10}", label=case)
+    sizes = sorted({r.size for r in rows})
+    if sizes:
+        seed = Profile.load("rtx-pro-6000-blackwell")
+        span = [sizes[0], max(sizes[-1], 8 * 10**9)]
+        for style, (pathway, label, _) in zip(("--", "-.", ":"), SEED_PATHWAYS, strict=True):
+            ax.plot(
+                [s / 1e9 for s in span],
+                [seed.seconds(pathway, s) * 1e3 for s in span],
+                style,
+                color="gray",
+                label=f"seed model: {label} ({pathway})",
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("entry size (GB)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("tiercache pathways measured here, and the seed report's modelled RTX PRO 6000 lines")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return ""

@@ -1,0 +1,114 @@
+"""Shared measuring tools of the benchmarks: entries, policies that force a tier, side-by-side timing, rows."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tiercache
+from tiercache.io import drop_page_cache
+
+LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
+
+
+@dataclass
+class Row:
+    size: int
+    case: str
+    seconds: float  # median
+    spread: tuple[float, float]  # min, max
+    baseline: str
+    baseline_seconds: float | None
+    target: float | None = None  # the least acceptable ratio, where the project states one
+
+    @property
+    def gbps(self) -> float:
+        return self.size / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    @property
+    def ratio(self) -> float | None:
+        """tiercache's throughput over the baseline's (>= 1: tiercache is at least as fast)."""
+        return self.baseline_seconds / self.seconds if self.baseline_seconds and self.seconds > 0 else None
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None or self.ratio is None:
+            return ""
+        return "met" if self.ratio >= self.target else "BELOW"
+
+
+def make_entry(size: int) -> dict[str, torch.Tensor]:
+    per_tensor = max(1, size // (2 * LAYERS) // 2)
+    gen = torch.Generator().manual_seed(size)
+    return {
+        f"block{i}.{kv}": torch.randn(per_tensor, generator=gen).to(torch.bfloat16)
+        for i in range(LAYERS)
+        for kv in ("k", "v")
+    }
+
+
+def forcing_policy(tier: str, size: int, *, verify: bool = True) -> tiercache.Policy:
+    tiers: dict[str, Any] = {t: {"capacity": 0} for t in tiercache.TIER_NAMES}
+    tiers[tier] = {"capacity": 2 * size + (1 << 20)}
+    tiers["nvme"].update({"verify_checksums": verify})
+    return tiercache.Policy.from_dict(
+        {"name": f"bench-{tier}", "tiers": tiers, "placement": {"promote_on_hit": False}}, source="bench"
+    )
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def side_by_side(
+    ours: Callable[[], object],
+    raw: Callable[[], object] | None,
+    repeat: int,
+    before: Callable[[], None] = lambda: None,
+) -> tuple[list[float], list[float]]:
+    """Warm up once, then alternate ours / raw `repeat` times so drift hits both alike. `before` runs untimed
+    ahead of every call (dropping the page cache, for instance)."""
+    a: list[float] = []
+    b: list[float] = []
+    for rep in range(repeat + 1):
+        before()
+        ours_s = timed(ours)
+        raw_s = None
+        if raw is not None:
+            before()
+            raw_s = timed(raw)
+        if rep:  # the first round is the warm-up
+            a.append(ours_s)
+            if raw_s is not None:
+                b.append(raw_s)
+    return a, b
+
+
+def row(size: int, case: str, ours: list[float], baseline: str, raw: list[float], target: float | None = None) -> Row:
+    return Row(
+        size,
+        case,
+        statistics.median(ours),
+        (min(ours), max(ours)),
+        baseline,
+        statistics.median(raw) if raw else None,
+        target,
+    )
+
+
+def chunk_files(root: Path) -> list[tuple[Path, int]]:
+    files = [p for p in (root / "entries").glob("*/t*/c/**/*") if p.is_file()]
+    return [(p, p.stat().st_size) for p in sorted(files)]
+
+
+def drop_page_caches(paths: list[Path]) -> None:
+    for path in paths:
+        drop_page_cache(path)
