@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tiercache.costmodel import Profile
+from tiercache.plotting import pyplot, save_loglog
 
 from .measure import Row
 from .seed import SEED_PATHWAYS
@@ -13,10 +14,7 @@ from .seed import SEED_PATHWAYS
 def latency_chart(rows: list[Row], out: Path) -> str:
     """Write the chart; returns a note for the report (why it is missing, if it is)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return "latency_chart.png not written: matplotlib is not installed (pip install 'tiercache[plot]')"
     fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -36,14 +34,11 @@ def latency_chart(rows: list[Row], out: Path) -> str:
                 color="gray",
                 label=f"seed model: {label} ({pathway})",
             )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("entry size (GB)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("tiercache pathways measured here, and the seed report's modelled RTX PRO 6000 lines")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_loglog(
+        fig,
+        ax,
+        out,
+        ylabel="latency (ms)",
+        title="tiercache pathways measured here, and the seed report's modelled RTX PRO 6000 lines",
+    )
     return ""

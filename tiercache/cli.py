@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import resolve_policy
 from .costmodel import PATHWAYS, Profile, profile_names
 from .errors import TierCacheError
+from .plotting import pyplot, save_loglog
 from .units import parse_size
 
 
@@ -46,11 +47,7 @@ def model_table(profile: Profile, nbytes: int) -> str:
 
 def plot_profiles(profiles: Sequence[Profile], out: Path, sizes: Sequence[int] | None = None) -> None:
     """Latency against size (log-log), one line per reload pathway and profile."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sizes = sizes or [int(2**e) for e in range(20, 36)]  # 1 MiB .. 32 GiB
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"host(pinned)->hbm": "-", "host(pageable)->hbm": "--", "nvme->hbm": ":"}
@@ -59,17 +56,7 @@ def plot_profiles(profiles: Sequence[Profile], out: Path, sizes: Sequence[int] |
         for pathway, style in styles.items():
             times = [profile.seconds(pathway, n) * 1e3 for n in sizes]
             ax.plot([n / 1e9 for n in sizes], times, style, color=color, label=f"{profile.name}: {pathway}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("entry size (GB)")
-    ax.set_ylabel("predicted reload time (ms)")
-    ax.set_title("tiercache cost model: reload time by pathway")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_loglog(fig, ax, out, ylabel="predicted reload time (ms)", title="tiercache cost model: reload time by pathway")
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
