@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -76,13 +76,13 @@ class TierCache:
         policy: str | Path | Policy | None = None,
         *,
         device: str | torch.device | None = None,
-        clock: Any = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.policy: Policy = resolve_policy(policy)
         self.device: torch.device = torch.device(device) if device is not None else default_device()
+        self.profile: Profile = profile_for(self.policy)
         self._temp_root = Path(tempfile.mkdtemp(prefix="tiercache-")) if root is None else None
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
-        self.profile: Profile = profile_for(self.policy)
         budgets = self.policy.tiers
         self._nvme = NvmeTier(self.root, budgets.nvme)
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="tiercache-prefetch")
