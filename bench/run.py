@@ -8,6 +8,7 @@ pwritev / preadv of the same bytes into fresh page-aligned buffers for nvme. The
 files read before every nvme read, tiercache's and the raw one alike.
 
 Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB"  BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
+BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from tiercache.io.posix import O_DIRECT
 from .chart import latency_chart
 from .environment import describe
 from .measure import LAYERS, Row, chunk_files, drop_page_caches, forcing_policy, make_entry, row, side_by_side
+from .overlap import bench_overlap, overlap_table
 from .peers import bench_peers
 from .seed import seed_table
 
 DEFAULT_SIZES = "16MiB,64MiB,256MiB"
 PEER_NAMES = ("torch", "safetensors", "numpy", "zarr")
+OVERLAP_LAYERS, OVERLAP_LOOKAHEAD = 8, 2
 
 
 def clone_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,12 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     env = describe(root.parent)
-    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)))
+    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 2)
     shutil.rmtree(root, ignore_errors=True)
     rows = [r for size in sizes for r in bench_size(size, root, repeat, progress)]
     rows += [r for size in sizes for r in bench_peers(size, root, min(repeat, 3), progress)]
+    layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
+    overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)
     chart_note = latency_chart(rows, out / "latency_chart.png")
-    report = markdown(rows, env) + "\n" + seed_table(rows) + (f"\n{chart_note}\n" if chart_note else "")
+    report = markdown(rows, env) + "\n" + seed_table(rows) + "\n" + overlap_table(overlap, OVERLAP_LOOKAHEAD)
+    report += f"\n{chart_note}\n" if chart_note else ""
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(
         json.dumps(
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 "environment": env,
                 "repeat": repeat,
                 "rows": [asdict(r) | {"gbps": r.gbps, "ratio": r.ratio, "verdict": r.verdict} for r in rows],
+                "overlap": [asdict(o) | {"ratio": o.ratio, "efficiency": o.efficiency} for o in overlap],
             },
             indent=1,
         )

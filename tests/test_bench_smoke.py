@@ -15,6 +15,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
 ) -> None:
     monkeypatch.setenv("BENCH_SIZES", "64KiB,1MiB")
     monkeypatch.setenv("BENCH_REPEAT", "2")
+    monkeypatch.setenv("BENCH_OVERLAP_LAYER", "256KiB")
     monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
     assert main() == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -31,4 +32,6 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     assert (tmp_path / "out" / "report.md").read_text() in printed
     assert "| host(pinned)->hbm (PCIe Gen5 pinned DMA) | 126.98 ms |" in printed and "| 571.43 ms |" in printed
     assert (tmp_path / "out" / "latency_chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert [o["source"] for o in report["overlap"]] == ["host", "nvme"] and "## Overlap" in printed
+    assert all(o["compute_s"] > 0 and o["serial_s"] > 0 and o["overlapped_s"] > 0 for o in report["overlap"])
     assert not (tmp_path / "out" / "root").exists()  # the data it wrote is cleaned up

@@ -1,0 +1,132 @@
+"""Overlap: a layer loop whose per-layer compute is attention over that layer's K/V, with the K/V reloaded
+from host or nvme. Compute-only (K/V already in memory), serial (reload layer i, then compute it), and
+overlapped (prefetch the next `lookahead` layers while computing the current one) are timed side by side;
+efficiency = the share of the serial loop's reload time that the overlap hid (1.0: as fast as compute alone;
+above 1.0 is possible because prefetching also reads several layers at once).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tiercache
+
+from .measure import chunk_files, drop_page_caches, forcing_policy
+
+HEADS, HEAD_DIM = 8, 128
+QUERY_TOKENS = 32  # sized so that a layer's attention takes about as long as its K/V reload here
+
+
+@dataclass(frozen=True)
+class OverlapResult:
+    source: str
+    layers: int
+    layer_bytes: int
+    compute_s: float
+    reload_s: float  # serial minus compute: the reloads alone
+    serial_s: float
+    overlapped_s: float
+
+    @property
+    def ratio(self) -> float:
+        """Overlapped time over serial time (lower is better; 1.0 = no overlap)."""
+        return self.overlapped_s / self.serial_s
+
+    @property
+    def efficiency(self) -> float:
+        """Share of the serial loop's reload time that the overlap hid: 1.0 = as fast as compute alone."""
+        return (self.serial_s - self.overlapped_s) / self.reload_s if self.reload_s > 0 else 0.0
+
+
+def layer_kv(tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(1, HEADS, tokens, HEAD_DIM, generator=gen).to(torch.bfloat16) for n in ("k", "v")}
+
+
+def attend(query: torch.Tensor, kv: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, kv["k"], kv["v"])
+
+
+def bench_overlap(
+    layer_bytes: int, layers: int, root: Path, repeat: int, lookahead: int, progress: Callable[[str], None]
+) -> list[OverlapResult]:
+    tokens = max(1, layer_bytes // (2 * HEADS * HEAD_DIM * 2))
+    entries = [layer_kv(tokens, i) for i in range(layers)]
+    nbytes = sum(t.numel() * t.element_size() for t in entries[0].values())
+    query = torch.randn(1, HEADS, QUERY_TOKENS, HEAD_DIM).to(torch.bfloat16)
+    results = []
+    for source in ("host", "nvme"):
+        progress(f"overlap from {source}, {layers} layers x {tiercache.format_size(nbytes)}")
+        with tiercache.TierCache(root=root, policy=forcing_policy(source, nbytes * layers)) as cache:
+            for i, entry in enumerate(entries):
+                cache.put(f"layer{i}", entry)
+            files = [p for p, _ in chunk_files(root)]
+
+            def compute_only() -> None:
+                for kv in entries:
+                    attend(query, kv)
+
+            def serial() -> None:
+                for i in range(layers):
+                    attend(query, cache.get(f"layer{i}"))
+
+            def overlapped() -> None:
+                ahead = deque(cache.prefetch(f"layer{i}") for i in range(min(lookahead, layers)))
+                for i in range(layers):
+                    kv = ahead.popleft().wait()
+                    if i + lookahead < layers:
+                        ahead.append(cache.prefetch(f"layer{i + lookahead}"))
+                    attend(query, kv)
+
+            times: dict[str, list[float]] = {"compute": [], "serial": [], "overlapped": []}
+            for rep in range(repeat + 1):  # the first round warms up
+                for name, fn in (("compute", compute_only), ("serial", serial), ("overlapped", overlapped)):
+                    drop_page_caches(files)
+                    start = time.perf_counter()
+                    fn()
+                    if rep:
+                        times[name].append(time.perf_counter() - start)
+            compute_s, serial_s = statistics.median(times["compute"]), statistics.median(times["serial"])
+            results.append(
+                OverlapResult(
+                    source,
+                    layers,
+                    nbytes,
+                    compute_s,
+                    max(serial_s - compute_s, 0.0),
+                    serial_s,
+                    statistics.median(times["overlapped"]),
+                )
+            )
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def overlap_table(results: list[OverlapResult], lookahead: int) -> str:
+    lines = [
+        "## Overlap: reload K/V while attention runs",
+        "",
+        f"Each layer: attention of {QUERY_TOKENS} query tokens over the layer's K/V "
+        f"({HEADS} heads x {HEAD_DIM}, bf16); "
+        f"overlapped = prefetch {lookahead} layers ahead. Medians; efficiency = share of the serial reload time "
+        "hidden. The target on a machine without a GPU is overlapped <= 0.75x of serial.",
+        "",
+        "| reload from | layers x K/V | compute only | serial (reload, then compute) | overlapped | "
+        "overlapped / serial | overlap efficiency |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.source} | {r.layers} x {tiercache.format_size(r.layer_bytes)} | {r.compute_s * 1e3:.1f} ms | "
+            f"{r.serial_s * 1e3:.1f} ms | {r.overlapped_s * 1e3:.1f} ms | {r.ratio:.2f}x | {r.efficiency:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
