@@ -8,7 +8,8 @@ pwritev / preadv of the same bytes into fresh page-aligned buffers for nvme. The
 files read before every nvme read, tiercache's and the raw one alike.
 
 Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB"  BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
-BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)
+BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)  BENCH_WORKLOAD_CAP=64MiB (DESIGN.md's
+workloads are scaled down in tokens to at most this many bytes)
 """
 
 from __future__ import annotations
@@ -31,10 +32,21 @@ from tiercache.io.posix import O_DIRECT
 
 from .chart import latency_chart
 from .environment import describe
-from .measure import LAYERS, Row, chunk_files, drop_page_caches, forcing_policy, make_entry, row, side_by_side
+from .measure import (
+    LAYERS,
+    Row,
+    chunk_files,
+    drop_page_caches,
+    forcing_policy,
+    make_entry,
+    raw_direct_read,
+    row,
+    side_by_side,
+)
 from .overlap import bench_overlap, overlap_table
 from .peers import bench_peers
 from .seed import seed_table
+from .workloads import WORKLOADS, bench_workloads
 
 DEFAULT_SIZES = "16MiB,64MiB,256MiB"
 PEER_NAMES = ("torch", "safetensors", "numpy", "zarr")
@@ -55,27 +67,6 @@ class HeldClone:
 
     def __call__(self) -> None:
         self.held = clone_all(self.tensors)
-
-
-def raw_direct_read(files: list[tuple[Path, int]]) -> list[torch.Tensor]:
-    """The limit: one thread, one O_DIRECT preadv per file into a fresh page-aligned buffer (from the same
-    allocator as tiercache's), all buffers kept, as a get keeps every tensor it returns."""
-    buffers = []
-    for path, size in files:
-        buffer = aligned_empty(size)
-        buffers.append(buffer)
-        view = buffer_of(buffer)
-        fd = os.open(path, os.O_RDONLY | O_DIRECT)
-        try:
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[done:]], done)
-                if n == 0:
-                    break
-                done += n
-        finally:
-            os.close(fd)
-    return buffers
 
 
 def raw_direct_write(directory: Path, sources: list[torch.Tensor]) -> None:
@@ -185,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     env = describe(root.parent)
-    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 2)
+    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + len(WORKLOADS) + 2)
     shutil.rmtree(root, ignore_errors=True)
     rows = [r for size in sizes for r in bench_size(size, root, repeat, progress)]
     rows += [r for size in sizes for r in bench_peers(size, root, min(repeat, 3), progress)]
+    workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
+    rows += bench_workloads(workload_cap, root, min(repeat, 3), progress)
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
     overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)
     chart_note = latency_chart(rows, out / "latency_chart.png")

@@ -16,6 +16,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     monkeypatch.setenv("BENCH_SIZES", "64KiB,1MiB")
     monkeypatch.setenv("BENCH_REPEAT", "2")
     monkeypatch.setenv("BENCH_OVERLAP_LAYER", "256KiB")
+    monkeypatch.setenv("BENCH_WORKLOAD_CAP", "512KiB")
     monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
     assert main() == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -26,6 +27,8 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     for peer in ("torch.save", "torch.load", "safetensors save_file", "load_file", "numpy .npy", "zarr-python"):
         assert any(peer in r["case"] for r in report["rows"]), peer
     assert all(r["seconds"] > 0 for r in report["rows"])
+    workload_rows = [r["case"] for r in report["rows"] if "scale of" in r["case"] or "full size" in r["case"]]
+    assert len(workload_rows) == 8 and any("flux-1024-img-kv: 57 x (" in c for c in workload_rows)
     assert report["environment"]["o_direct"] == "yes"
     printed = capsys.readouterr().out
     assert "| size | pathway |" in printed and "O_DIRECT preadv" in printed
