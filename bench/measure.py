@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import tiercache
-from tiercache.io import aligned_empty, buffer_of, drop_page_cache
+from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
 from tiercache.io.posix import O_DIRECT
 
 LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
@@ -117,11 +117,15 @@ def drop_page_caches(paths: list[Path]) -> None:
 
 
 def raw_direct_read(files: list[tuple[Path, int]]) -> list[torch.Tensor]:
-    """The limit: one thread, one O_DIRECT preadv per file into a fresh page-aligned buffer (from the same
-    allocator as tiercache's), all buffers kept, as a get keeps every tensor it returns."""
+    """The limit: one thread, one O_DIRECT preadv per file, into one fresh page-aligned region allocated as
+    tiercache allocates it (every file at a 4 KiB boundary), kept whole, as a get keeps every tensor it returns."""
+    spans = [round_up(size) for _, size in files]
+    region = aligned_empty(sum(spans))
     buffers = []
-    for path, size in files:
-        buffer = aligned_empty(size)
+    offset = 0
+    for (path, size), span in zip(files, spans, strict=True):
+        buffer = region[offset : offset + span]
+        offset += span
         buffers.append(buffer)
         view = buffer_of(buffer)
         fd = os.open(path, os.O_RDONLY | O_DIRECT)

@@ -16,6 +16,7 @@ dtype in the attributes. Every chunk is written, even when it equals the fill va
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +35,15 @@ import torch
 from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
-from .io import PendingRead, PosixIO, aligned_empty
+from .io import PendingRead, PosixIO, aligned_empty, round_up
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tiercache-entry"
 FORMAT_VERSION = 1
 CHECKSUM_BYTES = 4
-COMPACT_BELOW = 1 << 20  # tensors read back smaller than this are copied out of their padded I/O buffers
+COMPACT_BELOW = 256 << 10  # tensors read back smaller than this are copied out of their padded I/O buffers (their
+# padding, at most 4 KiB a tensor, would otherwise add more than 1.6% to what a memory tier holds)
 
 # tiercache dtype -> (zarr v3 data_type, fill_value). Types zarr lacks are stored as same-width unsigned views.
 ZARR_TYPES: dict[str, tuple[str, Any]] = {
@@ -156,18 +158,59 @@ class DiskLayout:
         Every file's pieces are queued on the I/O pool at once; each file is then checked by a task of its own
         (CRC32C of its pieces in order, as they land), so files are verified in parallel while others still read.
         """
-        landing: list[Future[torch.Tensor]] = []
+        # Few, page-aligned regions, each file at a 4 KiB boundary: huge pages for entries of many small tensors
+        # too (first-touch faults cost as much as the read on some VMs). Tensors kept as views share one region;
+        # tensors copied out (small ones) read into another, dropped once they are copied.
+        spans = [round_up(t.nbytes + CHECKSUM_BYTES) if t.nbytes else 0 for t in stored.spec.tensors]
+        kept = [t.nbytes >= COMPACT_BELOW for t in stored.spec.tensors]
+        regions = {
+            keep: aligned_empty(sum(span for span, k in zip(spans, kept, strict=True) if k == keep))
+            for keep in (True, False)
+        }
+        offsets = {True: 0, False: 0}
+        landing: list[Future[torch.Tensor] | Callable[[], torch.Tensor]] = []
         try:
-            for index, tspec in enumerate(stored.spec.tensors):
+            for index, (tspec, span) in enumerate(zip(stored.spec.tensors, spans, strict=True)):
                 if tspec.nbytes == 0:
                     landing.append(_done(torch.empty(tspec.shape, dtype=tspec.torch_dtype)))
                     continue
-                buffer = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
-                job = self.io.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES)
-                landing.append(self._files.submit(self._land, stored, index, buffer, job, verify))
-        finally:
-            wait(landing)  # on any error too: no task may still be writing into a buffer or reading a file
-        return {t.name: future.result() for t, future in zip(stored.spec.tensors, landing, strict=True)}
+                start = offsets[kept[index]]
+                buffer = regions[kept[index]][start : start + span]
+                offsets[kept[index]] += span
+                digest = crc32c if verify else None
+                job = self.io.read_file(
+                    stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES, digest, tspec.nbytes
+                )
+                if job.digested:  # one piece, checksummed by the thread that read it: settle it here
+                    landing.append(functools.partial(self._settle, stored, index, buffer, job, verify))
+                else:
+                    landing.append(self._files.submit(self._land, stored, index, buffer, job, verify))
+        except BaseException:
+            for item in landing:  # every started read must finish (its file closed) before the error leaves
+                try:
+                    item.result() if isinstance(item, Future) else item()
+                except BaseException:  # noqa: BLE001 - the first error is the one that propagates
+                    pass
+            raise
+        results: dict[str, torch.Tensor] = {}
+        first_error: BaseException | None = None
+        for tspec, item in zip(stored.spec.tensors, landing, strict=True):
+            try:
+                results[tspec.name] = item.result() if isinstance(item, Future) else item()
+            except BaseException as exc:  # noqa: BLE001 - settle every file, then raise the first error
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def _settle(
+        self, stored: StoredEntry, index: int, buffer: torch.Tensor, job: PendingRead, verify: bool
+    ) -> torch.Tensor:
+        """A single-piece file whose reading thread computed its checksum: close it, verify, view its bytes."""
+        job.finish()
+        if verify:
+            self._verify(stored, index, buffer, job.digest)
+        return self._tensor(stored, index, buffer)
 
     def _land(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, job: PendingRead, verify: bool
@@ -183,6 +226,10 @@ class DiskLayout:
             job.finish()  # waits for every piece and closes the file, whatever happened above
         if verify:
             self._verify(stored, index, buffer, crc)
+        return self._tensor(stored, index, buffer)
+
+    def _tensor(self, stored: StoredEntry, index: int, buffer: torch.Tensor) -> torch.Tensor:
+        tspec = stored.spec.tensors[index]
         tensor = from_bytes(buffer, tspec)
         # A tensor keeps its whole I/O buffer alive (up to 4 KiB of padding and checksum): copy small ones out,
         # so that padding never outweighs data held in a memory tier.

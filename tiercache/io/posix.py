@@ -11,7 +11,7 @@ import errno
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -57,11 +57,31 @@ def probe_direct_io(directory: Path) -> str | None:
 class PendingRead:
     """A file being read by the pool: its pieces complete in any order and are consumed in file order."""
 
-    def __init__(self, path: Path, fd: int, size: int, pieces: list[tuple[int, int, Future[int]]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        size: int,
+        pieces: list[tuple[int, int, Future[int]]],
+        digest: list[int] | None = None,
+    ) -> None:
         self.path = path
         self.size = size
         self._fd = fd
         self._pieces = pieces
+        self._digest = digest
+
+    @property
+    def digested(self) -> bool:
+        """Whether the I/O thread that read the (single-piece) file also computed its digest."""
+        return self._digest is not None
+
+    @property
+    def digest(self) -> int:
+        """The digest computed by the reading thread; valid after finish()."""
+        if not self._digest:
+            raise ValueError(f"{self.path}: no digest was computed")
+        return self._digest[0]
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         """(start, end) of each piece of the file's bytes, in order, as soon as it has landed."""
@@ -165,10 +185,19 @@ class PosixIO:
         return buffer
 
     # ---- reading ----------------------------------------------------------------------------------------------
-    def read_file(self, path: Path, dest: torch.Tensor, size: int) -> PendingRead:
+    def read_file(
+        self,
+        path: Path,
+        dest: torch.Tensor,
+        size: int,
+        digest: Callable[[torch.Tensor], int] | None = None,
+        digest_bytes: int = 0,
+    ) -> PendingRead:
         """Start reading all `size` bytes of `path` into `dest` (from `aligned_empty(size)` or as large and aligned).
 
-        Returns at once; the pool reads the pieces in parallel.
+        Returns at once; the pool reads the pieces in parallel. A file that is one piece is also digested
+        (`digest(dest[:digest_bytes])`) by the thread that read it, when `digest` is given: one hand-off per
+        small file instead of two.
         """
         span = round_up(size) if self.mode == "o_direct" else size
         if dest.numel() < span or (self.mode == "o_direct" and dest.data_ptr() % ALIGN):
@@ -182,14 +211,30 @@ class PosixIO:
             actual = os.fstat(fd).st_size
             if actual != size:
                 raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
-            for start in range(0, span, self.task_size):
-                piece = buffer_of(dest[start : min(start + self.task_size, span)])
-                pieces.append((start, self.task_size, self._pool.submit(_pread_all, fd, piece, start)))
+            holder: list[int] | None = None
+            if digest is not None and span <= self.task_size:
+                holder = []
+                job = self._pool.submit(
+                    _pread_then_digest, fd, buffer_of(dest[:span]), dest[:digest_bytes], digest, holder
+                )
+                pieces.append((0, self.task_size, job))
+            else:
+                for start in range(0, span, self.task_size):
+                    piece = buffer_of(dest[start : min(start + self.task_size, span)])
+                    pieces.append((start, self.task_size, self._pool.submit(_pread_all, fd, piece, start)))
         except BaseException:
             wait([future for _, _, future in pieces])
             os.close(fd)
             raise
-        return PendingRead(path, fd, size, pieces)
+        return PendingRead(path, fd, size, pieces, holder)
+
+
+def _pread_then_digest(
+    fd: int, buffer: memoryview, prefix: torch.Tensor, digest: Callable[[torch.Tensor], int], out: list[int]
+) -> int:
+    count = _pread_all(fd, buffer, 0)
+    out.append(digest(prefix))
+    return count
 
 
 def _pread_all(fd: int, buffer: memoryview, offset: int) -> int:
