@@ -155,8 +155,9 @@ class DiskLayout:
     def read(self, stored: StoredEntry, verify: bool) -> Tensors:
         """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C.
 
-        Every file's pieces are queued on the I/O pool at once; each file is then checked by a task of its own
-        (CRC32C of its pieces in order, as they land), so files are verified in parallel while others still read.
+        Every file's pieces are queued on the I/O pool at once. A file read in one piece is checksummed by the
+        thread that read it; a larger one by a task of its own, over its pieces in order as they land. Files are
+        verified in parallel while others are still being read.
         """
         # Few, page-aligned regions, each file at a 4 KiB boundary: huge pages for entries of many small tensors
         # too (first-touch faults cost as much as the read on some VMs). Tensors kept as views share one region;
@@ -231,8 +232,8 @@ class DiskLayout:
     def _tensor(self, stored: StoredEntry, index: int, buffer: torch.Tensor) -> torch.Tensor:
         tspec = stored.spec.tensors[index]
         tensor = from_bytes(buffer, tspec)
-        # A tensor keeps its whole I/O buffer alive (up to 4 KiB of padding and checksum): copy small ones out,
-        # so that padding never outweighs data held in a memory tier.
+        # A view keeps its region alive, with up to 4 KiB of padding and checksum per tensor: small tensors are
+        # copied out (their region is then dropped), so that padding never outweighs data in a memory tier.
         return tensor.clone() if tspec.nbytes < COMPACT_BELOW else tensor
 
     def _verify(self, stored: StoredEntry, index: int, buffer: torch.Tensor, computed: int) -> None:
