@@ -229,10 +229,12 @@ class Policy(_Section):
     @classmethod
     def preset(cls, name: str) -> Policy:
         """A preset from `policies/NAME.toml`."""
-        for directory in PRESET_DIRS:
-            if (directory / f"{name}.toml").is_file():
-                return cls.load(directory / f"{name}.toml")
-        raise PolicyError(f"no policy preset named {name!r}; presets are {', '.join(preset_names()) or 'none found'}")
+        path = preset_files().get(name)
+        if path is None:
+            raise PolicyError(
+                f"no policy preset named {name!r}; presets are {', '.join(preset_names()) or 'none found'}"
+            )
+        return cls.load(path)
 
 
 def _build(base: Any, data: Mapping[str, Any], prefix: str) -> Any:
@@ -252,13 +254,23 @@ def _build(base: Any, data: Mapping[str, Any], prefix: str) -> Any:
         raise PolicyError(f"{prefix}{exc}") from None
 
 
+def preset_files(folder: str = "") -> dict[str, Path]:
+    """Preset TOML files by name, in `policies/` or a folder of it ("profiles"); the first directory found wins."""
+    found: dict[str, Path] = {}
+    for directory in PRESET_DIRS:
+        for path in sorted((directory / folder).glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
 def preset_names() -> list[str]:
     """Names of the preset policy files that can be found."""
-    names: set[str] = set()
-    for directory in PRESET_DIRS:
-        if directory.is_dir():
-            names.update(p.stem for p in directory.glob("*.toml"))
-    return sorted(names)
+    return sorted(preset_files())
+
+
+def looks_like_path(ref: str) -> bool:
+    """Whether a policy or profile reference names a file rather than a preset."""
+    return ref.endswith(".toml") or "/" in ref
 
 
 def resolve_policy(policy: str | Path | Policy | None) -> Policy:
@@ -267,7 +279,7 @@ def resolve_policy(policy: str | Path | Policy | None) -> Policy:
         return Policy.preset("cpu")
     if isinstance(policy, Policy):
         return policy
-    if isinstance(policy, Path) or (isinstance(policy, str) and (policy.endswith(".toml") or "/" in policy)):
+    if isinstance(policy, Path) or (isinstance(policy, str) and looks_like_path(policy)):
         return Policy.load(policy)
     if isinstance(policy, str):
         return Policy.preset(policy)

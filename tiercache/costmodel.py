@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import PRESET_DIRS, Policy
+from .config import Policy, looks_like_path, preset_files
 from .errors import PolicyError
 from .units import parse_size
 
@@ -138,7 +138,7 @@ def profile_for(policy: Policy) -> Profile:
     """The profile a policy names; a relative path is looked up beside the policy file first."""
     ref = policy.profile
     source = Path(policy.source)
-    if ("/" in ref or ref.endswith(".toml")) and not Path(ref).is_absolute() and source.is_file():
+    if looks_like_path(ref) and not Path(ref).is_absolute() and source.is_file():
         beside = source.parent / ref
         if beside.is_file():
             return Profile.load(beside)
@@ -149,23 +149,18 @@ def profile_for(policy: Policy) -> Profile:
 
 
 def profile_names() -> list[str]:
-    names: set[str] = set()
-    for directory in PRESET_DIRS:
-        if (directory / "profiles").is_dir():
-            names.update(p.stem for p in (directory / "profiles").glob("*.toml"))
-    return sorted(names)
+    return sorted(preset_files("profiles"))
 
 
 def _find(name_or_path: str | Path) -> Path:
     candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or "/" in str(name_or_path):
+    if looks_like_path(str(name_or_path)):
         if candidate.is_file():
             return candidate
         raise PolicyError(f"{candidate}: no such profile file")
-    for directory in PRESET_DIRS:
-        path = directory / "profiles" / f"{name_or_path}.toml"
-        if path.is_file():
-            return path
+    path = preset_files("profiles").get(str(name_or_path))
+    if path is not None:
+        return path
     raise PolicyError(f"no hardware profile named {str(name_or_path)!r}; profiles are {', '.join(profile_names())}")
 
 
