@@ -43,7 +43,7 @@ def test_placement_follows_size_thresholds(make_cache: CacheFactory) -> None:
     assert cache.put("medium", kv(2, 256 * KiB)) == "host"  # above hbm's max_entry
     assert cache.put("large", kv(3, 3 * MiB)) == "nvme"  # above host's capacity: straight to nvme
     assert cache.stats().pathways["put->nvme(o_direct)"].transfers == 1
-    assert "host->nvme(o_direct)" not in cache.stats().pathways  # never passed through host memory
+    assert "host(pageable)->nvme(o_direct)" not in cache.stats().pathways  # never passed through host memory
 
 
 def test_full_tiers_demote_lru_victims_one_tier_down(make_cache: CacheFactory) -> None:
@@ -57,7 +57,7 @@ def test_full_tiers_demote_lru_victims_one_tier_down(make_cache: CacheFactory) -
         assert_same(cache.get(key), entry)
         budgets_hold(cache)
     paths = cache.stats().pathways
-    assert paths["hbm->host"].transfers >= 5 and paths["host->nvme(o_direct)"].transfers >= 2
+    assert paths["hbm->host(pageable)"].transfers >= 5 and paths["host(pageable)->nvme(o_direct)"].transfers >= 2
 
 
 def test_recently_used_entries_stay_up(make_cache: CacheFactory) -> None:
@@ -196,7 +196,7 @@ def test_entries_being_read_are_not_evicted_and_deletes_wait_for_readers(make_ca
     assert cache.tier_of("a") == "hbm" and cache.tier_of("b") == "host"
     cache.delete("a")
     assert "a" not in cache and cache.stats().tiers["hbm"].used == 64 * KiB  # bytes held until the reader is done
-    assert_same(cache._finish_read(record, tier, held, None), kv(1))
+    assert_same(cache._load(record, tier, held, cache.device)[0], kv(1))
     assert cache.stats().tiers["hbm"].used == 0
 
 

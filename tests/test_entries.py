@@ -115,7 +115,7 @@ def test_put_copies_by_default_and_can_take_ownership(make_cache: CacheFactory) 
     ("tensors", "fragment"),
     [
         ([torch.zeros(2)], "mapping of names to tensors"),
-        ({"a": [1, 2, 3]}, "tensor 'a': expected a torch.Tensor or numpy.ndarray, got list"),
+        ({"a": [1, 2, 3]}, "tensor 'a': expected a torch.Tensor, numpy.ndarray or cupy array, got list"),
         ({"a": torch.zeros(2), "b": "text"}, "tensor 'b'"),
         ({3: torch.zeros(2)}, "tensor names are strings"),
         ({"obj": np.array([object()])}, "tensor 'obj': numpy dtype object"),

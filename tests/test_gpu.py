@@ -46,8 +46,8 @@ def test_demotion_and_promotion_move_between_device_and_host(make_cache: CacheFa
         assert_same(cache.get(f"e{i}"), kv(i))
     paths = cache.stats().pathways
     assert (
-        "hbm->host" in paths
-        and "host->hbm" in paths
+        "hbm->host(pinned)" in paths
+        and "host(pinned)->hbm" in paths
         and any(p.startswith("nvme(") and p.endswith("->hbm") for p in paths)
     )
     assert cache.get("e0")["k"].is_cuda

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tiercache.config import TIER_NAMES, NvmeBudget, PlacementSettings, TierBudget, Tiers
+from tiercache.config import TIER_NAMES, HostBudget, NvmeBudget, PlacementSettings, TierBudget, Tiers
 from tiercache.eviction import EVICTION_RULES, FifoPolicy, GdsfPolicy, LfuPolicy, LruPolicy, Usage, make_eviction_policy
 from tiercache.placement import PLACEMENT_RULES, make_placement_policy
 
@@ -110,7 +110,7 @@ def test_gdsf_weighs_reload_cost_uses_and_size_and_ages() -> None:
 
 
 BUDGETS = Tiers(
-    hbm=TierBudget(capacity=100, max_entry=40), host=TierBudget(capacity=400), nvme=NvmeBudget(capacity=1000)
+    hbm=TierBudget(capacity=100, max_entry=40), host=HostBudget(capacity=400), nvme=NvmeBudget(capacity=1000)
 )
 RELOAD_S = {"hbm": 0.0, "host": 1e-3, "nvme": 1e-2}  # per byte, so that reload time grows with size
 

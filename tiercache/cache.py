@@ -6,6 +6,7 @@ The bookkeeping itself (placement, eviction, promotion, accounting) lives in `en
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+import typing
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,11 +27,12 @@ import torch
 from .config import Policy, resolve_policy
 from .costmodel import Profile, profile_for
 from .engine import Decision, Engine, EntryInfo, PutHints, Record
-from .entry import EntrySpec, Tensors, check_key, normalize_tensors
+from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_tensors
 from .errors import CacheClosedError, EntryValueError, TierCacheError
 from .layout import StoredEntry
 from .stats import CacheStats, TierStats, TransferLog
-from .tiers import MemoryTier, NvmeTier, Tier
+from .tiers import HostTier, MemoryTier, NvmeTier, Tier
+from .transfer import Event, Transfers, all_of, consumer_stream
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -47,15 +50,29 @@ def default_device() -> torch.device:
 class PrefetchHandle:
     """A load running in the background. `wait()` returns the tensors, or raises what the load raised."""
 
-    def __init__(self, key: str, future: Future[Tensors]) -> None:
+    def __init__(self, key: str, future: Future[tuple[Tensors, Event]], device: torch.device, transfers: Transfers):
         self.key = key
+        self.device = device
         self._future = future
+        self._transfers = transfers
 
     def done(self) -> bool:
-        return self._future.done()
+        """Whether the tensors are ready to use without waiting."""
+        return self._future.done() and self._future.result()[1].query()
 
-    def wait(self, timeout: float | None = None) -> Tensors:
-        return self._future.result(timeout)
+    def wait(self, timeout: float | None = None, *, stream: Any = None) -> Tensors:
+        """The tensors. Without `stream`, the calling thread blocks until they hold their values. With `stream` (a
+        torch.cuda.Stream, or a tiercache Stream), that stream is made to wait for the copies instead and the host
+        does not block on them (only on the load having been started, e.g. its nvme read): use the tensors on
+        that stream. `timeout` bounds the wait for the load to start, in seconds."""
+        tensors, ready = self._future.result(timeout)
+        if stream is None:
+            ready.synchronize()
+            return tensors
+        consumer = consumer_stream(self.device, stream)
+        consumer.wait(ready)
+        self._transfers.reload.hand_over(tensors.values(), consumer)
+        return tensors
 
 
 class TierCache:
@@ -84,15 +101,26 @@ class TierCache:
         self._temp_root = Path(tempfile.mkdtemp(prefix="tiercache-")) if root is None else None
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
         budgets = self.policy.tiers
+        self._log = TransferLog()
         self._nvme = NvmeTier(self.root, budgets.nvme)
+        self._transfers = Transfers(self.device, self.policy.transfer.chunk_size)
+        try:
+            self._host = HostTier(
+                budgets.host.capacity, pin=budgets.host.pinned, transfers=self._transfers, on_copy=self._log.record
+            )
+        except BaseException:
+            self._transfers.close()
+            self._nvme.close()
+            raise
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="tiercache-prefetch")
-        self._finalizer = weakref.finalize(self, _shut_down, self._nvme, self._prefetcher, self._temp_root)
+        self._finalizer = weakref.finalize(
+            self, _shut_down, self._nvme, self._host, self._transfers, self._prefetcher, self._temp_root
+        )
         tiers: dict[str, Tier] = {
             "hbm": MemoryTier("hbm", budgets.hbm.capacity, self.device),
-            "host": MemoryTier("host", budgets.host.capacity, torch.device("cpu")),
+            "host": self._host,
             "nvme": self._nvme,
         }
-        self._log = TransferLog()
         self._engine = Engine(
             self.policy,
             tiers,
@@ -147,27 +175,54 @@ class TierCache:
             self._check_open()
             return self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
 
-    def get(self, key: str, device: str | torch.device | None = None) -> Tensors:
+    def get(self, key: str, device: str | torch.device | None = None, *, as_: str = "torch") -> Tensors:
         """The entry's tensors on `device` (default: the compute device), bit-exact. A miss raises KeyError.
 
+        On CUDA the current stream is made to wait for the copies (the host does not block on them), as with
+        `tensor.to(device, non_blocking=True)`: use the tensors on the current stream, or synchronize first.
+        `as_="cupy"` (CUDA) or `"numpy"` (CPU) returns arrays of that library sharing the tensors' memory.
         The result may be the cache's own tensors (an hbm hit, or an entry this get promoted): read them, or
         clone them before modifying them.
         """
+        convert_tensors({}, as_)  # refuse an unknown as_ before anything moves
+        target = self._target(device)
         record, tier, held = self._begin_read(key)
-        return self._finish_read(record, tier, held, device)
+        tensors, ready = self._load(record, tier, held, target)
+        consumer = consumer_stream(target)
+        consumer.wait(ready)
+        self._transfers.reload.hand_over(tensors.values(), consumer)
+        return convert_tensors(tensors, as_)
 
     def prefetch(self, key: str, device: str | torch.device | None = None) -> PrefetchHandle:
-        """Start loading an entry in the background and return at once; `handle.wait()` gives the tensors.
+        """Start loading an entry in the background and return at once; `handle.wait()` gives the tensors and
+        `handle.wait(stream=s)` makes stream `s` wait for them on the GPU instead of blocking the host.
 
         A miss raises KeyError here, at once. The entry cannot be evicted or freed until the load completes.
         """
+        target = self._target(device)
         record, tier, held = self._begin_read(key)
         try:
-            future = self._prefetcher.submit(self._finish_read, record, tier, held, device)
+            future = self._prefetcher.submit(self._load, record, tier, held, target)
         except RuntimeError:
             self._end_read(record)
             raise CacheClosedError("prefetch() on a closed TierCache") from None
-        return PrefetchHandle(key, future)
+        return PrefetchHandle(key, future, target, self._transfers)
+
+    def stream(
+        self, key: str, device: str | torch.device | None = None, *, lookahead: int = 2, stream: Any = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the entry's `(name, tensor)` pairs in stored order while the next `lookahead` tensors are already
+        being loaded: layer i computes while layer i+1 reloads.
+
+        Each tensor is ready for use when yielded: the host waited for it (CPU), or `stream` / the current CUDA
+        stream was made to wait for it (GPU). Streaming reads do not promote the entry (it is counted as used).
+        A miss raises KeyError here, at once.
+        """
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise EntryValueError(f"stream({key!r}): lookahead must be an integer >= 0, got {lookahead!r}")
+        target = self._target(device)
+        self.info(key)  # a miss raises now, not at the first next()
+        return self._stream(key, target, lookahead, stream)
 
     def tier_of(self, key: str) -> str:
         """The fastest tier holding the entry: "hbm", "host" or "nvme"."""
@@ -286,7 +341,6 @@ class TierCache:
         )
 
     # ---- reads ------------------------------------------------------------------------------------------------
-    # ---- reads ------------------------------------------------------------------------------------------------
     def _begin_read(self, key: str) -> tuple[Record, str, Tensors | None]:
         self._check_open()
         check_key(key)
@@ -296,31 +350,79 @@ class TierCache:
             self._active_reads += 1
             return begun
 
-    def _finish_read(
-        self, record: Record, tier: str, held: Tensors | None, device: str | torch.device | None
-    ) -> Tensors:
-        """The data path of a read, outside the lock: copy from a memory tier or read nvme, then promote."""
-        target = torch.device(device) if device is not None else self.device
+    def _load(self, record: Record, tier: str, held: Tensors | None, target: torch.device) -> tuple[Tensors, Event]:
+        """The data path of a read, outside the lock: start the copies to `target`, then promote. Returns the
+        tensors and the event after which they hold their values."""
         hit = tier == "hbm" and _same_device(target, self.device)
         try:
-            start = time.perf_counter()
-            if hit:
-                tensors = held or {}  # no transfer: the cached tensors themselves
-            elif held is None:
-                tensors = {n: t.to(target) for n, t in self._nvme.read(record.uid).items()}
+            if hit:  # no transfer: the cached tensors themselves, once the copy that promoted them is done
+                tensors, ready = held or {}, typing.cast(Event, record.ready or all_of(()))
+            elif tier == "host":
+                tensors, ready = self._host.load(record.uid, target, dest=self._tier_name_of(target))
             else:
-                tensors = {n: t.to(target, copy=True) for n, t in held.items()}
-            if not hit:
+                start = time.perf_counter()
+                source = self._nvme.read(record.uid) if held is None else held
+                tensors = {n: t.to(target, copy=held is not None) for n, t in source.items()}
                 self._record_transfer(tier, self._tier_name_of(target), record.spec.nbytes, time.perf_counter() - start)
+                ready = all_of(())
         except BaseException:
             self._end_read(record)
             raise
-        self._end_read(record, (tier, tensors) if not hit and _same_device(target, self.device) else None)
-        return tensors
+        promote = not hit and _same_device(target, self.device)
+        self._end_read(record, (tier, tensors) if promote else None, ready)
+        return tensors, ready
 
-    def _end_read(self, record: Record, promote: tuple[str, Tensors] | None = None) -> None:
+    def _stream(
+        self, key: str, target: torch.device, lookahead: int, stream: Any
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        record, tier, held = self._begin_read(key)
+        consumer = consumer_stream(target, stream)
+        names = [t.name for t in record.spec.tensors]
+        started: collections.deque[tuple[str, Callable[[], tuple[torch.Tensor, Event]]]] = collections.deque()
+        try:
+            for index in range(len(names)):
+                while len(started) <= lookahead and index + len(started) < len(names):
+                    started.append(self._start_one(record, tier, held, target, index + len(started)))
+                name, land = started.popleft()
+                tensor, ready = land()
+                consumer.wait(ready)
+                self._transfers.reload.hand_over([tensor], consumer)
+                yield name, tensor
+        finally:
+            for _, land in started:  # loads still in flight finish (files closed) before the entry is released
+                try:
+                    land()
+                except BaseException:  # noqa: BLE001 - the consumer stopped early; its error (if any) wins
+                    pass
+            self._end_read(record)
+
+    def _start_one(
+        self, record: Record, tier: str, held: Tensors | None, target: torch.device, index: int
+    ) -> tuple[str, Callable[[], tuple[torch.Tensor, Event]]]:
+        """Start loading one tensor of an entry; returns its name and a call that waits for it to be loaded."""
+        name = record.spec.tensors[index].name
+        if tier == "host":
+            loaded, ready = self._host.load(record.uid, target, [name], dest=self._tier_name_of(target))
+            return name, lambda: (loaded[name], ready)
+        if held is not None:  # hbm
+            tensor = held[name] if tier == "hbm" and _same_device(target, self.device) else held[name].to(target)
+            ready = typing.cast(Event, record.ready or all_of(()))
+            return name, lambda: (tensor, ready)
+        land = self._nvme.start_read(record.uid, index)
+
+        def landed() -> tuple[torch.Tensor, Event]:
+            start = time.perf_counter()
+            tensor = land().to(target)
+            self._record_transfer("nvme", self._tier_name_of(target), tensor.nbytes, time.perf_counter() - start)
+            return tensor, all_of(())
+
+        return name, landed
+
+    def _end_read(self, record: Record, promote: tuple[str, Tensors] | None = None, ready: Event | None = None) -> None:
         with self._lock:
             try:
+                if promote is not None:
+                    record.ready = ready
                 self._engine.end_read(record, None if self._closed else promote)
             except (TierCacheError, OSError) as exc:  # the read itself succeeded; moving others down did not
                 log.warning("tiercache: promoting %r after a read failed: %s", record.spec.key, exc)
@@ -360,7 +462,7 @@ class TierCache:
 
     def _record_transfer(self, source: str, dest: str, nbytes: int, seconds: float) -> None:
         def label(name: str) -> str:
-            return f"nvme({self._nvme.io_mode})" if name == "nvme" else name
+            return {"nvme": f"nvme({self._nvme.io_mode})", "host": self._host.label}.get(name, name)
 
         self._log.record(f"{label(source)}->{label(dest)}", nbytes, seconds)
 
@@ -377,15 +479,23 @@ class TierCache:
         if self._closed:
             raise CacheClosedError(f"this TierCache (root {self.root}) is closed; open a new one")
 
+    def _target(self, device: str | torch.device | None) -> torch.device:
+        return torch.device(device) if device is not None else self.device
+
     def _tier_name_of(self, device: torch.device) -> str:
         if _same_device(device, self.device):
             return "hbm"
         return "host" if device.type == "cpu" else str(device)
 
 
-def _shut_down(nvme: NvmeTier, prefetcher: ThreadPoolExecutor, temp_root: Path | None) -> None:
-    """Release what outlives a cache's Python object: the prefetch threads, the root's lock, a temporary root."""
+def _shut_down(
+    nvme: NvmeTier, host: HostTier, transfers: Transfers, prefetcher: ThreadPoolExecutor, temp_root: Path | None
+) -> None:
+    """Release what outlives a cache's Python object: the prefetch threads, the copy streams and the host pool,
+    the root's lock, a temporary root."""
     prefetcher.shutdown(wait=False)  # close() has already waited; the garbage collector must not block
+    host.close()
+    transfers.close()
     nvme.close()
     if temp_root is not None:
         shutil.rmtree(temp_root, ignore_errors=True)

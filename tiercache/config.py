@@ -126,6 +126,16 @@ class TierBudget(_Section):
 
 
 @dataclass(frozen=True)
+class HostBudget(TierBudget):
+    """The host tier: a budget, allocated once as a pool when the cache opens."""
+
+    pinned: bool = _bool(
+        default=True,
+        doc="page-lock the host pool once at open where CUDA works (full-speed DMA; the memory cannot be swapped)",
+    )
+
+
+@dataclass(frozen=True)
 class NvmeBudget(TierBudget):
     """The nvme tier: a budget plus how its files are read and written."""
 
@@ -149,7 +159,7 @@ class NvmeBudget(TierBudget):
 @dataclass(frozen=True)
 class Tiers(_Section):
     hbm: TierBudget = field(default_factory=lambda: TierBudget(capacity=2 << 30))
-    host: TierBudget = field(default_factory=lambda: TierBudget(capacity=8 << 30))
+    host: HostBudget = field(default_factory=lambda: HostBudget(capacity=8 << 30))
     nvme: NvmeBudget = field(default_factory=lambda: NvmeBudget(capacity=100 << 30))
 
     def __getitem__(self, name: str) -> TierBudget:
@@ -188,6 +198,19 @@ class PlacementSettings(_Section):
 
 
 @dataclass(frozen=True)
+class TransferSettings(_Section):
+    chunk_size: int = _size(
+        default=16 << 20,
+        doc="largest single copy between host and device; offloads and reloads interleave at this grain",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_size < 4096:
+            raise PolicyError(f"chunk_size: {self.chunk_size} is below 4KiB; copies that small waste the link")
+
+
+@dataclass(frozen=True)
 class Policy(_Section):
     """Everything a cache is configured by. Build with `Policy.load(path)`, `Policy.preset(name)` or `from_dict`."""
 
@@ -199,6 +222,7 @@ class Policy(_Section):
     tiers: Tiers = field(default_factory=Tiers)
     eviction: EvictionSettings = field(default_factory=EvictionSettings)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
     source: str = field(default="<defaults>", compare=False)
 
     @classmethod
@@ -303,6 +327,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
 
 
 __all__ = [
+    "HostBudget",
     "NvmeBudget",
     "EvictionSettings",
     "PlacementSettings",
@@ -310,6 +335,7 @@ __all__ = [
     "TIER_NAMES",
     "TierBudget",
     "Tiers",
+    "TransferSettings",
     "preset_names",
     "resolve_policy",
     "SIZE_FORMS",

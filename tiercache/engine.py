@@ -32,9 +32,6 @@ Data = Tensors | None  # None in simulation: tiers account sizes only
 OnTransfer = Callable[[str, str, int, float], None]  # (source, destination, bytes, seconds spent)
 Clock = Callable[[], float]
 
-# What a reload from each tier costs in the cost model (the host tier is pageable memory today).
-RELOAD_PATHWAY = {"host": "host(pageable)->hbm", "nvme": "nvme->hbm"}
-
 
 @dataclass(frozen=True)
 class PutHints:
@@ -70,6 +67,7 @@ class Record:
     priority: int = 0
     deadline_ms: float | None = None
     decision: Decision | None = None
+    ready: object = None  # data path: the event to wait on before using its hbm tensors (set by a promotion)
 
     @property
     def busy(self) -> bool:
@@ -99,6 +97,9 @@ class Engine:
         self.profile = profile
         self.clock = clock
         self.on_transfer = on_transfer
+        # What a reload from each tier costs in the cost model: the host tier is pinned memory where CUDA works.
+        host = "host(pinned)" if self.tiers["host"].label == "host(pinned)" else "host(pageable)"
+        self.reload_pathway = {"host": f"{host}->hbm", "nvme": "nvme->hbm"}
         self.orders: dict[str, EvictionPolicy] = {t: make_eviction_policy(policy.eviction.rule) for t in TIER_NAMES}
         self.placement: PlacementPolicy = make_placement_policy(policy.placement, policy.tiers, self.reload_seconds)
         self.records: dict[str, Record] = {}
@@ -111,7 +112,7 @@ class Engine:
 
     # ---- the cost model -----------------------------------------------------------------------------------
     def reload_seconds(self, tier: str, nbytes: int) -> float:
-        return 0.0 if tier == "hbm" else self.profile.seconds(RELOAD_PATHWAY[tier], nbytes)
+        return 0.0 if tier == "hbm" else self.profile.seconds(self.reload_pathway[tier], nbytes)
 
     def _usage(self, record: Record, tier: str) -> Usage:
         """What eviction weighs: a victim of `tier` would next be reloaded from the tier below (or nvme)."""
@@ -276,7 +277,9 @@ class Engine:
         try:
             target = self._first_fit(attempts, record.spec.nbytes, record.priority)
             if target is not None:
-                self._store(record, target, data, copy=False, source=None)
+                # The read logged the bytes it moved; a tier that copies again (the host pool) logs its own copy.
+                source = current if self.tiers[target].logs_transfers else None
+                self._store(record, target, data, copy=False, source=source)
                 if current != "nvme":  # memory tiers are exclusive; the nvme copy stays
                     self._drop(record, current)
         finally:
@@ -379,8 +382,8 @@ class Engine:
                 data = {n: t.to(tier.device, copy=True) for n, t in data.items()}
             elif source is None and any(t.device != tier.device for t in data.values()):
                 source = "hbm" if tier_name == "host" else "host"  # a promotion that does move bytes
-        tier.put(record.uid, record.spec, data)
-        if source is not None:
+        tier.put(record.uid, record.spec, data, source=source)
+        if source is not None and not tier.logs_transfers:
             self.on_transfer(source, tier_name, record.spec.nbytes, self.clock() - start)
         record.tiers.append(tier_name)
         record.tiers.sort(key=TIER_NAMES.index)

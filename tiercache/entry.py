@@ -96,7 +96,8 @@ def check_key(key: object) -> str:
 def normalize_tensors(key: str, tensors: object) -> Tensors:
     """The entry's tensors as dense, contiguous torch tensors in the caller's order, without copying if possible.
 
-    Accepts a mapping of str to torch tensors or numpy arrays; anything else raises EntryTypeError naming the item.
+    Accepts a mapping of str to torch tensors, numpy arrays or DLPack arrays (cupy: zero-copy); anything else
+    raises EntryTypeError naming the item.
     Non-contiguous tensors are stored as their values (a contiguous copy). Gradients are not stored.
     """
     if not isinstance(tensors, Mapping):
@@ -123,8 +124,15 @@ def _as_dense_tensor(key: str, name: str, value: Any) -> torch.Tensor:
             raise EntryTypeError(
                 f"{where}: numpy dtype {value.dtype} has no torch equivalent; supported: {', '.join(DTYPES)}"
             ) from None
+    if not isinstance(value, torch.Tensor) and hasattr(value, "__dlpack__"):  # cupy and friends: no copy
+        try:
+            value = torch.from_dlpack(value)
+        except (BufferError, RuntimeError, TypeError) as exc:
+            raise EntryTypeError(f"{where}: DLPack import of {type(value).__name__} failed: {exc}") from None
     if not isinstance(value, torch.Tensor):
-        raise EntryTypeError(f"{where}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+        raise EntryTypeError(
+            f"{where}: expected a torch.Tensor, numpy.ndarray or cupy array, got {type(value).__name__}"
+        )
     if value.layout != torch.strided or value.is_quantized or value.device.type == "meta":
         raise EntryTypeError(
             f"{where}: only dense tensors with data can be cached; got layout={value.layout}, device={value.device}"
@@ -146,3 +154,34 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 def from_bytes(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     """The tensor `spec` describes, viewing the first `spec.nbytes` bytes of a uint8 buffer (no copy)."""
     return raw[: spec.nbytes].view(spec.torch_dtype).view(spec.shape)
+
+
+ARRAY_KINDS = ("torch", "cupy", "numpy")
+
+
+def convert_tensors(tensors: Tensors, as_: str) -> dict[str, Any]:
+    """Tensors as `as_` arrays sharing their memory: "torch" (as they are), "cupy" (CUDA tensors, via DLPack)
+    or "numpy" (CPU tensors). Raises EntryValueError for another kind or a tensor it cannot represent."""
+    if as_ not in ARRAY_KINDS:
+        raise EntryValueError(f"as_={as_!r} is not one of {', '.join(map(repr, ARRAY_KINDS))}")
+    if as_ == "torch":
+        return dict(tensors)
+    if as_ == "numpy":
+        bad = [n for n, t in tensors.items() if t.device.type != "cpu" or t.dtype in _NO_NUMPY]
+        if bad:
+            raise EntryValueError(
+                f"as_='numpy' needs CPU tensors of a dtype numpy has; {bad[0]!r} is {tensors[bad[0]].dtype} on "
+                f"{tensors[bad[0]].device}: get(..., device='cpu', as_='torch') and view it as you need"
+            )
+        return {n: t.numpy() for n, t in tensors.items()}
+    try:
+        import cupy  # noqa: PLC0415 - optional: only CUDA machines have it
+    except ImportError:
+        raise EntryValueError("as_='cupy' needs cupy: pip install 'tiercache[cuda]'") from None
+    bad = [n for n, t in tensors.items() if not t.is_cuda]
+    if bad:
+        raise EntryValueError(f"as_='cupy' returns GPU arrays; tensor {bad[0]!r} is on {tensors[bad[0]].device}")
+    return {n: cupy.from_dlpack(t) for n, t in tensors.items()}
+
+
+_NO_NUMPY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}

@@ -176,16 +176,8 @@ class DiskLayout:
                     landing.append(_done(torch.empty(tspec.shape, dtype=tspec.torch_dtype)))
                     continue
                 start = offsets[kept[index]]
-                buffer = regions[kept[index]][start : start + span]
                 offsets[kept[index]] += span
-                digest = crc32c if verify else None
-                job = self.io.read_file(
-                    stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES, digest, tspec.nbytes
-                )
-                if job.digested:  # one piece, checksummed by the thread that read it: settle it here
-                    landing.append(functools.partial(self._settle, stored, index, buffer, job, verify))
-                else:
-                    landing.append(self._files.submit(self._land, stored, index, buffer, job, verify))
+                landing.append(self._start(stored, index, regions[kept[index]][start : start + span], verify))
         except BaseException:
             for item in landing:  # every started read must finish (its file closed) before the error leaves
                 try:
@@ -203,6 +195,27 @@ class DiskLayout:
         if first_error is not None:
             raise first_error
         return results
+
+    def start_read(self, stored: StoredEntry, index: int, verify: bool) -> Callable[[], torch.Tensor]:
+        """Start reading one tensor into a buffer of its own; the returned call waits for it, checks it and
+        returns it (layerwise streaming reads an entry this way, a few tensors ahead of its consumer)."""
+        tspec = stored.spec.tensors[index]
+        if tspec.nbytes == 0:
+            return lambda: torch.empty(tspec.shape, dtype=tspec.torch_dtype)
+        land = self._start(stored, index, aligned_empty(tspec.nbytes + CHECKSUM_BYTES), verify)
+        return land.result if isinstance(land, Future) else land
+
+    def _start(
+        self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool
+    ) -> Future[torch.Tensor] | Callable[[], torch.Tensor]:
+        """Queue one file's pieces on the I/O pool; a one-piece file is checksummed by the thread that reads it
+        (settled by the caller), a larger one by a task of its own as its pieces land."""
+        tspec = stored.spec.tensors[index]
+        digest = crc32c if verify else None
+        job = self.io.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES, digest, tspec.nbytes)
+        if job.digested:
+            return functools.partial(self._settle, stored, index, buffer, job, verify)
+        return self._files.submit(self._land, stored, index, buffer, job, verify)
 
     def _settle(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, job: PendingRead, verify: bool

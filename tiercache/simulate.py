@@ -104,7 +104,7 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>") -> list[Request]:
 class SizeOnlyTier(Tier):
     """A tier that accounts bytes and holds nothing: the simulator's tiers."""
 
-    def put(self, entry: int, spec: EntrySpec, tensors: Tensors | None) -> None:
+    def put(self, entry: int, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
         self._admit(entry, spec)
 
     def read(self, entry: int) -> Tensors:

@@ -19,6 +19,7 @@ class Tier(ABC):
 
     name: str
     keeps_tensors: bool = False  # True: read() returns the tier's own tensors, cheap to hand over under a lock
+    logs_transfers: bool = False  # True: put() records its own transfer (it completes asynchronously)
 
     def __init__(self, name: str, capacity: int) -> None:
         self.name = name
@@ -57,9 +58,15 @@ class Tier(ABC):
         self.used -= spec.nbytes
         return spec
 
+    @property
+    def label(self) -> str:
+        """The tier as a pathway names it, e.g. "host(pinned)"."""
+        return self.name
+
     @abstractmethod
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None) -> None:
-        """Store an entry. The tier may keep the given tensors (the caller hands them over)."""
+    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
+        """Store an entry. The tier may keep the given tensors (the caller hands them over). `source` names where
+        they come from, for tiers that log their own transfers."""
 
     @abstractmethod
     def read(self, entry: EntryId) -> Tensors:

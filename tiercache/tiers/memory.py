@@ -20,7 +20,7 @@ class MemoryTier(Tier):
     def device(self) -> torch.device:
         return self._device
 
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None) -> None:
+    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
         if tensors is None:
             raise ValueError(f"tier {self.name} stores tensors; got none for {spec.key!r}")
         # Tensors already on this device are kept as handed over; others are copied here, before accounting,

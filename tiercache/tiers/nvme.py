@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ class NvmeTier(Tier):
         """Remove an on-disk entry that was never adopted."""
         self.layout.remove(stored)
 
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None) -> None:
+    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
         if tensors is None:
             raise ValueError(f"tier nvme stores tensors; got none for {spec.key!r}")
         self._admit(entry, spec)
@@ -59,6 +60,10 @@ class NvmeTier(Tier):
 
     def read(self, entry: EntryId) -> Tensors:
         return self.layout.read(self._stored[entry], verify=self.verify)
+
+    def start_read(self, entry: EntryId, index: int) -> Callable[[], torch.Tensor]:
+        """Start reading one tensor of an entry; the returned call waits for it (see DiskLayout.start_read)."""
+        return self.layout.start_read(self._stored[entry], index, verify=self.verify)
 
     def stored(self, entry: EntryId) -> StoredEntry:
         return self._stored[entry]

@@ -1,0 +1,166 @@
+"""The host pool: the host tier's memory, allocated once when the cache opens and reused for every entry.
+
+One region of `tiers.host.capacity` bytes, page-locked with `cudaHostRegister` where CUDA works (DMA runs at full
+link speed only from pinned memory, and pinning per transfer costs more than the copy), handed out in 4 KiB-aligned
+extents. A tensor gets one extent when a free run is large enough, else several (so fragmentation costs no
+capacity); extents freed while a copy may still read or write them return to the pool only once that copy's event
+is done. When the pool cannot serve a request (pinning unavailable, or free space split into too little) the caller
+falls back to pageable memory and records the pathway as such.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .io.aligned import aligned_empty, round_up
+from .transfer import Deferred
+
+GRAIN = 4096  # extents start and end on 4 KiB: O_DIRECT and GDS can write an extent as it is
+
+
+@dataclass(frozen=True)
+class Extent:
+    """`nbytes` of the pool's region from `offset`."""
+
+    offset: int
+    nbytes: int
+
+
+class HostPool:
+    """A fixed region of host memory handed out in extents. Thread-safe."""
+
+    def __init__(self, capacity: int, *, pin: bool, deferred: Deferred | None = None) -> None:
+        self.capacity = round_up(capacity, GRAIN)
+        self.region = aligned_empty(self.capacity) if self.capacity else torch.empty(0, dtype=torch.uint8)
+        self.deferred = deferred if deferred is not None else Deferred()
+        self.pinned, self.why_pageable = _pin(self.region, pin)
+        self.used = 0  # bytes handed out, in whole grains
+        self.fallbacks = 0  # requests the pool could not serve (served from pageable memory instead)
+        self._free: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []  # (offset, nbytes)
+        self._lock = threading.Lock()
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    @property
+    def largest_free(self) -> int:
+        with self._lock:
+            return max((n for _, n in self._free), default=0)
+
+    @property
+    def free_runs(self) -> int:
+        """How many separate free runs the pool is split into (1 = not fragmented)."""
+        return len(self._free)
+
+    def allocate(self, nbytes: int) -> list[Extent] | None:
+        """Extents holding `nbytes` (rounded up to 4 KiB), one if a free run is large enough; None when the pool
+        cannot hold them even after every pending release has run (the caller then uses pageable memory)."""
+        if nbytes <= 0:
+            return []
+        self.deferred.collect()
+        while True:
+            with self._lock:
+                extents = self._take(round_up(nbytes, GRAIN))
+            if extents is not None:
+                return extents
+            if not self.deferred.settle():  # nothing left in flight that would free more
+                self.fallbacks += 1
+                return None
+
+    def release(self, extents: list[Extent]) -> None:
+        """Give extents back at once: no copy may be using them (use `release_after` otherwise)."""
+        with self._lock:
+            for extent in extents:
+                self._give_back(extent)
+
+    def release_after(self, event: object, extents: list[Extent]) -> None:
+        """Give extents back once `event` (a transfer.Event) is done."""
+        self.deferred.after(event, lambda: self.release(extents))  # type: ignore[arg-type]
+
+    def view(self, extent: Extent) -> torch.Tensor:
+        """The extent's bytes as a uint8 tensor sharing the pool's memory."""
+        return self.region[extent.offset : extent.offset + extent.nbytes]
+
+    def close(self) -> None:
+        self.deferred.settle_all()
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.region.data_ptr())
+            self.pinned = False
+
+    # ---- the free list: runs sorted by offset, neighbours merged -----------------------------------------------
+    def _take(self, need: int) -> list[Extent] | None:
+        if need > self.capacity - self.used:
+            return None
+        fits = [i for i, (_, n) in enumerate(self._free) if n >= need]
+        if fits:  # best fit: the smallest run that holds it all keeps large runs for large tensors
+            order = [min(fits, key=lambda i: self._free[i][1])]
+        else:  # span several runs, largest first: as few extents as possible
+            order = sorted(range(len(self._free)), key=lambda i: -self._free[i][1])
+        extents = []
+        for i in order:
+            offset, n = self._free[i]
+            take = min(n, need)
+            extents.append(Extent(offset, take))
+            need -= take
+            if need == 0:
+                break
+        for extent in extents:
+            self._carve(extent)
+        self.used += sum(e.nbytes for e in extents)
+        return extents
+
+    def _carve(self, extent: Extent) -> None:
+        i = bisect.bisect_right(self._free, (extent.offset, float("inf"))) - 1
+        offset, n = self._free[i]
+        rest = (extent.offset + extent.nbytes, offset + n - extent.offset - extent.nbytes)
+        self._free[i : i + 1] = [rest] if rest[1] else []
+
+    def _give_back(self, extent: Extent) -> None:
+        i = bisect.bisect_left(self._free, (extent.offset, 0))
+        start, end = extent.offset, extent.offset + extent.nbytes
+        if (
+            i > 0
+            and self._free[i - 1][0] + self._free[i - 1][1] > start
+            or i < len(self._free)
+            and self._free[i][0] < end
+        ):
+            raise RuntimeError(f"host pool: extent {extent} released twice or overlaps a free run")
+        if i < len(self._free) and self._free[i][0] == end:  # merge with the run after
+            end += self._free.pop(i)[1]
+        if i > 0 and sum(self._free[i - 1]) == start:  # and with the run before
+            start = self._free.pop(i - 1)[0]
+            i -= 1
+        self._free.insert(i, (start, end - start))
+        self.used -= extent.nbytes
+
+
+def pieces(extents: list[Extent], nbytes: int) -> list[tuple[int, int, int]]:
+    """How `nbytes` of one tensor lie in its extents: (byte offset in the tensor, pool offset, length), in order."""
+    out = []
+    position = 0
+    for extent in extents:
+        length = min(extent.nbytes, nbytes - position)
+        if length <= 0:
+            break
+        out.append((position, extent.offset, length))
+        position += length
+    return out
+
+
+def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
+    """Page-lock the region once; returns (pinned, why not)."""
+    if not pin:
+        return False, "tiers.host.pinned is false in the policy"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available, so there is nothing to pin for"
+    if region.numel() == 0:
+        return False, "the host tier has no capacity"
+    error = int(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), region.numel(), 0))
+    if error:
+        return False, f"cudaHostRegister of {region.numel()} bytes failed with cudaError {error}"
+    return True, None
