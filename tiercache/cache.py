@@ -279,6 +279,7 @@ class TierCache:
             return len(self._engine.records)
 
     def stats(self) -> CacheStats:
+        self._transfers.deferred.collect()  # copies done since the last transfer: their figures join the log
         with self._lock:
             engine = self._engine
             tiers = {
@@ -293,6 +294,12 @@ class TierCache:
                 for name, tier in engine.tiers.items()
             }
             notes = [f"cost model: {self.profile.describe()}"]
+            pool = self._host.pool
+            notes.append(
+                f"host pool: {format_size(pool.capacity)} "
+                + ("pinned" if pool.pinned else f"pageable because {pool.why_pageable}")
+                + (f"; {pool.fallbacks} tensors stored in pageable memory outside it (full)" if pool.fallbacks else "")
+            )
             if self._nvme.io_mode == "buffered":
                 notes.append(f"nvme: buffered I/O because {self._nvme.io.why_buffered}")
             return CacheStats(
