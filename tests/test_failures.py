@@ -100,10 +100,10 @@ def test_close_waits_for_a_get_in_flight(make_cache: CacheFactory, monkeypatch: 
     reading, closing = threading.Event(), threading.Event()
     real_read, real_shutdown = cache._nvme.read, cache._prefetcher.shutdown
 
-    def slow_read(uid: int) -> dict[str, torch.Tensor]:
+    def slow_read(uid: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         reading.set()
         closing.wait()  # close() has begun
-        return real_read(uid)
+        return real_read(uid, device)
 
     def shutdown(*args: object, **kwargs: object) -> None:
         closing.set()
@@ -114,7 +114,7 @@ def test_close_waits_for_a_get_in_flight(make_cache: CacheFactory, monkeypatch: 
     result: dict[str, object] = {}
     reader = threading.Thread(target=lambda: result.update(got=cache.get("k")))
     reader.start()
-    reading.wait()
+    assert reading.wait(timeout=60), "the get never reached the read"
     cache.close()
     reader.join()
     assert_same(result["got"], kv(1))  # type: ignore[arg-type]

@@ -11,14 +11,17 @@ from helpers import KiB, assert_same, kv
 
 from tiercache import CapacityError, EntrySpec
 from tiercache.config import TIER_NAMES, NvmeBudget
-from tiercache.tiers import MemoryTier, NvmeTier, Tier
+from tiercache.tiers import HostTier, MemoryTier, NvmeTier, Tier
+from tiercache.transfer import Transfers
 
 CAPACITY = 256 * KiB
 
 TIER_FACTORIES: dict[str, Callable[[Path], Tier]] = {
     "hbm": lambda root: MemoryTier("hbm", CAPACITY, torch.device("cpu")),
-    "host": lambda root: MemoryTier("host", CAPACITY, torch.device("cpu")),
-    "nvme": lambda root: NvmeTier(root, NvmeBudget(capacity=CAPACITY, task_size=16 * KiB)),
+    "host": lambda root: HostTier(
+        CAPACITY, pin=True, transfers=Transfers(torch.device("cpu"), 64 * KiB), on_copy=lambda *_: None
+    ),
+    "nvme": lambda root: NvmeTier(root, NvmeBudget(capacity=CAPACITY, task_size=16 * KiB), torch.device("cpu")),
 }
 
 
@@ -31,6 +34,8 @@ def tier(tier_name: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     t = TIER_FACTORIES[tier_name](tmp_path / "root")
     yield t
     t.close()
+    if isinstance(t, HostTier):
+        t.transfers.close()
 
 
 def test_put_read_round_trips_and_accounts_exactly(tier: Tier) -> None:

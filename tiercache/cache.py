@@ -102,7 +102,7 @@ class TierCache:
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
         budgets = self.policy.tiers
         self._log = TransferLog()
-        self._nvme = NvmeTier(self.root, budgets.nvme)
+        self._nvme = NvmeTier(self.root, budgets.nvme, self.device)
         self._transfers = Transfers(self.device, self.policy.transfer.chunk_size)
         try:
             self._host = HostTier(
@@ -302,10 +302,20 @@ class TierCache:
             )
             if self._nvme.io_mode == "buffered":
                 notes.append(f"nvme: buffered I/O because {self._nvme.io.why_buffered}")
+            direct = self._nvme.direct
+            if direct is None:
+                notes.append(f"nvme: no kvikio path to the device because {self._nvme.why_not_direct}")
+            else:
+                carried = ", ".join(f"{k} {format_size(v)}" for k, v in direct.bytes_by_backend().items()) or "n/a"
+                notes.append(
+                    f"nvme: kvikio in {direct.mode} mode (cuFile reports GDS "
+                    f"{'available' if direct.gds_available else 'unavailable'}); bytes by backend: {carried}"
+                )
             return CacheStats(
                 policy=f"{self.policy.name} ({self.policy.source})",
                 device=str(self.device),
                 nvme_io=self._nvme.io_mode,
+                nvme_device_io=direct.mode if direct is not None else "none",
                 tiers=tiers,
                 pathways=self._log.snapshot(),
                 misses=engine.misses,
@@ -368,7 +378,7 @@ class TierCache:
                 tensors, ready = self._host.load(record.uid, target, dest=self._tier_name_of(target))
             else:
                 start = time.perf_counter()
-                source = self._nvme.read(record.uid) if held is None else held
+                source = self._nvme.read(record.uid, target) if held is None else held
                 tensors = {n: t.to(target, copy=held is not None) for n, t in source.items()}
                 self._record_transfer(tier, self._tier_name_of(target), record.spec.nbytes, time.perf_counter() - start)
                 ready = all_of(())
@@ -415,7 +425,7 @@ class TierCache:
             tensor = held[name] if tier == "hbm" and _same_device(target, self.device) else held[name].to(target)
             ready = typing.cast(Event, record.ready or all_of(()))
             return name, lambda: (tensor, ready)
-        land = self._nvme.start_read(record.uid, index)
+        land = self._nvme.start_read(record.uid, index, target)
 
         def landed() -> tuple[torch.Tensor, Event]:
             start = time.perf_counter()
@@ -468,10 +478,12 @@ class TierCache:
             )
 
     def _record_transfer(self, source: str, dest: str, nbytes: int, seconds: float) -> None:
-        def label(name: str) -> str:
-            return {"nvme": f"nvme({self._nvme.io_mode})", "host": self._host.label}.get(name, name)
-
-        self._log.record(f"{label(source)}->{label(dest)}", nbytes, seconds)
+        # nvme names its backend: reads to the compute device may go through kvikio, host memory through POSIX;
+        # a write is named by how the put that the engine just ran moved its bytes.
+        read_mode = self._nvme.mode_for(self.device) if dest == "hbm" else self._nvme.io_mode
+        names = {"host": self._host.label, "nvme": f"nvme({read_mode})"}
+        target = {"host": self._host.label, "nvme": f"nvme({self._nvme.last_write_mode})"}
+        self._log.record(f"{names.get(source, source)}->{target.get(dest, dest)}", nbytes, seconds)
 
     @contextlib.contextmanager
     def _checked(self, key: str) -> Iterator[None]:

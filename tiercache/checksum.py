@@ -45,3 +45,13 @@ def crc32c(data: torch.Tensor, crc: int = 0) -> int:
     if _EXTEND is not None:
         return int(_EXTEND(crc, data.data_ptr(), data.numel()))
     return int(google_crc32c.extend(crc, data.numpy()))
+
+
+def crc32c_anywhere(data: torch.Tensor, crc: int = 0) -> int:
+    """CRC32C of a contiguous uint8 tensor computed where it lives: the native library for CPU memory, torch
+    ops on the device otherwise (no copy to the host; see devcrc)."""
+    if data.device.type == "cpu":
+        return crc32c(data, crc)
+    from .devcrc import crc32c_tensor  # noqa: PLC0415 - only device data needs it
+
+    return crc32c_tensor(data, crc)

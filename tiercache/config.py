@@ -144,6 +144,12 @@ class NvmeBudget(TierBudget):
         choices=lambda: ("auto", "direct", "buffered"),
         doc="'direct' (O_DIRECT), 'buffered' (page cache) or 'auto' (direct where the filesystem allows it)",
     )
+    backend: str = _choice(
+        default="auto",
+        choices=lambda: ("auto", "posix", "kvikio"),
+        doc="'kvikio' (cuFile/GDS straight to and from GPU memory), 'posix' (threaded preadv/pwritev via host "
+        "memory) or 'auto' (kvikio where CUDA and kvikio work, else posix)",
+    )
     threads: int = _int(default=4, minimum=1, doc="I/O threads reading and writing one entry in parallel")
     task_size: int = _size(default=8 << 20, doc="bytes one I/O call moves; a multiple of 4 KiB")
     verify_checksums: bool = _bool(default=True, doc="check each tensor's CRC32C when it is read back")

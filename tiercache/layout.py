@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 
-from .checksum import crc32c
+from .checksum import crc32c, crc32c_anywhere
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
 from .io import PendingRead, PosixIO, aligned_empty, round_up
+from .io.kvikio import KvikioIO
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,11 @@ def key_hash(key: str) -> str:
 class DiskLayout:
     """Reads and writes entries under one root directory, which it holds locked while open."""
 
-    def __init__(self, root: Path, io: PosixIO) -> None:
+    def __init__(self, root: Path, io: PosixIO, direct: KvikioIO | None = None) -> None:
+        """`io` moves host memory; `direct`, where given, moves tensors on `direct.device` without the host."""
         self.root = root
         self.io = io
+        self.direct = direct
         self.entries_dir = root / "entries"
         self.tmp_dir = root / "tmp"
         self.trash_dir = root / "trash"
@@ -111,6 +114,9 @@ class DiskLayout:
         tensors is not a queue of one-file-at-a-time open/write/fsync round trips.
         """
         name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
+        tensors = list(tensors)
+        for device in {t.device for t in tensors if t.is_cuda}:  # the files get what the producers' queued work wrote
+            torch.cuda.current_stream(device).synchronize()
         staging = self.tmp_dir / name
         staging.mkdir()
         try:
@@ -143,22 +149,31 @@ class DiskLayout:
         created = [array_dir, array_dir / "zarr.json"]
         if spec.nbytes == 0:  # an empty array has no chunks in zarr
             return None, created
-        raw = as_bytes(tensor.cpu() if tensor.device.type != "cpu" else tensor)
-        checksum = crc32c(raw)
+        direct = self._serves(tensor.device)
+        raw = as_bytes(tensor if direct or tensor.device.type == "cpu" else tensor.cpu())
+        checksum = crc32c_anywhere(raw)  # on the device that holds the bytes
         chunk = chunk_path(array_dir, len(spec.shape))
         chunk.parent.mkdir(parents=True, exist_ok=True)
         created += _parents_between(chunk, array_dir)
-        self.io.write_file(chunk, raw, trailer=checksum.to_bytes(CHECKSUM_BYTES, "little"))
+        backend = self.direct if direct and self.direct is not None else self.io
+        backend.write_file(chunk, raw, trailer=checksum.to_bytes(CHECKSUM_BYTES, "little"))
         return checksum, created
 
     # ---- reading ----------------------------------------------------------------------------------------------
-    def read(self, stored: StoredEntry, verify: bool) -> Tensors:
-        """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C.
+    def _serves(self, device: torch.device) -> bool:
+        """Whether the direct backend moves data to and from `device` (kvikio, for the compute device)."""
+        return self.direct is not None and device == self.direct.device
+
+    def read(self, stored: StoredEntry, verify: bool, device: torch.device | None = None) -> Tensors:
+        """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C; or,
+        where the direct backend serves `device`, read straight into that device's memory.
 
         Every file's pieces are queued on the I/O pool at once. A file read in one piece is checksummed by the
         thread that read it; a larger one by a task of its own, over its pieces in order as they land. Files are
         verified in parallel while others are still being read.
         """
+        if device is not None and self._serves(device):
+            return self._read_direct(stored, verify, device)
         # Few, page-aligned regions, each file at a 4 KiB boundary: huge pages for entries of many small tensors
         # too (first-touch faults cost as much as the read on some VMs). Tensors kept as views share one region;
         # tensors copied out (small ones) read into another, dropped once they are copied.
@@ -169,7 +184,7 @@ class DiskLayout:
             for keep in (True, False)
         }
         offsets = {True: 0, False: 0}
-        landing: list[Future[torch.Tensor] | Callable[[], torch.Tensor]] = []
+        landing: list[Landing] = []
         try:
             for index, (tspec, span) in enumerate(zip(stored.spec.tensors, spans, strict=True)):
                 if tspec.nbytes == 0:
@@ -179,31 +194,56 @@ class DiskLayout:
                 offsets[kept[index]] += span
                 landing.append(self._start(stored, index, regions[kept[index]][start : start + span], verify))
         except BaseException:
-            for item in landing:  # every started read must finish (its file closed) before the error leaves
-                try:
-                    item.result() if isinstance(item, Future) else item()
-                except BaseException:  # noqa: BLE001 - the first error is the one that propagates
-                    pass
+            _settle_all(landing)
             raise
-        results: dict[str, torch.Tensor] = {}
-        first_error: BaseException | None = None
-        for tspec, item in zip(stored.spec.tensors, landing, strict=True):
-            try:
-                results[tspec.name] = item.result() if isinstance(item, Future) else item()
-            except BaseException as exc:  # noqa: BLE001 - settle every file, then raise the first error
-                first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
-        return results
+        return _collect(stored, landing)
 
-    def start_read(self, stored: StoredEntry, index: int, verify: bool) -> Callable[[], torch.Tensor]:
-        """Start reading one tensor into a buffer of its own; the returned call waits for it, checks it and
-        returns it (layerwise streaming reads an entry this way, a few tensors ahead of its consumer)."""
+    def start_read(
+        self, stored: StoredEntry, index: int, verify: bool, device: torch.device | None = None
+    ) -> Callable[[], torch.Tensor]:
+        """Start reading one tensor into a buffer of its own (on `device` where the direct backend serves it);
+        the returned call waits for it, checks it and returns it (layerwise streaming reads an entry this way, a
+        few tensors ahead of its consumer)."""
         tspec = stored.spec.tensors[index]
         if tspec.nbytes == 0:
-            return lambda: torch.empty(tspec.shape, dtype=tspec.torch_dtype)
+            return lambda: torch.empty(tspec.shape, dtype=tspec.torch_dtype, device=device)
+        if device is not None and self._serves(device) and self.direct is not None:
+            buffer = torch.empty(round_up(tspec.nbytes + CHECKSUM_BYTES), dtype=torch.uint8, device=device)
+            finish = self.direct.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES)
+            return functools.partial(self._landed_direct, stored, index, buffer, finish, verify)
         land = self._start(stored, index, aligned_empty(tspec.nbytes + CHECKSUM_BYTES), verify)
         return land.result if isinstance(land, Future) else land
+
+    def _read_direct(self, stored: StoredEntry, verify: bool, device: torch.device) -> Tensors:
+        """Every file of the entry read at once by kvikio into one device region (each file at a 4 KiB offset, as
+        GDS wants), then checked on the device."""
+        assert self.direct is not None
+        spans = [round_up(t.nbytes + CHECKSUM_BYTES) if t.nbytes else 0 for t in stored.spec.tensors]
+        region = torch.empty(sum(spans), dtype=torch.uint8, device=device)
+        landing: list[Landing] = []
+        offset = 0
+        try:
+            for index, (tspec, span) in enumerate(zip(stored.spec.tensors, spans, strict=True)):
+                buffer = region[offset : offset + span]
+                offset += span
+                if tspec.nbytes == 0:
+                    landing.append(functools.partial(torch.empty, tspec.shape, dtype=tspec.torch_dtype, device=device))
+                    continue
+                finish = self.direct.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES)
+                landing.append(functools.partial(self._landed_direct, stored, index, buffer, finish, verify))
+        except BaseException:
+            _settle_all(landing)
+            raise
+        return _collect(stored, landing)
+
+    def _landed_direct(
+        self, stored: StoredEntry, index: int, buffer: torch.Tensor, finish: Callable[[], None], verify: bool
+    ) -> torch.Tensor:
+        finish()
+        if verify:
+            nbytes = stored.spec.tensors[index].nbytes
+            self._verify(stored, index, buffer, crc32c_anywhere(buffer[:nbytes]))
+        return self._tensor(stored, index, buffer)
 
     def _start(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool
@@ -251,7 +291,7 @@ class DiskLayout:
 
     def _verify(self, stored: StoredEntry, index: int, buffer: torch.Tensor, computed: int) -> None:
         nbytes = stored.spec.tensors[index].nbytes
-        trailer = int.from_bytes(bytes(buffer[nbytes : nbytes + CHECKSUM_BYTES].numpy()), "little")
+        trailer = int.from_bytes(bytes(buffer[nbytes : nbytes + CHECKSUM_BYTES].cpu().numpy()), "little")
         expected = stored.checksums[index]
         if computed != trailer or computed != expected:
             raise CorruptEntryError(
@@ -295,6 +335,32 @@ class DiskLayout:
             else:
                 newest[stored.spec.key] = stored
         return sorted(newest.values(), key=lambda s: s.written_ns)
+
+
+Landing = Future[torch.Tensor] | Callable[[], torch.Tensor]  # one tensor's read in flight
+
+
+def _settle_all(landing: Iterable[Landing]) -> None:
+    """Wait for every started read (its file closed) before an error leaves; the first error is the one raised."""
+    for item in landing:
+        try:
+            item.result() if isinstance(item, Future) else item()
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+def _collect(stored: StoredEntry, landing: list[Landing]) -> Tensors:
+    """The tensors of every started read, in order; every file is settled before the first error is raised."""
+    results: dict[str, torch.Tensor] = {}
+    first_error: BaseException | None = None
+    for tspec, item in zip(stored.spec.tensors, landing, strict=True):
+        try:
+            results[tspec.name] = item.result() if isinstance(item, Future) else item()
+        except BaseException as exc:  # noqa: BLE001 - settle every file, then raise the first error
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+    return results
 
 
 def _done(value: torch.Tensor) -> Future[torch.Tensor]:

@@ -36,7 +36,8 @@ class TierStats:
 class CacheStats:
     policy: str
     device: str
-    nvme_io: str  # "o_direct" or "buffered": how the nvme tier's files are read and written
+    nvme_io: str  # "o_direct" or "buffered": how the nvme tier's files are read and written from host memory
+    nvme_device_io: str  # "gds" or "compat" (kvikio, straight to the GPU), or "none" (everything via host memory)
     tiers: dict[str, TierStats]
     pathways: dict[str, PathwayStats]
     misses: int

@@ -1,0 +1,123 @@
+"""The kvikio backend of the nvme tier: its logic on CPU through a stand-in kvikio (tests/fake_kvikio.py), and the
+real thing on a CUDA machine (marked gpu). The on-disk format is the same whichever backend wrote it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import CacheFactory
+from fake_kvikio import MOVED, SETTINGS, install
+from helpers import MiB, assert_same, kv, only_tier
+from test_entries import DTYPES, sample
+from test_layout import entry_dirs, flip_a_byte
+
+import tiercache
+from tiercache.errors import CorruptEntryError, StorageError
+
+
+def kvikio_policy(backend: str = "kvikio", threads: int = 8) -> tiercache.Policy:
+    """Every entry in nvme, through the given backend."""
+    nvme = {"capacity": "64MiB", "backend": backend, "threads": threads, "task_size": "1MiB"}
+    return tiercache.Policy.from_dict({"tiers": {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": nvme}})
+
+
+@pytest.fixture
+def fake_kvikio(monkeypatch: pytest.MonkeyPatch) -> None:
+    install(monkeypatch)
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    entry = {f"t{i}": sample(d, (5, 7), seed=i) for i, d in enumerate(DTYPES)}
+    entry |= {"scalar": torch.tensor(2.5), "empty": torch.empty(0, 3), "big": torch.randn(300_000)}
+    return entry
+
+
+@pytest.mark.usefixtures("fake_kvikio")
+def test_puts_and_gets_go_through_kvikio_with_the_policy_settings(make_cache: CacheFactory) -> None:
+    before = MOVED["POSIX"]
+    cache = make_cache(kvikio_policy(threads=8))
+    assert SETTINGS["num_threads"] == 8 and SETTINGS["task_size"] == 1 * MiB
+    entry = every_dtype()
+    cache.put("e", entry)
+    assert_same(cache.get("e"), entry)
+    stats = cache.stats()
+    assert stats.nvme_device_io == "compat"
+    assert "put->nvme(compat)" in stats.pathways and "nvme(compat)->hbm" in stats.pathways
+    assert MOVED["POSIX"] - before >= 2 * sum(t.nbytes for t in entry.values())
+    assert any("kvikio in compat mode" in note for note in stats.notes)
+
+
+@pytest.mark.usefixtures("fake_kvikio")
+def test_what_kvikio_wrote_is_the_same_zarr_format(make_cache: CacheFactory) -> None:
+    cache = make_cache(kvikio_policy())
+    entry = {"zeros": torch.zeros(64, 64), "x": torch.arange(10.0)}
+    cache.put("k", entry)
+    cache.close()
+    group = zarr.open_group(entry_dirs(cache.root)[0], mode="r")
+    np.testing.assert_array_equal(group["t0"][...], np.zeros((64, 64), dtype=np.float32))
+    np.testing.assert_array_equal(group["t1"][...], np.arange(10.0, dtype=np.float32))
+    with tiercache.TierCache(root=cache.root, policy=only_tier("nvme")) as posix:  # read back by the other backend
+        assert_same(posix.get("k"), entry)
+
+
+@pytest.mark.usefixtures("fake_kvikio")
+def test_a_flipped_bit_is_caught_on_the_kvikio_path(make_cache: CacheFactory) -> None:
+    cache = make_cache(kvikio_policy())
+    cache.put("victim", {"a": torch.arange(1000.0)})
+    flip_a_byte(entry_dirs(cache.root)[0] / "t0" / "c" / "0")
+    with pytest.raises(CorruptEntryError, match="victim"):
+        cache.get("victim")
+
+
+@pytest.mark.usefixtures("fake_kvikio")
+def test_layerwise_streaming_reads_through_kvikio(make_cache: CacheFactory) -> None:
+    cache = make_cache(kvikio_policy())
+    entry = {f"layer{i}": kv(i)["k"] for i in range(5)}
+    cache.put("m", entry)
+    assert_same(dict(cache.stream("m", lookahead=2)), entry)
+    assert "nvme(compat)->hbm" in cache.stats().pathways
+
+
+def test_asking_for_kvikio_where_it_is_missing_fails_at_open_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "kvikio", None)  # import kvikio raises ImportError
+    with pytest.raises(StorageError, match=r"tiers\.nvme\.backend = 'kvikio'.*kvikio is not installed"):
+        tiercache.TierCache(root=tmp_path, policy=kvikio_policy())
+    with tiercache.TierCache(root=tmp_path, policy=kvikio_policy("auto")) as cache:  # auto falls back
+        stats = cache.stats()
+        assert stats.nvme_device_io == "none" and any("no kvikio path" in n for n in stats.notes)
+
+
+def test_a_kvikio_that_cannot_do_io_fails_at_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install(monkeypatch)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(sys.modules["kvikio"], "CuFile", broken)
+    with pytest.raises(StorageError, match="libcuda.so.1.*backend = 'posix'"):
+        tiercache.TierCache(root=tmp_path, policy=kvikio_policy())
+    assert not (tmp_path / ".kvikio-probe").exists()
+
+
+@pytest.mark.gpu
+def test_real_kvikio_moves_device_tensors_without_the_host(make_cache: CacheFactory) -> None:
+    pytest.importorskip("kvikio", reason="kvikio is not installed: pip install 'tiercache[cuda]'")
+    cache = make_cache(kvikio_policy())
+    entry = {n: t.cuda() for n, t in every_dtype().items()}
+    cache.put("e", entry)
+    got = cache.get("e")
+    assert all(t.is_cuda for t in got.values())
+    assert_same(got, entry)
+    mode = cache.stats().nvme_device_io
+    assert mode in ("gds", "compat")
+    assert f"put->nvme({mode})" in cache.stats().pathways and f"nvme({mode})->hbm" in cache.stats().pathways
+    flip_a_byte(entry_dirs(cache.root)[0] / "t0" / "c" / "0" / "0", offset=10)
+    with pytest.raises(CorruptEntryError):  # verified on the device
+        cache.get("e")

@@ -1,0 +1,150 @@
+"""The nvme tier's CUDA backend: kvikio `CuFile` reads and writes straight between GPU memory and files.
+
+GPUDirect Storage where the driver and filesystem allow it; kvikio's compat mode (POSIX I/O through its own pinned
+bounce buffers) otherwise. Which one runs is decided per process by kvikio ("AUTO"): we read it back and report it,
+and count the bytes each backend carried with kvikio's `SummaryMonitor`. kvikio is imported only here, lazily, and
+only where CUDA works (without libcuda.so.1 it imports, but every read raises); the POSIX backend stays the fallback.
+Thread count and task size come from the policy: kvikio's default of one thread leaves an NVMe drive mostly idle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import StorageError
+
+
+def why_not_kvikio(device: torch.device, *, forced: bool = False) -> str | None:
+    """None where kvikio should move data to and from `device`; else the reason, in words. `forced` (the policy
+    asks for kvikio) skips the CUDA check: the probe at open then tells whether kvikio can do I/O here."""
+    if device.type != "cuda" and not forced:
+        return f"the compute device is {device}, not a CUDA device"
+    try:
+        import kvikio  # noqa: F401, PLC0415 - optional: the cuda extra
+    except ImportError as exc:
+        return f"kvikio is not installed ({exc}); pip install 'tiercache[cuda]'"
+    return None
+
+
+class KvikioIO:
+    """Whole-file reads into and writes from device buffers through kvikio's thread pool."""
+
+    def __init__(self, directory: Path, device: torch.device, *, threads: int, task_size: int) -> None:
+        import kvikio  # noqa: PLC0415
+        import kvikio.cufile_driver  # noqa: PLC0415
+        import kvikio.defaults  # noqa: PLC0415
+
+        self._kvikio = kvikio
+        self.device = device  # the memory it reads into and writes from; host memory goes through PosixIO
+        kvikio.defaults.set({"num_threads": threads, "task_size": task_size})
+        self.threads, self.task_size = threads, task_size
+        self.mode = "compat" if kvikio.defaults.is_compat_mode_preferred() else "gds"
+        self.gds_available = bool(_driver_property(kvikio, "is_gds_available"))
+        self._monitor: Any = _monitor(kvikio)
+        self._probe(directory)
+
+    def _probe(self, directory: Path) -> None:
+        """Write and read back one page, so that a kvikio that cannot do I/O here fails at open, not mid-run."""
+        path = directory / ".kvikio-probe"
+        page = torch.arange(4096, dtype=torch.int32).to(torch.uint8)
+        try:
+            with self._kvikio.CuFile(str(path), "w") as f:
+                f.pwrite(page.numpy(), 4096, 0).get()
+            back = torch.empty(4096, dtype=torch.uint8)
+            with self._kvikio.CuFile(str(path), "r") as f:
+                f.pread(back.numpy(), 4096, 0).get()
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise StorageError(
+                f"kvikio cannot read or write files in {directory}: {exc}; "
+                "set tiers.nvme.backend = 'posix' in the policy (or 'auto', which falls back by itself)"
+            ) from exc
+        finally:
+            path.unlink(missing_ok=True)
+        if not torch.equal(back, page):
+            raise StorageError(f"kvikio read back different bytes than it wrote in {directory}; use backend 'posix'")
+
+    @property
+    def label(self) -> str:
+        """The pathway's name for this backend: "gds" or "compat" (kvikio's POSIX path)."""
+        return self.mode
+
+    def bytes_by_backend(self) -> dict[str, int]:
+        """Bytes kvikio moved per backend ("GDS", "POSIX") since the cache opened; {} where kvikio cannot say."""
+        if self._monitor is None:
+            return {}
+        try:
+            summary = self._monitor.get()
+            return {name: int(totals["bytes_transferred"]) for name, totals in summary.by_backend.items()}
+        except (AttributeError, KeyError, TypeError, RuntimeError):
+            return {}
+
+    def read_file(self, path: Path, dest: torch.Tensor, size: int) -> Callable[[], None]:
+        """Start reading the `size` bytes of `path` into `dest` (a contiguous uint8 buffer); the returned call
+        waits for them and closes the file."""
+        try:
+            actual = os.stat(path).st_size
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc}") from exc
+        if actual != size:
+            raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
+        handle = self._kvikio.CuFile(str(path), "r")
+        try:
+            future = handle.pread(_buffer(dest[:size]), size, 0)
+        except BaseException:
+            handle.close()
+            raise
+
+        def finish() -> None:
+            try:
+                got = future.get()
+            except RuntimeError as exc:
+                raise StorageError(f"reading {path} through kvikio failed: {exc}") from exc
+            finally:
+                handle.close()
+            if got != size:
+                raise StorageError(f"{path}: read {got} bytes, expected {size}; the file was truncated")
+
+        return finish
+
+    def write_file(self, path: Path, data: torch.Tensor, trailer: bytes = b"") -> None:
+        """Create `path` holding `data` (contiguous uint8, its producers already synchronized) then `trailer`, and
+        fsync it. The trailer (4 bytes of checksum) is written from host memory after the bulk."""
+        try:
+            with self._kvikio.CuFile(str(path), "w") as handle:
+                if data.numel():
+                    got = handle.pwrite(_buffer(data), data.numel(), 0).get()
+                    if got != data.numel():
+                        raise StorageError(f"{path}: wrote {got} of {data.numel()} bytes")
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                if trailer:
+                    os.pwrite(fd, trailer, data.numel())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (RuntimeError, OSError) as exc:
+            raise StorageError(f"writing {data.numel() + len(trailer)} bytes to {path} failed: {exc}") from exc
+
+
+def _buffer(tensor: torch.Tensor) -> Any:
+    """What kvikio accepts: a CUDA tensor as it is (it exports __cuda_array_interface__), host memory as numpy."""
+    return tensor if tensor.is_cuda else tensor.numpy()
+
+
+def _driver_property(kvikio: Any, name: str) -> Any:
+    try:
+        return kvikio.cufile_driver.get(name)
+    except (RuntimeError, KeyError, AttributeError):  # no cuFile library: no GDS
+        return False
+
+
+def _monitor(kvikio: Any) -> Any:
+    try:
+        return kvikio.SummaryMonitor()
+    except (AttributeError, RuntimeError):  # an older kvikio without statistics
+        return None
