@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                 "environment": env,
                 "repeat": repeat,
                 "rows": [asdict(r) | {"gbps": r.gbps, "ratio": r.ratio, "verdict": r.verdict} for r in rows],
-                "overlap": [asdict(o) | {"ratio": o.ratio, "efficiency": o.efficiency} for o in overlap],
+                "overlap": [
+                    asdict(o) | {"ratio": o.ratio, "streamed_ratio": o.streamed_ratio, "efficiency": o.efficiency}
+                    for o in overlap
+                ],
             },
             indent=1,
         )

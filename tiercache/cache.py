@@ -201,6 +201,13 @@ class TierCache:
         """
         target = self._target(device)
         record, tier, held = self._begin_read(key)
+        if tier != "nvme":  # memory tiers only enqueue copies on a copy stream: no thread needed to start them
+            future: Future[tuple[Tensors, Event]] = Future()
+            try:
+                future.set_result(self._load(record, tier, held, target))
+            except BaseException as exc:  # noqa: BLE001 - handed to wait(), as a background load's error is
+                future.set_exception(exc)
+            return PrefetchHandle(key, future, target, self._transfers)
         try:
             future = self._prefetcher.submit(self._load, record, tier, held, target)
         except RuntimeError:
