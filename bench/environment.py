@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,40 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def nvidia_driver() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown (nvidia-smi failed)"
+
+
+def kvikio_state() -> str:
+    """kvikio's version and whether GDS or its compat mode will run, or why it is not used."""
+    if not torch.cuda.is_available():
+        return "not used (no CUDA)"
+    try:
+        import kvikio  # noqa: PLC0415
+        import kvikio.cufile_driver  # noqa: PLC0415
+        import kvikio.defaults  # noqa: PLC0415
+    except ImportError as exc:
+        return f"not installed ({exc})"
+    try:
+        gds = kvikio.cufile_driver.get("is_gds_available")
+    except (RuntimeError, KeyError):
+        gds = False
+    mode = "compat" if kvikio.defaults.is_compat_mode_preferred() else "gds"
+    return f"{kvikio.__version__}, mode {mode}, GDS driver {'available' if gds else 'unavailable'}"
+
+
 def describe(root: Path) -> dict[str, Any]:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
@@ -49,6 +84,8 @@ def describe(root: Path) -> dict[str, Any]:
         "ram_gib": round(ram / 2**30, 1),
         "gpu": gpu,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "driver": nvidia_driver(),
+        "kvikio": kvikio_state(),
         "filesystem": filesystem_of(root),
         "o_direct": "yes" if why_not_direct is None else f"no ({why_not_direct})",
         "python": platform.python_version(),

@@ -7,7 +7,11 @@ the cache keeps the old version of a key until the new one is stored) for the me
 pwritev / preadv of the same bytes into fresh page-aligned buffers for nvme. The page cache is dropped for the
 files read before every nvme read, tiercache's and the raw one alike.
 
-Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB"  BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
+On a CUDA machine the GPU pathways follow (bench/cuda.py): pinned and pageable host <-> hbm, nvme <-> hbm through
+kvikio, each beside cudaMemcpyAsync / .to() / raw kvikio, for BENCH_GPU_SIZES.
+
+Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB"  BENCH_GPU_SIZES="64MiB,256MiB,1GiB,4GiB,16GiB"
+BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
 BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)  BENCH_WORKLOAD_CAP=64MiB (DESIGN.md's
 workloads are scaled down in tokens to at most this many bytes)
 """
@@ -31,6 +35,7 @@ from tiercache.io import aligned_empty, buffer_of, round_up
 from tiercache.io.posix import O_DIRECT
 
 from .chart import latency_chart
+from .cuda import bench_cuda
 from .environment import describe
 from .measure import (
     LAYERS,
@@ -49,6 +54,7 @@ from .seed import seed_table
 from .workloads import WORKLOADS, bench_workloads
 
 DEFAULT_SIZES = "16MiB,64MiB,256MiB"
+DEFAULT_GPU_SIZES = "64MiB,256MiB,1GiB,4GiB,16GiB"
 PEER_NAMES = ("torch", "safetensors", "numpy", "zarr")
 OVERLAP_LAYERS, OVERLAP_LOOKAHEAD = 8, 2
 
@@ -170,15 +176,21 @@ def progress_bar(steps: int) -> Callable[[str], None]:
 
 def main(argv: list[str] | None = None) -> int:
     sizes = [tiercache.parse_size(s) for s in os.environ.get("BENCH_SIZES", DEFAULT_SIZES).split(",") if s.strip()]
+    gpu_sizes = [
+        tiercache.parse_size(s)
+        for s in os.environ.get("BENCH_GPU_SIZES", DEFAULT_GPU_SIZES).split(",")
+        if s.strip() and torch.cuda.is_available()
+    ]
     repeat = int(os.environ.get("BENCH_REPEAT", "5"))
     out = Path(os.environ.get("BENCH_OUT", Path(__file__).resolve().parent / "out"))
     root = Path(os.environ.get("BENCH_ROOT", out / "root"))
     out.mkdir(parents=True, exist_ok=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     env = describe(root.parent)
-    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + len(WORKLOADS) + 2)
+    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + 2)
     shutil.rmtree(root, ignore_errors=True)
     rows = [r for size in sizes for r in bench_size(size, root, repeat, progress)]
+    rows += [r for size in gpu_sizes for r in bench_cuda(size, root, repeat, progress)]
     rows += [r for size in sizes for r in bench_peers(size, root, min(repeat, 3), progress)]
     workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
     rows += bench_workloads(workload_cap, root, min(repeat, 3), progress)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, assert_same, kv, only_tier, policy
+from helpers import KiB, MiB, assert_same, kv, only_tier, policy
 from test_entries import DTYPES, sample
+
+import tiercache
+from tiercache.transfer import CudaStream
 
 pytestmark = pytest.mark.gpu
 
@@ -58,3 +63,114 @@ def test_a_hit_returns_the_cached_device_tensors(make_cache: CacheFactory) -> No
     cache.put("k", on_cuda(kv(1)))
     first, second = cache.get("k"), cache.get("k")
     assert first["k"].data_ptr() == second["k"].data_ptr()
+
+
+# ---- the CUDA data path: pinned pool, copy streams, ordering under GPU-side delays ---------------------------------
+SPIN = 200_000_000  # GPU clock cycles torch.cuda._sleep spins ahead of each copy: ~0.1 s, far longer than host code
+
+
+def delay_reloads(cache: tiercache.TierCache) -> None:
+    stream = cache._transfers.reload
+    assert isinstance(stream, CudaStream)
+    stream.before_copy = lambda: torch.cuda._sleep(SPIN)
+
+
+def test_the_host_tier_is_one_pinned_pool(make_cache: CacheFactory) -> None:
+    cache = make_cache(policy(tiers={"hbm": {"capacity": 64 * KiB}}))
+    assert cache._host.pool.pinned and cache._host.pool.region.is_pinned()
+    cache.put("a", on_cuda(kv(1)))
+    cache.put("b", on_cuda(kv(2)))  # demotes a into the pool
+    assert_same(cache.get("a"), kv(1))
+    stats = cache.stats()
+    assert any(note.startswith("host pool:") and "pinned" in note for note in stats.notes)
+    assert stats.pathways["hbm->host(pinned)"].bytes >= 64 * KiB and "host(pinned)->hbm" in stats.pathways
+
+
+def test_a_consumer_stream_waits_for_a_delayed_reload_without_blocking_the_host(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    entry = kv(3, 4 * MiB)
+    cache.put("kv", entry)
+    delay_reloads(cache)
+    consumer = torch.cuda.Stream()
+    handle = cache.prefetch("kv")
+    tensors = handle.wait(stream=consumer)
+    assert not handle.done()  # the host got here while the GPU still spins ahead of the copy
+    with torch.cuda.stream(consumer):
+        doubled = {n: t * 2 for n, t in tensors.items()}  # ordered after the copy by the event, not by the host
+    consumer.synchronize()
+    assert_same({n: t / 2 for n, t in doubled.items()}, entry)
+
+
+def test_a_get_orders_the_current_stream_after_its_copies(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    entry = kv(4, 4 * MiB)
+    cache.put("kv", entry)
+    delay_reloads(cache)
+    got = cache.get("kv")
+    summed = torch.stack([t.sum() for t in got.values()])  # on the current stream: must see the copied values
+    want = torch.stack([t.sum() for t in entry.values()])
+    assert torch.equal(summed.cpu(), want)
+
+
+def test_pinned_memory_being_read_is_not_reused_before_the_copy_ends(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host", capacity=8 * MiB))
+    cache.put("a", kv(1, 4 * MiB))
+    delay_reloads(cache)
+    handle = cache.prefetch("a")
+    cache.delete("a")
+    cache.put("b", kv(2, 4 * MiB))
+    cache.put("c", kv(3, 4 * MiB))  # needs a's extents: waits for the delayed copy instead of overwriting them
+    assert_same(handle.wait(), kv(1, 4 * MiB))
+    assert_same(cache.get("c"), kv(3, 4 * MiB))
+
+
+def test_offload_after_the_producer_and_before_later_writes(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    source = torch.zeros(1 << 20, device="cuda")
+    torch.cuda._sleep(SPIN)  # the producer is still busy on the current stream
+    source += 7
+    cache.put("x", {"x": source})
+    source += 1  # queued after put() on the same stream: must not reach the cached copy
+    assert bool((cache.get("x", device="cpu")["x"] == 7).all())
+
+
+def test_layerwise_streaming_on_a_side_stream(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    entry = {f"layer{i}": torch.full((1 << 18,), float(i)) for i in range(6)}
+    cache.put("m", entry)
+    delay_reloads(cache)
+    consumer = torch.cuda.Stream()
+    sums = []
+    for name, tensor in cache.stream("m", lookahead=2, stream=consumer):
+        with torch.cuda.stream(consumer):
+            sums.append((name, tensor.sum()))
+    consumer.synchronize()
+    assert [(n, float(s)) for n, s in sums] == [(f"layer{i}", float(i) * (1 << 18)) for i in range(6)]
+
+
+def test_cupy_arrays_in_and_out() -> None:
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: pip install 'tiercache[cuda]'")
+    with tiercache.TierCache(policy=policy()) as cache:
+        array = cupy.arange(1000, dtype=cupy.float32)
+        cache.put("c", {"a": array})
+        got = cache.get("c", as_="cupy")["a"]
+        assert isinstance(got, cupy.ndarray) and bool((got == array).all())
+
+
+@pytest.mark.parametrize("compat", [False, True], ids=["auto", "compat-forced"])
+def test_kvikio_in_both_modes(make_cache: CacheFactory, compat: bool, tmp_path: Path) -> None:
+    kvikio = pytest.importorskip("kvikio", reason="kvikio is not installed: pip install 'tiercache[cuda]'")
+    previous = kvikio.defaults.get("compat_mode")
+    kvikio.defaults.set("compat_mode", kvikio.CompatMode.ON if compat else kvikio.CompatMode.AUTO)
+    try:
+        nvme = {"capacity": "1GiB", "backend": "kvikio", "threads": 8, "task_size": "4MiB"}
+        pol = tiercache.Policy.from_dict({"tiers": {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": nvme}})
+        cache = make_cache(pol, root=tmp_path / f"kvikio-{compat}")
+        mode = cache.stats().nvme_device_io
+        assert mode == "compat" if compat else mode in ("gds", "compat")
+        entry = on_cuda(kv(5, 8 * MiB))
+        cache.put("e", entry)
+        assert_same(cache.get("e"), entry)
+        assert f"nvme({mode})->hbm" in cache.stats().pathways
+    finally:
+        kvikio.defaults.set("compat_mode", previous)

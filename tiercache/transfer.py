@@ -225,9 +225,12 @@ class CudaStream(Stream):
     def __init__(self, device: torch.device, stream: torch.cuda.Stream | None = None) -> None:
         self.device = device
         self.raw = stream if stream is not None else torch.cuda.Stream(device)
+        self.before_copy: Callable[[], None] | None = None  # enqueued ahead of each copy (tests: a GPU-side delay)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         with torch.cuda.stream(self.raw):
+            if self.before_copy is not None:
+                self.before_copy()
             dst.copy_(src, non_blocking=True)
 
     def wait(self, event: Event) -> None:
