@@ -36,7 +36,7 @@ lint: $(SETUP)
 test-gpu: $(SETUP)
 	$(PYTEST) -v -m gpu
 
-## put/get round trips of every tier and the nvme read against raw O_DIRECT preadv; BENCH_SIZES=16MiB,64MiB,...
+## every pathway beside its raw limit and the peers, workloads, overlap; BENCH_SIZES=16MiB,... (see README)
 bench: $(SETUP)
 	$(RUN) -m bench
 

@@ -10,7 +10,7 @@ files read before every nvme read, tiercache's and the raw one alike.
 On a CUDA machine the GPU pathways follow (bench/cuda.py): pinned and pageable host <-> hbm, nvme <-> hbm through
 kvikio, each beside cudaMemcpyAsync / .to() / raw kvikio, for BENCH_GPU_SIZES.
 
-Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB"  BENCH_GPU_SIZES="64MiB,256MiB,1GiB,4GiB,16GiB"
+Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB,1GiB"  BENCH_GPU_SIZES="64MiB,256MiB,1GiB,4GiB,16GiB"
 BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
 BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)  BENCH_WORKLOAD_CAP=64MiB (DESIGN.md's
 workloads are scaled down in tokens to at most this many bytes)
@@ -53,7 +53,8 @@ from .peers import bench_peers
 from .seed import seed_table
 from .workloads import WORKLOADS, bench_workloads
 
-DEFAULT_SIZES = "16MiB,64MiB,256MiB"
+DEFAULT_SIZES = "16MiB,64MiB,256MiB,1GiB"
+LARGE, LARGE_REPEAT = 1 << 30, 3  # entries this large get fewer repetitions: the default run stays under 10 minutes
 DEFAULT_GPU_SIZES = "64MiB,256MiB,1GiB,4GiB,16GiB"
 PEER_NAMES = ("torch", "safetensors", "numpy", "zarr")
 OVERLAP_LAYERS, OVERLAP_LOOKAHEAD = 8, 2
@@ -189,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     env = describe(root.parent)
     progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + 2)
     shutil.rmtree(root, ignore_errors=True)
-    rows = [r for size in sizes for r in bench_size(size, root, repeat, progress)]
-    rows += [r for size in gpu_sizes for r in bench_cuda(size, root, repeat, progress)]
-    rows += [r for size in sizes for r in bench_peers(size, root, min(repeat, 3), progress)]
+
+    def reps(size: int) -> int:
+        return repeat if size < LARGE else min(repeat, LARGE_REPEAT)
+
+    rows = [r for size in sizes for r in bench_size(size, root, reps(size), progress)]
+    rows += [r for size in gpu_sizes for r in bench_cuda(size, root, reps(size), progress)]
+    rows += [r for size in sizes for r in bench_peers(size, root, min(reps(size), 3), progress)]
     workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
     rows += bench_workloads(workload_cap, root, min(repeat, 3), progress)
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
