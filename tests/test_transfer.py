@@ -228,6 +228,7 @@ def test_offloads_and_reloads_are_logged_once_their_copies_are_done(make_cache: 
     cache.put("a", kv(1))
     cache.put("b", kv(2))  # demotes a: hbm -> host on the offload stream
     assert_same(cache.get("a"), kv(1))  # host -> hbm on the reload stream; promoting a demotes b
+    cache._transfers.deferred.settle_all()  # b's offload may still be running: stats() shows finished copies
     paths = cache.stats().pathways
     assert paths["hbm->host(pageable)"].bytes == 128 * KiB and paths["host(pageable)->hbm"].bytes == 64 * KiB
 
@@ -317,3 +318,65 @@ def test_get_returns_numpy_or_refuses_clearly(make_cache: CacheFactory) -> None:
         cache.get("y", as_="jax")
     with pytest.raises(EntryValueError, match="cupy"):
         cache.get("y", as_="cupy")  # no cupy, or no GPU: either way a clear refusal
+
+
+# ---- regressions found in review -------------------------------------------------------------------------------
+def test_an_entry_demoted_while_its_promoting_copy_is_in_flight_keeps_its_values(make_cache: CacheFactory) -> None:
+    cache = make_cache(policy(tiers={"hbm": {"capacity": 64 * KiB}, "host": {"capacity": 256 * KiB}}))
+    cache.put("a", kv(1))
+    cache.put("b", kv(2))  # a goes down to host
+    gate = gate_reloads(cache)
+    handle = cache.prefetch("a")  # promotes a into hbm while its copy is held at the gate
+    cache.put("c", kv(3))  # demotes a again: the offload must wait for the copy that fills a's tensors
+    gate.open.set()
+    assert_same(handle.wait(), kv(1))
+    assert_same(cache.get("a"), kv(1))
+
+
+def test_a_failed_offload_leaves_nothing_behind(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    offload = cache._transfers.offload
+    assert isinstance(offload, WorkerStream)
+
+    def fail() -> None:
+        raise RuntimeError("injected offload failure")
+
+    offload.before_copy = fail
+    with pytest.raises(RuntimeError, match="injected"):
+        cache.put("kv", kv(1))
+    offload.before_copy = None
+    cache._transfers.deferred.settle_all()
+    assert "kv" not in cache and cache.stats().tiers["host"].used == 0 and cache._host.pool.used == 0
+
+
+def test_close_ends_a_half_read_stream(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    cache.put("m", layers(4))
+    it = cache.stream("m")
+    next(it)
+    cache.close()  # would wait forever for the stream's read to end
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_many_small_tensors_stay_in_the_pool(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host", capacity=1 << 20))
+    for i in range(8):
+        cache.put(f"e{i}", {f"t{j}": torch.full((16,), float(j)) for j in range(64)})  # 64 x 64 bytes
+    assert cache._host.pool.fallbacks == 0
+
+
+def test_done_is_true_for_a_prefetch_that_failed(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    cache.put("kv", kv(1))
+    reload = cache._transfers.reload
+    assert isinstance(reload, WorkerStream)
+
+    def fail() -> None:
+        raise RuntimeError("injected copy failure")
+
+    reload.before_copy = fail
+    handle = cache.prefetch("kv")
+    with pytest.raises(RuntimeError):
+        handle.wait()
+    assert handle.done()

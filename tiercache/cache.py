@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import threading
 import time
-import typing
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,8 +56,10 @@ class PrefetchHandle:
         self._transfers = transfers
 
     def done(self) -> bool:
-        """Whether the tensors are ready to use without waiting."""
-        return self._future.done() and self._future.result()[1].query()
+        """Whether wait() would return (or raise) without waiting."""
+        if not self._future.done():
+            return False
+        return self._future.exception() is not None or self._future.result()[1].query()
 
     def wait(self, timeout: float | None = None, *, stream: Any = None) -> Tensors:
         """The tensors. Without `stream`, the calling thread blocks until they hold their values. With `stream` (a
@@ -68,6 +69,7 @@ class PrefetchHandle:
         tensors, ready = self._future.result(timeout)
         if stream is None:
             ready.synchronize()
+            self._transfers.reload.hand_over(tensors.values(), consumer_stream(self.device))
             return tensors
         consumer = consumer_stream(self.device, stream)
         consumer.wait(ready)
@@ -130,6 +132,7 @@ class TierCache:
         )
         self._lock = threading.RLock()
         self._active_reads = 0
+        self._open_streams: weakref.WeakSet[Iterator[tuple[str, torch.Tensor]]] = weakref.WeakSet()
         self._idle = threading.Condition(self._lock)
         self._closed = False
         try:
@@ -173,7 +176,10 @@ class TierCache:
         spec = EntrySpec.of(key, data)
         with self._lock:
             self._check_open()
-            return self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
+            tier = self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
+            if tier == "hbm":  # its tensors hold their values once the caller's queued work is done
+                self._engine.records[key].ready = consumer_stream(self.device).record()
+            return tier
 
     def get(self, key: str, device: str | torch.device | None = None, *, as_: str = "torch") -> Tensors:
         """The entry's tensors on `device` (default: the compute device), bit-exact. A miss raises KeyError.
@@ -229,7 +235,9 @@ class TierCache:
             raise EntryValueError(f"stream({key!r}): lookahead must be an integer >= 0, got {lookahead!r}")
         target = self._target(device)
         self.info(key)  # a miss raises now, not at the first next()
-        return self._stream(key, target, lookahead, stream)
+        iterator = self._stream(key, target, lookahead, stream)
+        self._open_streams.add(iterator)
+        return iterator
 
     def tier_of(self, key: str) -> str:
         """The fastest tier holding the entry: "hbm", "host" or "nvme"."""
@@ -341,6 +349,11 @@ class TierCache:
                 return
             self._closed = True  # no new reads start from here on
         self._prefetcher.shutdown(wait=True)
+        for iterator in list(self._open_streams):  # a stream() its consumer left half-read ends here
+            try:
+                iterator.close()  # type: ignore[attr-defined]
+            except ValueError:  # running in another thread right now: it ends by itself
+                pass
         with self._lock:
             self._idle.wait_for(lambda: self._active_reads == 0)
             for tier in self._engine.tiers.values():
@@ -380,11 +393,13 @@ class TierCache:
         hit = tier == "hbm" and _same_device(target, self.device)
         try:
             if hit:  # no transfer: the cached tensors themselves, once the copy that promoted them is done
-                tensors, ready = held or {}, typing.cast(Event, record.ready or all_of(()))
+                tensors, ready = held or {}, record.ready or all_of(())
             elif tier == "host":
                 tensors, ready = self._host.load(record.uid, target, dest=self._tier_name_of(target))
             else:
                 start = time.perf_counter()
+                if held is not None and record.ready is not None:  # hbm to another device: after its producer
+                    consumer_stream(self.device).wait(record.ready)
                 source = self._nvme.read(record.uid, target) if held is None else held
                 tensors = {n: t.to(target, copy=held is not None) for n, t in source.items()}
                 self._record_transfer(tier, self._tier_name_of(target), record.spec.nbytes, time.perf_counter() - start)
@@ -429,9 +444,12 @@ class TierCache:
             loaded, ready = self._host.load(record.uid, target, [name], dest=self._tier_name_of(target))
             return name, lambda: (loaded[name], ready)
         if held is not None:  # hbm
-            tensor = held[name] if tier == "hbm" and _same_device(target, self.device) else held[name].to(target)
-            ready = typing.cast(Event, record.ready or all_of(()))
-            return name, lambda: (tensor, ready)
+            ready = record.ready or all_of(())
+            if _same_device(target, self.device):
+                return name, lambda: (held[name], ready)
+            consumer_stream(self.device).wait(ready)
+            tensor = held[name].to(target)
+            return name, lambda: (tensor, all_of(()))
         land = self._nvme.start_read(record.uid, index, target)
 
         def landed() -> tuple[torch.Tensor, Event]:

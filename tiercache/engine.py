@@ -26,6 +26,7 @@ from .errors import CapacityError, EntryNotFoundError, EntryValueError
 from .eviction import EvictionPolicy, Usage, make_eviction_policy
 from .placement import Attempt, PlacementPolicy, Plan, make_placement_policy
 from .tiers import Tier
+from .transfer import Event
 from .units import format_size
 
 Data = Tensors | None  # None in simulation: tiers account sizes only
@@ -67,7 +68,7 @@ class Record:
     priority: int = 0
     deadline_ms: float | None = None
     decision: Decision | None = None
-    ready: object = None  # data path: the event to wait on before using its hbm tensors (set by a promotion)
+    ready: Event | None = None  # data path: the event to wait on before using its hbm tensors
 
     @property
     def busy(self) -> bool:
@@ -382,7 +383,7 @@ class Engine:
                 data = {n: t.to(tier.device, copy=True) for n, t in data.items()}
             elif source is None and any(t.device != tier.device for t in data.values()):
                 source = "hbm" if tier_name == "host" else "host"  # a promotion that does move bytes
-        tier.put(record.uid, record.spec, data, source=source)
+        tier.put(record.uid, record.spec, data, source=source, after=record.ready)
         if source is not None and not tier.logs_transfers:
             self.on_transfer(source, tier_name, record.spec.nbytes, self.clock() - start)
         record.tiers.append(tier_name)

@@ -208,7 +208,7 @@ class DiskLayout:
         if tspec.nbytes == 0:
             return lambda: torch.empty(tspec.shape, dtype=tspec.torch_dtype, device=device)
         if device is not None and self._serves(device) and self.direct is not None:
-            buffer = torch.empty(round_up(tspec.nbytes + CHECKSUM_BYTES), dtype=torch.uint8, device=device)
+            buffer = self.direct.empty(round_up(tspec.nbytes + CHECKSUM_BYTES))
             finish = self.direct.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES)
             return functools.partial(self._landed_direct, stored, index, buffer, finish, verify)
         land = self._start(stored, index, aligned_empty(tspec.nbytes + CHECKSUM_BYTES), verify)
@@ -219,7 +219,7 @@ class DiskLayout:
         GDS wants), then checked on the device."""
         assert self.direct is not None
         spans = [round_up(t.nbytes + CHECKSUM_BYTES) if t.nbytes else 0 for t in stored.spec.tensors]
-        region = torch.empty(sum(spans), dtype=torch.uint8, device=device)
+        region = self.direct.empty(sum(spans))
         landing: list[Landing] = []
         offset = 0
         try:

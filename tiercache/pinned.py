@@ -1,7 +1,7 @@
 """The host pool: the host tier's memory, allocated once when the cache opens and reused for every entry.
 
 One region of `tiers.host.capacity` bytes, page-locked with `cudaHostRegister` where CUDA works (DMA runs at full
-link speed only from pinned memory, and pinning per transfer costs more than the copy), handed out in 4 KiB-aligned
+link speed only from pinned memory, and pinning per transfer costs more than the copy), handed out in 512-byte-aligned
 extents. A tensor gets one extent when a free run is large enough, else several (so fragmentation costs no
 capacity); extents freed while a copy may still read or write them return to the pool only once that copy's event
 is done. When the pool cannot serve a request (pinning unavailable, or free space split into too little) the caller
@@ -11,15 +11,19 @@ falls back to pageable memory and records the pathway as such.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .io.aligned import aligned_empty, round_up
 from .transfer import Deferred
 
-GRAIN = 4096  # extents start and end on 4 KiB: O_DIRECT and GDS can write an extent as it is
+# Extents start and end on 512 bytes: enough for full-speed DMA, and small tensors waste at most 511 bytes each
+# (4 KiB grains made a pool of many small tensors overflow into pageable memory long before its budget was used).
+GRAIN = 512
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class HostPool:
         return len(self._free)
 
     def allocate(self, nbytes: int) -> list[Extent] | None:
-        """Extents holding `nbytes` (rounded up to 4 KiB), one if a free run is large enough; None when the pool
+        """Extents holding `nbytes` (rounded up to the grain), one if a free run is large enough; None when the pool
         cannot hold them even after every pending release has run (the caller then uses pageable memory)."""
         if nbytes <= 0:
             return []
@@ -160,7 +164,28 @@ def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
         return False, "CUDA is not available, so there is nothing to pin for"
     if region.numel() == 0:
         return False, "the host tier has no capacity"
-    error = int(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), region.numel(), 0))
+    cudart = torch.cuda.cudart()
+    error = int(cudart.cudaHostRegister(region.data_ptr(), region.numel(), 0))
     if error:
+        # The failure stays as CUDA's last error and would fail the next kernel launch: clear it.
+        _clear_cuda_error(cudart)
         return False, f"cudaHostRegister of {region.numel()} bytes failed with cudaError {error}"
     return True, None
+
+
+def _clear_cuda_error(cudart: object) -> None:
+    """cudaGetLastError(), from torch's binding if it has one, else from the libcudart torch loaded."""
+    clear = getattr(cudart, "cudaGetLastError", None)
+    if clear is not None:
+        clear()
+        return
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return
+    for path in sorted({line.split()[-1] for line in maps.splitlines() if "libcudart.so" in line}):
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue

@@ -32,6 +32,7 @@ from .engine import Engine, PutHints
 from .entry import EntrySpec, Tensors, TensorSpec
 from .errors import CapacityError, EntryNotFoundError, PolicyError, TierCacheError
 from .tiers import Tier
+from .transfer import Event
 from .units import format_size
 
 # The cost model's pathway for each move the engine reports, (source, destination); a put into hbm moves nothing.
@@ -104,7 +105,14 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>") -> list[Request]:
 class SizeOnlyTier(Tier):
     """A tier that accounts bytes and holds nothing: the simulator's tiers."""
 
-    def put(self, entry: int, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
+    def put(
+        self,
+        entry: int,
+        spec: EntrySpec,
+        tensors: Tensors | None,
+        source: str | None = None,
+        after: Event | None = None,
+    ) -> None:
         self._admit(entry, spec)
 
     def read(self, entry: int) -> Tensors:

@@ -16,6 +16,7 @@ safe (the bugs that corrupted KV caches in vLLM and images in diffusers' group o
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CudaStream",
@@ -78,6 +81,11 @@ class Stream(ABC):
     def hand_over(self, tensors: Iterable[torch.Tensor], consumer: Stream) -> None:
         """Tensors this stream allocated are now used on `consumer`: their memory must outlive its work too."""
         return None
+
+    def uses(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Work enqueued on this stream reads `tensors`: keep the memory of those the device allocator can keep
+        (CUDA tensors, via record_stream); returns the others, which the caller holds until the work is done."""
+        return list(tensors)
 
 
 class _Done(Event):
@@ -249,9 +257,16 @@ class CudaStream(Stream):
 
     def hand_over(self, tensors: Iterable[torch.Tensor], consumer: Stream) -> None:
         if isinstance(consumer, CudaStream) and consumer.raw != self.raw:
-            for tensor in tensors:
-                if tensor.is_cuda:
-                    tensor.record_stream(consumer.raw)  # freed memory waits for the consumer's work, not just ours
+            consumer.uses(tensors)
+
+    def uses(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        others = []
+        for tensor in tensors:
+            if tensor.is_cuda:
+                tensor.record_stream(self.raw)  # freed memory waits for this stream's work, not just its owner's
+            else:
+                others.append(tensor)
+        return others
 
 
 def consumer_stream(device: torch.device, stream: Any = None) -> Stream:
@@ -296,14 +311,16 @@ class Transfers:
             self.offload, self.reload = WorkerStream("offload"), WorkerStream("reload")
 
     def offload_stream(self, producers: Iterable[torch.device]) -> Stream:
-        """The stream copying tensors on `producers` into host memory."""
-        if self.device.type == "cuda" and not any(d.type == "cuda" for d in producers):
+        """The stream copying tensors on `producers` into host memory: the calling thread unless they are all on
+        the cache's device (another GPU's current stream is not ordered with ours)."""
+        producers = set(producers)
+        if self.device.type == "cuda" and producers != {self.device}:
             return HostThread()
         return self.offload
 
     def reload_stream(self, device: torch.device) -> Stream:
-        """The stream copying host memory to `device`."""
-        if self.device.type == "cuda" and device.type != "cuda":
+        """The stream copying host memory to `device` (the calling thread for any device but the cache's)."""
+        if self.device.type == "cuda" and device != self.device:
             return HostThread()
         return self.reload
 
@@ -334,7 +351,7 @@ class Deferred:
 
     def after(self, event: Event, release: Callable[[], None]) -> None:
         if event.query():
-            release()
+            _run(release)
             return
         with self._lock:
             self._pending.append((event, release))
@@ -348,7 +365,7 @@ class Deferred:
                 (due if event.query() else kept).append((event, release))
             self._pending = kept
         for _, release in due:
-            release()
+            _run(release)
         return len(due)
 
     def settle(self) -> bool:
@@ -361,10 +378,18 @@ class Deferred:
             event.synchronize()
         except BaseException:  # noqa: BLE001 - a failed copy no longer uses its buffers either
             pass
-        release()
+        _run(release)
         self.collect()
         return True
 
     def settle_all(self) -> None:
         while self.settle():
             pass
+
+
+def _run(release: Callable[[], None]) -> None:
+    """Run one release; a failing one is logged, never allowed to stop the others or to fail an unrelated call."""
+    try:
+        release()
+    except Exception:  # noqa: BLE001
+        log.exception("tiercache: a deferred release failed")

@@ -41,6 +41,9 @@ class KvikioIO:
 
         self._kvikio = kvikio
         self.device = device  # the memory it reads into and writes from; host memory goes through PosixIO
+        # Buffers kvikio fills are allocated in the order of a stream nothing runs on: kvikio's copies are not
+        # ordered with torch's streams, so a block must not come from a stream whose pending kernels still use it.
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         kvikio.defaults.set({"num_threads": threads, "task_size": task_size})
         self.threads, self.task_size = threads, task_size
         self.mode = "compat" if kvikio.defaults.is_compat_mode_preferred() else "gds"
@@ -67,6 +70,13 @@ class KvikioIO:
             path.unlink(missing_ok=True)
         if not torch.equal(back, page):
             raise StorageError(f"kvikio read back different bytes than it wrote in {directory}; use backend 'posix'")
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer on the device for reads to fill (hand it to consumers with record_stream)."""
+        if self._stream is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with torch.cuda.stream(self._stream):
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from ..entry import EntrySpec, Tensors
 from ..errors import CapacityError
+from ..transfer import Event
 
 EntryId = int  # unique per stored version of an entry, so a replaced key never collides with itself
 
@@ -64,9 +65,17 @@ class Tier(ABC):
         return self.name
 
     @abstractmethod
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
+    def put(
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors | None,
+        source: str | None = None,
+        after: Event | None = None,
+    ) -> None:
         """Store an entry. The tier may keep the given tensors (the caller hands them over). `source` names where
-        they come from, for tiers that log their own transfers."""
+        they come from, for tiers that log their own transfers; `after` is an event the tensors' values wait on
+        (a copy still filling them), which the tier must order its reads after."""
 
     @abstractmethod
     def read(self, entry: EntryId) -> Tensors:

@@ -14,7 +14,7 @@ import torch
 
 from ..entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from ..pinned import Extent, HostPool, pieces
-from ..transfer import Event, Transfers, all_of, consumer_stream
+from ..transfer import Event, Stream, Transfers, all_of, consumer_stream
 from .base import EntryId, Tier
 
 OnCopy = Callable[[str, int, float], None]  # (pathway, bytes, seconds), called when a copy has completed
@@ -50,11 +50,22 @@ class HostTier(Tier):
         return f"host({'pinned' if self.pool.pinned else 'pageable'})"
 
     # ---- offload ----------------------------------------------------------------------------------------------
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
+    def put(
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors | None,
+        source: str | None = None,
+        after: Event | None = None,
+    ) -> None:
+        """Offload: copy the tensors into the pool on the offload stream, after the work that produced them (the
+        producers' current streams, and `after`: the copy that filled them, for tensors the cache promoted)."""
         if tensors is None:
             raise ValueError(f"tier host stores tensors; got none for {spec.key!r}")
         self._admit(entry, spec)
         homes: list[Home] = []
+        stream: Stream | None = None
+        producers = {t.device for t in tensors.values()}
         try:
             copies = []
             for tspec in spec.tensors:
@@ -62,23 +73,29 @@ class HostTier(Tier):
                 home, dsts = self._home(tspec)
                 homes.append(home)
                 copies += [(dst, flat[at : at + dst.numel()]) for at, dst in dsts]
-            producers = {t.device for t in tensors.values()}
             stream = self.transfers.offload_stream(producers)
             for device in producers:  # the copy reads what the producer's queued work writes
                 stream.wait(consumer_stream(device).record())
+            if after is not None:
+                stream.wait(after)
             start = stream.record()
             self.transfers.copy(stream, copies)
             ready = stream.record()
         except BaseException:
-            self._free(homes, ())
+            self._free(homes, () if stream is None else (stream.record(),))
             self._forget(entry)
             raise
         self._held[entry] = _Held(spec, homes, ready)
-        # Sources stay alive until copied; later work on the producers' streams (which may overwrite them) waits.
-        self.transfers.deferred.after(ready, _keep(tensors))
-        for device in producers:
-            consumer_stream(device).wait(ready)
+        # Sources stay allocated until copied: CUDA tensors through the allocator, others held until then.
+        self.transfers.deferred.after(ready, _keep(*stream.uses(tensors.values())))
         self._log_when_done(f"{source or 'hbm'}->{self.label}", spec.nbytes, start, ready)
+        if source == "put":  # the caller's tensors: its later work (which may overwrite them) comes after the copy
+            try:
+                for device in producers:
+                    consumer_stream(device).wait(ready)
+            except BaseException:
+                self.delete(entry)
+                raise
 
     def _home(self, tspec: TensorSpec) -> tuple[Home, list[tuple[int, torch.Tensor]]]:
         """Where a tensor's bytes go, and the (byte offset in the tensor, destination) pieces to copy."""
@@ -109,8 +126,8 @@ class HostTier(Tier):
             copies += [(raw[at : at + src.numel()], src) for at, src in self._sources(tspec, home)]
             out[tspec.name] = from_bytes(raw, tspec)
             nbytes += tspec.nbytes
+        start = stream.record()  # before the wait: a failed offload's error reaches `done`, not `start`
         stream.wait(held.ready)
-        start = stream.record()
         self.transfers.copy(stream, copies)
         done = stream.record()
         held.reads.append(done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..entry import EntrySpec, Tensors
+from ..transfer import Event
 from .base import EntryId, Tier
 
 
@@ -20,7 +21,14 @@ class MemoryTier(Tier):
     def device(self) -> torch.device:
         return self._device
 
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
+    def put(
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors | None,
+        source: str | None = None,
+        after: Event | None = None,
+    ) -> None:
         if tensors is None:
             raise ValueError(f"tier {self.name} stores tensors; got none for {spec.key!r}")
         # Tensors already on this device are kept as handed over; others are copied here, before accounting,

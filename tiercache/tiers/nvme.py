@@ -13,6 +13,7 @@ from ..errors import StorageError
 from ..io import PosixIO
 from ..io.kvikio import KvikioIO, why_not_kvikio
 from ..layout import DiskLayout, StoredEntry
+from ..transfer import Event
 from .base import EntryId, Tier
 
 
@@ -59,9 +60,18 @@ class NvmeTier(Tier):
         """Remove an on-disk entry that was never adopted."""
         self.layout.remove(stored)
 
-    def put(self, entry: EntryId, spec: EntrySpec, tensors: Tensors | None, source: str | None = None) -> None:
+    def put(
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors | None,
+        source: str | None = None,
+        after: Event | None = None,
+    ) -> None:
         if tensors is None:
             raise ValueError(f"tier nvme stores tensors; got none for {spec.key!r}")
+        if after is not None:  # tensors a copy is still filling (an entry promoted moments ago)
+            after.synchronize()
         self._admit(entry, spec)
         devices = {t.device for t in tensors.values()}
         self.last_write_mode = self.mode_for(devices.pop()) if len(devices) == 1 else self.io.mode
