@@ -103,3 +103,9 @@ def test_extents_freed_while_a_copy_reads_them_return_only_after_the_copy() -> N
     finally:
         gate.set()
         stream.close()
+
+
+def test_pieces_of_a_range_cross_extent_boundaries() -> None:
+    extents = [Extent(1000, 100), Extent(5000, 50), Extent(200, 100)]
+    assert pieces(extents, 120, start=90) == [(0, 1090, 10), (10, 5000, 50), (60, 200, 60)]
+    assert pieces(extents, 0, start=10) == []

@@ -380,3 +380,17 @@ def test_done_is_true_for_a_prefetch_that_failed(make_cache: CacheFactory) -> No
     with pytest.raises(RuntimeError):
         handle.wait()
     assert handle.done()
+
+
+def test_an_entry_spread_over_a_fragmented_pool_round_trips(make_cache: CacheFactory) -> None:
+    cache = make_cache(policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 256 * KiB}}))
+    for i in range(4):
+        cache.put(f"e{i}", kv(i))  # 4 x 64 KiB fill the pool
+    cache.delete("e0")
+    cache.delete("e2")  # two 64 KiB holes, not adjacent
+    big = kv(9, 128 * KiB)
+    assert cache.put("big", big) == "host"
+    assert cache._host.pool.free_runs == 0  # it took both holes
+    assert_same(cache.get("big"), big)
+    assert_same(dict(cache.stream("big", lookahead=1)), big)
+    assert_same(cache._host.read(cache._engine.records["big"].uid), big)  # the view a demotion writes to nvme

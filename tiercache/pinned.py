@@ -143,16 +143,16 @@ class HostPool:
         self.used -= extent.nbytes
 
 
-def pieces(extents: list[Extent], nbytes: int) -> list[tuple[int, int, int]]:
-    """How `nbytes` of one tensor lie in its extents: (byte offset in the tensor, pool offset, length), in order."""
+def pieces(extents: list[Extent], nbytes: int, start: int = 0) -> list[tuple[int, int, int]]:
+    """How the bytes [start, start + nbytes) of an allocation lie in its extents, in order: (offset from `start`,
+    pool offset, length)."""
     out = []
-    position = 0
+    base = 0  # the allocation's offset at which the current extent begins
     for extent in extents:
-        length = min(extent.nbytes, nbytes - position)
-        if length <= 0:
-            break
-        out.append((position, extent.offset, length))
-        position += length
+        lo, hi = max(start, base), min(start + nbytes, base + extent.nbytes)
+        if lo < hi:
+            out.append((lo - start, extent.offset + lo - base, hi - lo))
+        base += extent.nbytes
     return out
 
 

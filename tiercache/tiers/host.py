@@ -12,25 +12,41 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
+from ..entry import EntrySpec, Tensors, as_bytes, from_bytes
+from ..io.aligned import round_up
 from ..pinned import Extent, HostPool, pieces
 from ..transfer import Event, Stream, Transfers, all_of, consumer_stream
 from .base import EntryId, Tier
 
 OnCopy = Callable[[str, int, float], None]  # (pathway, bytes, seconds), called when a copy has completed
 
-Home = list[Extent] | torch.Tensor  # a tensor's bytes: extents of the pool, or pageable memory when the pool is full
+Home = list[Extent] | torch.Tensor  # an entry's bytes: extents of the pool, or pageable memory when the pool is full
+ALIGN = 64  # each tensor starts this aligned in its entry's bytes: any dtype can view it; a cache line
 
 
 @dataclass
 class _Held:
     spec: EntrySpec
-    homes: list[Home]
+    home: Home
+    offsets: list[int]  # where each tensor starts in the entry's bytes
+    span: int  # the entry's bytes, padding between tensors included
     ready: Event  # the offload that filled it
     reads: list[Event] = field(default_factory=list)  # reloads from it that may still be in flight
 
 
+def entry_layout(spec: EntrySpec) -> tuple[list[int], int]:
+    """Each tensor's offset in one run of bytes holding the entry, and the run's length."""
+    offsets, span = [], 0
+    for tspec in spec.tensors:
+        offsets.append(span)
+        span += round_up(tspec.nbytes, ALIGN)
+    return offsets, span
+
+
 class HostTier(Tier):
+    """An entry lives in one run of the pool (several extents where the pool is fragmented), its tensors at
+    64-byte offsets: a whole-entry reload is one copy (in `transfer.chunk_size` pieces), not one per tensor."""
+
     keeps_tensors = False
     logs_transfers = True
 
@@ -63,16 +79,16 @@ class HostTier(Tier):
         if tensors is None:
             raise ValueError(f"tier host stores tensors; got none for {spec.key!r}")
         self._admit(entry, spec)
-        homes: list[Home] = []
+        offsets, span = entry_layout(spec)
+        home: Home | None = None
         stream: Stream | None = None
         producers = {t.device for t in tensors.values()}
         try:
+            home = self._allocate(span)
             copies = []
-            for tspec in spec.tensors:
+            for tspec, offset in zip(spec.tensors, offsets, strict=True):
                 flat = as_bytes(tensors[tspec.name])
-                home, dsts = self._home(tspec)
-                homes.append(home)
-                copies += [(dst, flat[at : at + dst.numel()]) for at, dst in dsts]
+                copies += [(dst, flat[at : at + dst.numel()]) for at, dst in self._range(home, offset, tspec.nbytes)]
             stream = self.transfers.offload_stream(producers)
             for device in producers:  # the copy reads what the producer's queued work writes
                 stream.wait(consumer_stream(device).record())
@@ -82,10 +98,11 @@ class HostTier(Tier):
             self.transfers.copy(stream, copies)
             ready = stream.record()
         except BaseException:
-            self._free(homes, () if stream is None else (stream.record(),))
+            if home is not None:
+                self._free(home, () if stream is None else (stream.record(),))
             self._forget(entry)
             raise
-        self._held[entry] = _Held(spec, homes, ready)
+        self._held[entry] = _Held(spec, home, offsets, span, ready)
         # Sources stay allocated until copied: CUDA tensors through the allocator, others held until then.
         self.transfers.deferred.after(ready, _keep(*stream.uses(tensors.values())))
         self._log_when_done(f"{source or 'hbm'}->{self.label}", spec.nbytes, start, ready)
@@ -97,13 +114,18 @@ class HostTier(Tier):
                 self.delete(entry)
                 raise
 
-    def _home(self, tspec: TensorSpec) -> tuple[Home, list[tuple[int, torch.Tensor]]]:
-        """Where a tensor's bytes go, and the (byte offset in the tensor, destination) pieces to copy."""
-        extents = self.pool.allocate(tspec.nbytes)
+    def _allocate(self, nbytes: int) -> Home:
+        extents = self.pool.allocate(nbytes)
         if extents is None:  # the pool is full or split too finely: pageable memory, counted in pool.fallbacks
-            buffer = torch.empty(tspec.nbytes, dtype=torch.uint8)
-            return buffer, [(0, buffer)]
-        return extents, [(at, self.pool.region[offset : offset + n]) for at, offset, n in pieces(extents, tspec.nbytes)]
+            return torch.empty(nbytes, dtype=torch.uint8)
+        return extents
+
+    def _range(self, home: Home, start: int, nbytes: int) -> list[tuple[int, torch.Tensor]]:
+        """The bytes [start, start + nbytes) of an entry as (offset from start, a uint8 view of them) pieces."""
+        if isinstance(home, torch.Tensor):
+            return [(0, home[start : start + nbytes])] if nbytes else []
+        region = self.pool.region
+        return [(at, region[offset : offset + n]) for at, offset, n in pieces(home, nbytes, start)]
 
     # ---- reload -----------------------------------------------------------------------------------------------
     def load(
@@ -115,29 +137,27 @@ class HostTier(Tier):
         held = self._held[entry]
         held.reads = [e for e in held.reads if not e.query()]
         stream = self.transfers.reload_stream(device)
-        wanted = set(names) if names is not None else None
         out: Tensors = {}
-        copies = []
-        nbytes = 0
-        for tspec, home in zip(held.spec.tensors, held.homes, strict=True):
-            if wanted is not None and tspec.name not in wanted:
-                continue
-            raw = stream.empty(max(tspec.nbytes, 1), device)[: tspec.nbytes]
-            copies += [(raw[at : at + src.numel()], src) for at, src in self._sources(tspec, home)]
-            out[tspec.name] = from_bytes(raw, tspec)
-            nbytes += tspec.nbytes
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if names is None:  # the whole entry: one buffer laid out as in the pool, filled by one run of copies
+            raw = stream.empty(max(held.span, 1), device)
+            copies = [(raw[at : at + src.numel()], src) for at, src in self._range(held.home, 0, held.span)]
+            for tspec, offset in zip(held.spec.tensors, held.offsets, strict=True):
+                out[tspec.name] = from_bytes(raw[offset:], tspec)
+        else:
+            wanted = set(names)
+            for tspec, offset in zip(held.spec.tensors, held.offsets, strict=True):
+                if tspec.name in wanted:
+                    raw = stream.empty(max(tspec.nbytes, 1), device)
+                    copies += [(raw[at : at + s.numel()], s) for at, s in self._range(held.home, offset, tspec.nbytes)]
+                    out[tspec.name] = from_bytes(raw, tspec)
         start = stream.record()  # before the wait: a failed offload's error reaches `done`, not `start`
         stream.wait(held.ready)
         self.transfers.copy(stream, copies)
         done = stream.record()
         held.reads.append(done)
-        self._log_when_done(f"{self.label}->{dest}", nbytes, start, done)
+        self._log_when_done(f"{self.label}->{dest}", sum(t.nbytes for t in out.values()), start, done)
         return out, done
-
-    def _sources(self, tspec: TensorSpec, home: Home) -> list[tuple[int, torch.Tensor]]:
-        if isinstance(home, torch.Tensor):
-            return [(0, home)]
-        return [(at, self.pool.region[offset : offset + n]) for at, offset, n in pieces(home, tspec.nbytes)]
 
     def read(self, entry: EntryId) -> Tensors:
         """The entry's tensors in host memory, for the host thread (a demotion to nvme): views of the pool where a
@@ -145,27 +165,27 @@ class HostTier(Tier):
         held = self._held[entry]
         held.ready.synchronize()
         out: Tensors = {}
-        for tspec, home in zip(held.spec.tensors, held.homes, strict=True):
-            sources = self._sources(tspec, home)
-            raw = sources[0][1] if len(sources) == 1 else torch.cat([src for _, src in sources])
-            out[tspec.name] = (
-                from_bytes(raw, tspec) if tspec.nbytes else torch.empty(tspec.shape, dtype=tspec.torch_dtype)
-            )
+        for tspec, offset in zip(held.spec.tensors, held.offsets, strict=True):
+            parts = [view for _, view in self._range(held.home, offset, tspec.nbytes)]
+            if not parts:
+                out[tspec.name] = torch.empty(tspec.shape, dtype=tspec.torch_dtype)
+                continue
+            out[tspec.name] = from_bytes(parts[0] if len(parts) == 1 else torch.cat(parts), tspec)
         return out
 
     # ---- removal ----------------------------------------------------------------------------------------------
     def delete(self, entry: EntryId) -> None:
         self._forget(entry)
         held = self._held.pop(entry)
-        self._free(held.homes, [held.ready, *held.reads])
+        self._free(held.home, [held.ready, *held.reads])
 
-    def _free(self, homes: list[Home], busy: Sequence[Event]) -> None:
-        """Return a tensor's extents to the pool (or drop its pageable buffer) once no copy uses them."""
-        extents = [e for home in homes if not isinstance(home, torch.Tensor) for e in home]
-        buffers = [home for home in homes if isinstance(home, torch.Tensor)]
+    def _free(self, home: Home, busy: Sequence[Event]) -> None:
+        """Return an entry's extents to the pool (or drop its pageable buffer) once no copy uses them."""
         done = all_of(busy)
-        self.pool.release_after(done, extents)
-        self.transfers.deferred.after(done, _keep(buffers))
+        if isinstance(home, torch.Tensor):
+            self.transfers.deferred.after(done, _keep(home))
+        else:
+            self.pool.release_after(done, home)
 
     def close(self) -> None:
         for entry in list(self._held):
