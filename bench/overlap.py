@@ -24,7 +24,8 @@ import tiercache
 from .measure import chunk_files, drop_page_caches, forcing_policy
 
 HEADS, HEAD_DIM = 8, 128
-QUERY_TOKENS = 32  # sized so that a layer's attention takes about as long as its K/V reload here
+QUERY_TOKENS = 32  # sized so that a layer's attention takes about as long as its K/V reload on the CI machine
+GPU_QUERY_TOKENS = 16384  # a GPU computes far faster: a layer must outlast its reload for the 5% target to apply
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,20 @@ def attend(query: torch.Tensor, kv: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, kv["k"], kv["v"])
 
 
+def query_tokens(device: torch.device) -> int:
+    """Query tokens a layer attends with: on a GPU enough that a layer's compute outlasts its reload."""
+    return QUERY_TOKENS if device.type == "cpu" else GPU_QUERY_TOKENS
+
+
 def bench_overlap(
     layer_bytes: int, layers: int, root: Path, repeat: int, lookahead: int, progress: Callable[[str], None]
 ) -> list[OverlapResult]:
+    device = tiercache.default_device()
     tokens = max(1, layer_bytes // (2 * HEADS * HEAD_DIM * 2))
-    entries = [layer_kv(tokens, i) for i in range(layers)]
+    host_entries = [layer_kv(tokens, i) for i in range(layers)]
+    entries = [{n: t.to(device) for n, t in e.items()} for e in host_entries]  # compute-only: K/V already there
     nbytes = sum(t.numel() * t.element_size() for t in entries[0].values())
-    query = torch.randn(1, HEADS, QUERY_TOKENS, HEAD_DIM).to(torch.bfloat16)
+    query = torch.randn(1, HEADS, query_tokens(device), HEAD_DIM).to(torch.bfloat16).to(device)
     results = []
     for source in ("host", "nvme"):
         progress(f"overlap from {source}, {layers} layers x {tiercache.format_size(nbytes)}")
@@ -108,6 +116,8 @@ def bench_overlap(
                     drop_page_caches(files)
                     start = time.perf_counter()
                     fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
                     if rep:
                         times[name].append(time.perf_counter() - start)
             compute_s, serial_s = statistics.median(times["compute"]), statistics.median(times["serial"])
@@ -131,12 +141,12 @@ def overlap_table(results: list[OverlapResult], lookahead: int) -> str:
     lines = [
         "## Overlap: reload K/V while attention runs",
         "",
-        f"Each layer: attention of {QUERY_TOKENS} query tokens over the layer's K/V "
+        f"Each layer: attention of {query_tokens(tiercache.default_device())} query tokens over the layer's K/V "
         f"({HEADS} heads x {HEAD_DIM}, bf16); "
         f"overlapped = `prefetch` {lookahead} layers (entries) ahead; streamed = one entry of all layers through "
         f"`cache.stream(key, lookahead={2 * lookahead})` (K and V: {lookahead} layers ahead). Medians; efficiency = "
-        "share of the serial reload time the overlapped loop hid. The target on a machine without a GPU is "
-        "<= 0.75x of serial.",
+        "share of the serial reload time the overlapped loop hid. Targets: without a GPU, overlapped <= 0.75x of "
+        "serial; on a GPU, where a layer's compute outlasts its reload, within 1.05x of compute only.",
         "",
         "| reload from | layers x K/V | compute only | serial (reload, then compute) | overlapped | "
         "overlapped / serial | streamed | streamed / serial | overlap efficiency |",

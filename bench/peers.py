@@ -105,7 +105,7 @@ def bench_peers(size: int, root: Path, repeat: int, progress: Callable[[str], No
     nbytes = sum(t.numel() * t.element_size() for t in entry.values())
     scratch = root.parent / "peers"
     rows: list[Row] = []
-    with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes)) as cache:
+    with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes), device="cpu") as cache:
         cache.put("e", entry)
         for peer in peers(list(entry)):
             progress(f"peer {peer.name} {tiercache.format_size(nbytes)}")

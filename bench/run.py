@@ -1,5 +1,8 @@
 """Round trips of every tier, each beside the raw limit of the same machine, measured in the same run.
 
+These rows run with `device="cpu"` (hbm stands for CPU memory in them) on every machine, so that on a GPU machine
+too they measure the host-memory pathways (nvme -> host through the POSIX backend) against host-memory limits.
+
 For each entry size: put and get through hbm, host and nvme (a policy forces the tier and turns promotion off,
 so every get takes the same pathway), interleaved repetition by repetition with the raw operation each pathway
 is bounded by: a memcpy into a fresh tensor (clone; for a put, made while the previous copy is still held, as
@@ -99,7 +102,7 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
 
     for tier in ("hbm", "host"):
         progress(f"{tier} put/get {tiercache.format_size(nbytes)}")
-        with tiercache.TierCache(root=root, policy=forcing_policy(tier, nbytes)) as cache:
+        with tiercache.TierCache(root=root, policy=forcing_policy(tier, nbytes), device="cpu") as cache:
             ours, raw = side_by_side(lambda: cache.put("e", entry), HeldClone(entry), repeat)
             rows.append(row(nbytes, f"put -> {tier}", ours, "memcpy (clone, previous held)", raw))
             get_ours, get_raw = side_by_side(lambda: cache.get("e"), lambda: clone_all(entry), repeat)
@@ -120,7 +123,7 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
         buf[: raw_bytes.numel()].copy_(raw_bytes)
         aligned_sources.append(buf[: round_up(raw_bytes.numel())])
     scratch = root.parent / "raw-write"
-    with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes)) as cache:
+    with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes), device="cpu") as cache:
         io_mode = cache.stats().nvme_io
         ours, raw = side_by_side(
             lambda: cache.put("e", entry), lambda: raw_direct_write(scratch, aligned_sources), repeat
@@ -130,7 +133,9 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
 
     for verify in (True, False):
         progress(f"nvme get (checksums {'on' if verify else 'off'}) {tiercache.format_size(nbytes)}")
-        with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes, verify=verify)) as cache:
+        with tiercache.TierCache(
+            root=root, policy=forcing_policy("nvme", nbytes, verify=verify), device="cpu"
+        ) as cache:
             files = chunk_files(root)
             drop = functools.partial(drop_page_caches, [path for path, _ in files])
             ours, raw = side_by_side(lambda: cache.get("e"), functools.partial(raw_direct_read, files), repeat, drop)

@@ -53,7 +53,7 @@ def bench_workloads(cap: int, root: Path, repeat: int, progress: Callable[[str],
         entry, label = scaled(name, cap)
         nbytes = sum(t.numel() * t.element_size() for t in entry.values())
         progress(f"workload {label}")
-        with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes)) as cache:
+        with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes), device="cpu") as cache:
             cache.put("e", entry)
             files = chunk_files(root)
             drop = functools.partial(drop_page_caches, [p for p, _ in files])
