@@ -26,7 +26,7 @@ def latency_chart(rows: list[Row], out: Path) -> str:
     if sizes:
         seed = Profile.load("rtx-pro-6000-blackwell")
         span = [sizes[0], max(sizes[-1], 8 * 10**9)]
-        for style, (pathway, label, _) in zip(("--", "-.", ":"), SEED_PATHWAYS, strict=True):
+        for style, (pathway, label, *_) in zip(("--", "-.", ":"), SEED_PATHWAYS, strict=True):
             ax.plot(
                 [s / 1e9 for s in span],
                 [seed.seconds(pathway, s) * 1e3 for s in span],
