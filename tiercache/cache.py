@@ -214,9 +214,18 @@ class TierCache:
             except BaseException as exc:  # noqa: BLE001 - handed to wait(), as a background load's error is
                 future.set_exception(exc)
             return PrefetchHandle(key, future, target, self._transfers)
+        # nvme: buffers are allocated and reads queued here (this thread's warm memory, no hand-off before the
+        # disk starts); a prefetch thread waits for them, checks them and promotes.
         try:
-            future = self._prefetcher.submit(self._load, record, tier, held, target)
+            landing = self._nvme.start_entry_read(record.uid, target)
+        except BaseException:
+            self._end_read(record)
+            raise
+        try:
+            future = self._prefetcher.submit(self._load, record, tier, held, target, landing)
         except RuntimeError:
+            with contextlib.suppress(BaseException):
+                landing()  # the reads started must end (their files closed) before the entry is released
             self._end_read(record)
             raise CacheClosedError("prefetch() on a closed TierCache") from None
         return PrefetchHandle(key, future, target, self._transfers)
@@ -387,9 +396,16 @@ class TierCache:
             self._active_reads += 1
             return begun
 
-    def _load(self, record: Record, tier: str, held: Tensors | None, target: torch.device) -> tuple[Tensors, Event]:
-        """The data path of a read, outside the lock: start the copies to `target`, then promote. Returns the
-        tensors and the event after which they hold their values."""
+    def _load(
+        self,
+        record: Record,
+        tier: str,
+        held: Tensors | None,
+        target: torch.device,
+        landing: Callable[[], Tensors] | None = None,
+    ) -> tuple[Tensors, Event]:
+        """The data path of a read, outside the lock: start the copies to `target` (or collect the nvme reads
+        `landing` started), then promote. Returns the tensors and the event after which they hold their values."""
         hit = tier == "hbm" and _same_device(target, self.device)
         try:
             if hit:  # no transfer: the cached tensors themselves, once the copy that promoted them is done
@@ -400,7 +416,10 @@ class TierCache:
                 start = time.perf_counter()
                 if held is not None and record.ready is not None:  # hbm to another device: after its producer
                     consumer_stream(self.device).wait(record.ready)
-                source = self._nvme.read(record.uid, target) if held is None else held
+                if held is not None:
+                    source = held
+                else:
+                    source = landing() if landing is not None else self._nvme.read(record.uid, target)
                 tensors = {n: t.to(target, copy=held is not None) for n, t in source.items()}
                 self._record_transfer(tier, self._tier_name_of(target), record.spec.nbytes, time.perf_counter() - start)
                 ready = all_of(())

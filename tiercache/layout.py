@@ -166,14 +166,21 @@ class DiskLayout:
 
     def read(self, stored: StoredEntry, verify: bool, device: torch.device | None = None) -> Tensors:
         """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C; or,
-        where the direct backend serves `device`, read straight into that device's memory.
+        where the direct backend serves `device`, read straight into that device's memory."""
+        return self.start_entry_read(stored, verify, device)()
+
+    def start_entry_read(
+        self, stored: StoredEntry, verify: bool, device: torch.device | None = None
+    ) -> Callable[[], Tensors]:
+        """Allocate the entry's buffers in the calling thread and queue every file's reads; the returned call waits
+        for them, checks them and returns the tensors (a prefetch waits for it in the background).
 
         Every file's pieces are queued on the I/O pool at once. A file read in one piece is checksummed by the
         thread that read it; a larger one by a task of its own, over its pieces in order as they land. Files are
         verified in parallel while others are still being read.
         """
         if device is not None and self._serves(device):
-            return self._read_direct(stored, verify, device)
+            return self._start_direct(stored, verify, device)
         # Few, page-aligned regions, each file at a 4 KiB boundary: huge pages for entries of many small tensors
         # too (first-touch faults cost as much as the read on some VMs). Tensors kept as views share one region;
         # tensors copied out (small ones) read into another, dropped once they are copied.
@@ -196,7 +203,7 @@ class DiskLayout:
         except BaseException:
             _settle_all(landing)
             raise
-        return _collect(stored, landing)
+        return functools.partial(_collect, stored, landing)
 
     def start_read(
         self, stored: StoredEntry, index: int, verify: bool, device: torch.device | None = None
@@ -214,7 +221,7 @@ class DiskLayout:
         land = self._start(stored, index, aligned_empty(tspec.nbytes + CHECKSUM_BYTES), verify)
         return land.result if isinstance(land, Future) else land
 
-    def _read_direct(self, stored: StoredEntry, verify: bool, device: torch.device) -> Tensors:
+    def _start_direct(self, stored: StoredEntry, verify: bool, device: torch.device) -> Callable[[], Tensors]:
         """Every file of the entry read at once by kvikio into one device region (each file at a 4 KiB offset, as
         GDS wants), then checked on the device."""
         assert self.direct is not None
@@ -234,7 +241,7 @@ class DiskLayout:
         except BaseException:
             _settle_all(landing)
             raise
-        return _collect(stored, landing)
+        return functools.partial(_collect, stored, landing)
 
     def _landed_direct(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, finish: Callable[[], None], verify: bool

@@ -85,6 +85,10 @@ class NvmeTier(Tier):
         """The entry's tensors: on `device` where kvikio serves it, else in host memory."""
         return self.layout.read(self._stored[entry], verify=self.verify, device=device)
 
+    def start_entry_read(self, entry: EntryId, device: torch.device | None = None) -> Callable[[], Tensors]:
+        """Queue the reads of a whole entry now; the returned call waits for its tensors (DiskLayout)."""
+        return self.layout.start_entry_read(self._stored[entry], verify=self.verify, device=device)
+
     def start_read(self, entry: EntryId, index: int, device: torch.device | None = None) -> Callable[[], torch.Tensor]:
         """Start reading one tensor of an entry; the returned call waits for it (see DiskLayout.start_read)."""
         return self.layout.start_read(self._stored[entry], index, verify=self.verify, device=device)
