@@ -34,7 +34,7 @@ class OverlapResult:
     layers: int
     layer_bytes: int
     compute_s: float
-    reload_s: float  # serial minus compute: the reloads alone
+    reload_s: float  # the reloads alone, no compute
     serial_s: float
     overlapped_s: float
     streamed_s: float
@@ -45,14 +45,20 @@ class OverlapResult:
         return self.overlapped_s / self.serial_s
 
     @property
+    def sum_ratio(self) -> float:
+        """Overlapped time over reload + compute measured apart: the CUDA data path issue's CPU target (<= 0.75)."""
+        return self.overlapped_s / (self.reload_s + self.compute_s)
+
+    @property
     def streamed_ratio(self) -> float:
         """Streamed time over serial time."""
         return self.streamed_s / self.serial_s
 
     @property
     def efficiency(self) -> float:
-        """Share of the serial loop's reload time that the overlap hid: 1.0 = as fast as compute alone."""
-        return (self.serial_s - self.overlapped_s) / self.reload_s if self.reload_s > 0 else 0.0
+        """Share of the reload time that the overlap hid: 1.0 = as fast as compute alone."""
+        hidden = self.reload_s + self.compute_s - self.overlapped_s
+        return hidden / self.reload_s if self.reload_s > 0 else 0.0
 
 
 def layer_kv(tokens: int, seed: int) -> dict[str, torch.Tensor]:
@@ -91,6 +97,10 @@ def bench_overlap(
                 for kv in entries:
                     attend(query, kv)
 
+            def reload_only() -> None:
+                for i in range(layers):
+                    cache.get(f"layer{i}")
+
             def serial() -> None:
                 for i in range(layers):
                     attend(query, cache.get(f"layer{i}"))
@@ -109,8 +119,14 @@ def bench_overlap(
                     (_, k), (_, v) = next(tensors), next(tensors)
                     attend(query, {"k": k, "v": v})
 
-            times: dict[str, list[float]] = {"compute": [], "serial": [], "overlapped": [], "streamed": []}
-            plan = (("compute", compute_only), ("serial", serial), ("overlapped", overlapped), ("streamed", streamed))
+            plan = (
+                ("compute", compute_only),
+                ("reload", reload_only),
+                ("serial", serial),
+                ("overlapped", overlapped),
+                ("streamed", streamed),
+            )
+            times: dict[str, list[float]] = {name: [] for name, _ in plan}
             for rep in range(repeat + 1):  # the first round warms up
                 for name, fn in plan:
                     drop_page_caches(files)
@@ -127,7 +143,7 @@ def bench_overlap(
                     layers,
                     nbytes,
                     compute_s,
-                    max(serial_s - compute_s, 0.0),
+                    statistics.median(times["reload"]),
                     serial_s,
                     statistics.median(times["overlapped"]),
                     statistics.median(times["streamed"]),
@@ -145,17 +161,19 @@ def overlap_table(results: list[OverlapResult], lookahead: int) -> str:
         f"({HEADS} heads x {HEAD_DIM}, bf16); "
         f"overlapped = `prefetch` {lookahead} layers (entries) ahead; streamed = one entry of all layers through "
         f"`cache.stream(key, lookahead={2 * lookahead})` (K and V: {lookahead} layers ahead). Medians; efficiency = "
-        "share of the serial reload time the overlapped loop hid. Targets: without a GPU, overlapped <= 0.75x of "
-        "serial; on a GPU, where a layer's compute outlasts its reload, within 1.05x of compute only.",
+        "share of the reload time the overlapped loop hid. Targets: without a GPU, overlapped <= 0.75x of reload + "
+        "compute (each measured alone); on a GPU, where a layer's compute outlasts its reload, within 1.05x of "
+        "compute only.",
         "",
-        "| reload from | layers x K/V | compute only | serial (reload, then compute) | overlapped | "
-        "overlapped / serial | streamed | streamed / serial | overlap efficiency |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| reload from | layers x K/V | compute only | reload only | serial (reload, then compute) | overlapped | "
+        "overlapped / (reload + compute) | overlapped / serial | streamed | streamed / serial | overlap efficiency |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r.source} | {r.layers} x {tiercache.format_size(r.layer_bytes)} | {r.compute_s * 1e3:.1f} ms | "
-            f"{r.serial_s * 1e3:.1f} ms | {r.overlapped_s * 1e3:.1f} ms | {r.ratio:.2f}x | "
-            f"{r.streamed_s * 1e3:.1f} ms | {r.streamed_ratio:.2f}x | {r.efficiency:.0%} |"
+            f"{r.reload_s * 1e3:.1f} ms | {r.serial_s * 1e3:.1f} ms | {r.overlapped_s * 1e3:.1f} ms | "
+            f"{r.sum_ratio:.2f}x | {r.ratio:.2f}x | {r.streamed_s * 1e3:.1f} ms | {r.streamed_ratio:.2f}x | "
+            f"{r.efficiency:.0%} |"
         )
     return "\n".join(lines) + "\n"

@@ -217,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                 "repeat": repeat,
                 "rows": [asdict(r) | {"gbps": r.gbps, "ratio": r.ratio, "verdict": r.verdict} for r in rows],
                 "overlap": [
-                    asdict(o) | {"ratio": o.ratio, "streamed_ratio": o.streamed_ratio, "efficiency": o.efficiency}
+                    asdict(o)
+                    | {
+                        "ratio": o.ratio,
+                        "sum_ratio": o.sum_ratio,
+                        "streamed_ratio": o.streamed_ratio,
+                        "efficiency": o.efficiency,
+                    }
                     for o in overlap
                 ],
             },
