@@ -99,6 +99,8 @@ class TierCache:
     ) -> None:
         self.policy: Policy = resolve_policy(policy)
         self.device: torch.device = torch.device(device) if device is not None else default_device()
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" means the current device: name it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.profile: Profile = profile_for(self.policy)
         self._temp_root = Path(tempfile.mkdtemp(prefix="tiercache-")) if root is None else None
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
