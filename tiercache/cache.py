@@ -545,7 +545,12 @@ class TierCache:
             raise CacheClosedError(f"this TierCache (root {self.root}) is closed; open a new one")
 
     def _target(self, device: str | torch.device | None) -> torch.device:
-        return torch.device(device) if device is not None else self.device
+        if device is None:
+            return self.device
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return target
 
     def _tier_name_of(self, device: torch.device) -> str:
         if _same_device(device, self.device):
