@@ -47,6 +47,11 @@ def gate_reloads(cache: tiercache.TierCache) -> Gate:
     return gate
 
 
+def fail_copies() -> None:
+    """A copy stream's `before_copy` that makes every copy fail."""
+    raise RuntimeError("injected copy failure")
+
+
 def layers(n: int, nbytes: int = 16 * KiB) -> dict[str, torch.Tensor]:
     return {f"layer{i}": torch.full((nbytes // 4,), float(i)) for i in range(n)}
 
@@ -212,10 +217,7 @@ def test_a_failed_reload_raises_and_the_entry_stays(make_cache: CacheFactory) ->
     reload = cache._transfers.reload
     assert isinstance(reload, WorkerStream)
 
-    def fail() -> None:
-        raise RuntimeError("injected copy failure")
-
-    reload.before_copy = fail
+    reload.before_copy = fail_copies
     with pytest.raises(RuntimeError, match="injected"):
         cache.get("kv")
     reload.before_copy = None
@@ -338,10 +340,7 @@ def test_a_failed_offload_leaves_nothing_behind(make_cache: CacheFactory) -> Non
     offload = cache._transfers.offload
     assert isinstance(offload, WorkerStream)
 
-    def fail() -> None:
-        raise RuntimeError("injected offload failure")
-
-    offload.before_copy = fail
+    offload.before_copy = fail_copies
     with pytest.raises(RuntimeError, match="injected"):
         cache.put("kv", kv(1))
     offload.before_copy = None
@@ -372,10 +371,7 @@ def test_done_is_true_for_a_prefetch_that_failed(make_cache: CacheFactory) -> No
     reload = cache._transfers.reload
     assert isinstance(reload, WorkerStream)
 
-    def fail() -> None:
-        raise RuntimeError("injected copy failure")
-
-    reload.before_copy = fail
+    reload.before_copy = fail_copies
     handle = cache.prefetch("kv")
     with pytest.raises(RuntimeError):
         handle.wait()
