@@ -109,28 +109,28 @@ def bench_kvikio(
     threads, task = best
     rows = []
     settings = {"backend": "kvikio", "threads": threads, "task_size": task}
+    scratch = root.parent / "raw-kvikio-write"
+    scratch.mkdir(parents=True, exist_ok=True)
     with tiercache.TierCache(root=root, policy=gpu_policy("nvme", nbytes, **settings), device="cuda") as cache:
         mode = cache.stats().nvme_device_io
         tag = f"kvikio {mode}, {threads} threads, {tiercache.format_size(task)} tasks"
-        scratch = root.parent / "raw-kvikio-write"
-        scratch.mkdir(parents=True, exist_ok=True)
         ours, raw = side_by_side(
             synced(lambda: cache.put("e", entry)),
             functools.partial(raw_kvikio_write, kvikio, scratch, list(entry.values())),
             repeat,
         )
         rows.append(row(nbytes, f"offload hbm -> nvme ({tag})", ours, "raw kvikio CuFile.pwrite", raw))
-        files = chunk_files(root)
-        drop = functools.partial(drop_page_caches, [path for path, _ in files])
-        for verify in (True, False):
-            policy = gpu_policy("nvme", nbytes, verify_checksums=verify, **settings)
-            with tiercache.TierCache(root=root, policy=policy, device="cuda") as reader:
-                ours, raw = side_by_side(
-                    synced(lambda: reader.get("e")), functools.partial(raw_kvikio_read, kvikio, files), repeat, drop
-                )
-            crc = "crc32c checked on the GPU" if verify else "crc32c not checked"
-            rows.append(row(nbytes, f"reload nvme -> hbm ({tag}, {crc})", ours, "raw kvikio CuFile.pread", raw, 0.90))
-        shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    files = chunk_files(root)  # the last put's files: the reads below get them, raw and through the cache
+    drop = functools.partial(drop_page_caches, [path for path, _ in files])
+    for verify in (True, False):  # one cache at a time holds the root
+        policy = gpu_policy("nvme", nbytes, verify_checksums=verify, **settings)
+        with tiercache.TierCache(root=root, policy=policy, device="cuda") as reader:
+            ours, raw = side_by_side(
+                synced(lambda: reader.get("e")), functools.partial(raw_kvikio_read, kvikio, files), repeat, drop
+            )
+        crc = "crc32c checked on the GPU" if verify else "crc32c not checked"
+        rows.append(row(nbytes, f"reload nvme -> hbm ({tag}, {crc})", ours, "raw kvikio CuFile.pread", raw, 0.90))
     return rows
 
 
