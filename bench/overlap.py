@@ -104,11 +104,14 @@ def bench_overlap(
             def serial() -> None:
                 for i in range(layers):
                     attend(query, cache.get(f"layer{i}"))
+                    if device.type == "cuda":  # get() only orders the stream: serial means each layer ends first
+                        torch.cuda.current_stream().synchronize()
 
             def overlapped() -> None:
                 ahead = deque(cache.prefetch(f"layer{i}") for i in range(min(lookahead, layers)))
                 for i in range(layers):
-                    kv = ahead.popleft().wait()
+                    # On a GPU the compute stream waits for the copies; the host goes on queueing work.
+                    kv = ahead.popleft().wait(stream=torch.cuda.current_stream() if device.type == "cuda" else None)
                     if i + lookahead < layers:
                         ahead.append(cache.prefetch(f"layer{i + lookahead}"))
                     attend(query, kv)

@@ -19,7 +19,7 @@ def overlaps(a: Extent, b: Extent) -> bool:
 def test_a_pool_without_cuda_is_pageable_and_says_why() -> None:
     pool = HostPool(1 << 20, pin=True)
     assert not pool.pinned and "CUDA" in (pool.why_pageable or "")
-    assert HostPool(1 << 20, pin=False).why_pageable == "tiers.host.pinned is false in the policy"
+    assert "pinning is off" in (HostPool(1 << 20, pin=False).why_pageable or "")
 
 
 def test_sizes_round_up_to_the_grain_and_one_extent_is_used_when_a_run_fits() -> None:

@@ -110,7 +110,10 @@ class TierCache:
         self._transfers = Transfers(self.device, self.policy.transfer.chunk_size)
         try:
             self._host = HostTier(
-                budgets.host.capacity, pin=budgets.host.pinned, transfers=self._transfers, on_copy=self._log.record
+                budgets.host.capacity,
+                pin=budgets.host.pinned and self.device.type == "cuda",  # pinning serves DMA to the device only
+                transfers=self._transfers,
+                on_copy=self._log.record,
             )
         except BaseException:
             self._transfers.close()

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .checksum import crc32c, crc32c_anywhere
+from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
 from .io import PendingRead, PosixIO, aligned_empty, round_up
@@ -151,7 +151,7 @@ class DiskLayout:
             return None, created
         direct = self._serves(tensor.device)
         raw = as_bytes(tensor if direct or tensor.device.type == "cpu" else tensor.cpu())
-        checksum = crc32c_anywhere(raw)  # on the device that holds the bytes
+        checksum = self.direct.checksum(raw) if direct and self.direct is not None else crc32c(raw)
         chunk = chunk_path(array_dir, len(spec.shape))
         chunk.parent.mkdir(parents=True, exist_ok=True)
         created += _parents_between(chunk, array_dir)
@@ -249,7 +249,8 @@ class DiskLayout:
         finish()
         if verify:
             nbytes = stored.spec.tensors[index].nbytes
-            self._verify(stored, index, buffer, crc32c_anywhere(buffer[:nbytes]))
+            assert self.direct is not None
+            self._verify(stored, index, buffer, self.direct.checksum(buffer[:nbytes]))
         return self._tensor(stored, index, buffer)
 
     def _start(

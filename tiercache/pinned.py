@@ -95,6 +95,8 @@ class HostPool:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.region.data_ptr())
             self.pinned = False
+        self.region = torch.empty(0, dtype=torch.uint8)  # the memory goes now, not when a cycle is collected
+        self._free, self.capacity, self.used = [], 0, 0
 
     # ---- the free list: runs sorted by offset, neighbours merged -----------------------------------------------
     def _take(self, need: int) -> list[Extent] | None:
@@ -159,7 +161,7 @@ def pieces(extents: list[Extent], nbytes: int, start: int = 0) -> list[tuple[int
 def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
     """Page-lock the region once; returns (pinned, why not)."""
     if not pin:
-        return False, "tiers.host.pinned is false in the policy"
+        return False, "pinning is off (tiers.host.pinned = false, or the compute device is the CPU)"
     if not torch.cuda.is_available():
         return False, "CUDA is not available, so there is nothing to pin for"
     if region.numel() == 0:

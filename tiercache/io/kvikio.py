@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..checksum import crc32c_anywhere
 from ..errors import StorageError
 
 
@@ -46,8 +47,10 @@ class KvikioIO:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         kvikio.defaults.set({"num_threads": threads, "task_size": task_size})
         self.threads, self.task_size = threads, task_size
-        self.mode = "compat" if kvikio.defaults.is_compat_mode_preferred() else "gds"
         self.gds_available = bool(_driver_property(kvikio, "is_gds_available"))
+        # AUTO prefers cuFile whenever libcufile loads, but without the nvidia-fs driver cuFile itself falls back
+        # to POSIX: call that compat too.
+        self.mode = "gds" if self.gds_available and not kvikio.defaults.is_compat_mode_preferred() else "compat"
         self._monitor: Any = _monitor(kvikio)
         self._probe(directory)
 
@@ -77,6 +80,14 @@ class KvikioIO:
             return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         with torch.cuda.stream(self._stream):
             return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def checksum(self, data: torch.Tensor) -> int:
+        """CRC32C of device bytes, computed on this backend's own stream: on the legacy default stream a prefetch
+        thread's check would queue behind the consumer's compute."""
+        if self._stream is None:
+            return crc32c_anywhere(data)
+        with torch.cuda.stream(self._stream):
+            return crc32c_anywhere(data)
 
     @property
     def label(self) -> str:
