@@ -55,15 +55,18 @@ class KvikioIO:
         self._probe(directory)
 
     def _probe(self, directory: Path) -> None:
-        """Write and read back one page, so that a kvikio that cannot do I/O here fails at open, not mid-run."""
+        """Write and read back one page from and into the device's memory (the path every transfer takes), so that
+        a kvikio that cannot do I/O here fails at open, not mid-run."""
         path = directory / ".kvikio-probe"
-        page = torch.arange(4096, dtype=torch.int32).to(torch.uint8)
+        page = torch.arange(4096, dtype=torch.int32).to(torch.uint8).to(self.device)
+        if page.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             with self._kvikio.CuFile(str(path), "w") as f:
-                f.pwrite(page.numpy(), 4096, 0).get()
-            back = torch.empty(4096, dtype=torch.uint8)
+                f.pwrite(_buffer(page), 4096, 0).get()
+            back = self.empty(4096)
             with self._kvikio.CuFile(str(path), "r") as f:
-                f.pread(back.numpy(), 4096, 0).get()
+                f.pread(_buffer(back), 4096, 0).get()
         except (RuntimeError, OSError, ValueError) as exc:
             raise StorageError(
                 f"kvikio cannot read or write files in {directory}: {exc}; "
