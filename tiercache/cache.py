@@ -327,7 +327,7 @@ class TierCache:
             notes.append(
                 f"host pool: {format_size(pool.capacity)} "
                 + ("pinned" if pool.pinned else f"pageable because {pool.why_pageable}")
-                + (f"; {pool.fallbacks} tensors stored in pageable memory outside it (full)" if pool.fallbacks else "")
+                + (f"; {pool.fallbacks} entries stored in pageable memory outside it (full)" if pool.fallbacks else "")
             )
             if self._nvme.io_mode == "buffered":
                 notes.append(f"nvme: buffered I/O because {self._nvme.io.why_buffered}")
