@@ -39,11 +39,16 @@ def worker() -> Iterator[WorkerStream]:
     stream.close()
 
 
-def gate_reloads(cache: tiercache.TierCache) -> Gate:
-    gate = Gate()
+def reload_worker(cache: tiercache.TierCache) -> WorkerStream:
+    """The cache's reload stream, a worker thread on this machine, to inject delays or failures into."""
     stream = cache._transfers.reload
     assert isinstance(stream, WorkerStream)
-    stream.before_copy = gate
+    return stream
+
+
+def gate_reloads(cache: tiercache.TierCache) -> Gate:
+    gate = Gate()
+    reload_worker(cache).before_copy = gate
     return gate
 
 
@@ -214,9 +219,7 @@ def test_a_put_copies_the_tensors_before_returning(make_cache: CacheFactory) -> 
 def test_a_failed_reload_raises_and_the_entry_stays(make_cache: CacheFactory) -> None:
     cache = make_cache(only_tier("host"))
     cache.put("kv", kv(5))
-    reload = cache._transfers.reload
-    assert isinstance(reload, WorkerStream)
-
+    reload = reload_worker(cache)
     reload.before_copy = fail_copies
     with pytest.raises(RuntimeError, match="injected"):
         cache.get("kv")
@@ -368,10 +371,7 @@ def test_many_small_tensors_stay_in_the_pool(make_cache: CacheFactory) -> None:
 def test_done_is_true_for_a_prefetch_that_failed(make_cache: CacheFactory) -> None:
     cache = make_cache(only_tier("host"))
     cache.put("kv", kv(1))
-    reload = cache._transfers.reload
-    assert isinstance(reload, WorkerStream)
-
-    reload.before_copy = fail_copies
+    reload_worker(cache).before_copy = fail_copies
     handle = cache.prefetch("kv")
     with pytest.raises(RuntimeError):
         handle.wait()

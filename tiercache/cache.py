@@ -69,11 +69,7 @@ class PrefetchHandle:
         tensors, ready = self._future.result(timeout)
         if stream is None:
             ready.synchronize()
-            self._transfers.reload.hand_over(tensors.values(), consumer_stream(self.device))
-            return tensors
-        consumer = consumer_stream(self.device, stream)
-        consumer.wait(ready)
-        self._transfers.reload.hand_over(tensors.values(), consumer)
+        self._transfers.deliver(tensors.values(), ready, consumer_stream(self.device, stream))
         return tensors
 
 
@@ -199,9 +195,7 @@ class TierCache:
         target = self._target(device)
         record, tier, held = self._begin_read(key)
         tensors, ready = self._load(record, tier, held, target)
-        consumer = consumer_stream(target)
-        consumer.wait(ready)
-        self._transfers.reload.hand_over(tensors.values(), consumer)
+        self._transfers.deliver(tensors.values(), ready, consumer_stream(target))
         return convert_tensors(tensors, as_)
 
     def prefetch(self, key: str, device: str | torch.device | None = None) -> PrefetchHandle:
@@ -448,8 +442,7 @@ class TierCache:
                     started.append(self._start_one(record, tier, held, target, index + len(started)))
                 name, land = started.popleft()
                 tensor, ready = land()
-                consumer.wait(ready)
-                self._transfers.reload.hand_over([tensor], consumer)
+                self._transfers.deliver([tensor], ready, consumer)
                 yield name, tensor
         finally:
             for _, land in started:  # loads still in flight finish (files closed) before the entry is released

@@ -327,6 +327,12 @@ class Transfers:
     def copy(self, stream: Stream, pieces: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         copy_in_chunks(stream, pieces, self.chunk)
 
+    def deliver(self, tensors: Iterable[torch.Tensor], ready: Event, consumer: Stream) -> None:
+        """Hand loaded tensors to `consumer`: it waits for `ready` (the copies filling them), and the memory the
+        reload stream allocated for them outlives the consumer's work."""
+        consumer.wait(ready)
+        self.reload.hand_over(tensors, consumer)
+
     def close(self) -> None:
         """Wait for every copy and release, then stop the CPU workers."""
         self.deferred.settle_all()
