@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import google_crc32c
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tiercache import StorageError
-from tiercache.io import ALIGN, PosixIO, aligned_empty, drop_page_cache, posix
+from tiercache.checksum import crc32c, crc32c_combine
+from tiercache.io import ALIGN, FileRead, PosixIO, aligned_empty, drop_page_cache, posix
 from tiercache.io.posix import probe_direct_io
 
 
@@ -30,12 +35,10 @@ def test_write_then_read_is_exact_for_any_size_and_source_alignment(
     assert path.stat().st_size == size + 4
     drop_page_cache(path)
     dest = aligned_empty(size + 4)
-    job = io.read_file(path, dest, size + 4)
-    ranges = list(job.ranges())
+    job = io.read_file(path, dest, size + 4, digest_bytes=size)
     job.finish()
-    assert ranges[0][0] == 0 and ranges[-1][1] == size + 4
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # in order, no gaps
     assert torch.equal(dest[:size], data) and bytes(dest[size : size + 4].numpy()) == b"TAIL"
+    assert job.digest == crc32c(data.contiguous())  # the pieces' CRCs, combined in order
 
 
 def test_auto_falls_back_to_buffered_where_o_direct_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,12 +56,13 @@ def test_o_direct_works_on_this_filesystem(tmp_path: Path) -> None:
 
 
 def test_a_missing_or_resized_file_is_a_storage_error(io: PosixIO, tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="cannot open"):
-        io.read_file(tmp_path / "absent", aligned_empty(10), 10)
+    with pytest.raises(StorageError, match="cannot open .*absent"):
+        io.read_file(tmp_path / "absent", aligned_empty(10), 10).finish()
     path = tmp_path / "short"
     io.write_file(path, torch.zeros(100, dtype=torch.uint8))
-    with pytest.raises(StorageError, match="holds 100 bytes"):
-        io.read_file(path, aligned_empty(200), 200)
+    for size in (200, 100 * ALIGN):  # one piece (opened by the reading thread) and several (opened here)
+        with pytest.raises(StorageError, match="holds 100 bytes"):
+            io.read_file(path, aligned_empty(size), size).finish()
 
 
 def test_writes_never_overwrite_an_existing_file(io: PosixIO, tmp_path: Path) -> None:
@@ -74,4 +78,58 @@ def test_a_misaligned_destination_is_refused(tmp_path: Path) -> None:
     backend.write_file(path, torch.zeros(10, dtype=torch.uint8))
     with pytest.raises(ValueError, match="aligned"):
         backend.read_file(path, aligned_empty(2 * ALIGN)[1:], 10)
+    backend.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.binary(max_size=3000))
+def test_crc32c_combine_equals_the_crc_of_the_concatenation(a: bytes, b: bytes) -> None:
+    assert crc32c_combine(google_crc32c.value(a), google_crc32c.value(b), len(b)) == google_crc32c.value(a + b)
+
+
+def test_a_many_piece_file_with_its_checksum_in_the_last_piece_alone(tmp_path: Path) -> None:
+    """The digested bytes end exactly at a piece boundary: the trailer's piece adds nothing to the CRC."""
+    backend = PosixIO(tmp_path, threads=2, task_size=ALIGN, io="direct")
+    data = torch.randint(0, 256, (3 * ALIGN,), dtype=torch.uint8)
+    backend.write_file(tmp_path / "f", data, trailer=b"CRC!")
+    job = backend.read_file(tmp_path / "f", aligned_empty(3 * ALIGN + 4), 3 * ALIGN + 4, digest_bytes=3 * ALIGN)
+    job.finish()
+    assert job.digest == crc32c(data)
+    backend.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_missing_file_among_many_fails_the_start_and_leaves_nothing_open(io: PosixIO, tmp_path: Path) -> None:
+    data = [torch.full((100 + i,), i, dtype=torch.uint8) for i in range(9)]
+    for i, d in enumerate(data):
+        io.write_file(tmp_path / f"f{i}", d)
+    (tmp_path / "f4").unlink()
+    before = _open_fds()
+    reads = [FileRead(tmp_path / f"f{i}", aligned_empty(d.numel()), d.numel(), d.numel()) for i, d in enumerate(data)]
+    with pytest.raises(StorageError, match="cannot open .*f4"):
+        io.read_files(reads)
+    assert _open_fds() == before  # the four started were waited for and closed
+    jobs = io.read_files(reads[:4] + reads[5:])
+    for job, read, d in zip(jobs, reads[:4] + reads[5:], data[:4] + data[5:], strict=True):
+        job.finish()
+        assert torch.equal(read.dest[: d.numel()], d) and job.digest == crc32c(d)
+
+
+def test_a_refused_destination_starts_nothing_and_leaks_no_file(tmp_path: Path) -> None:
+    backend = PosixIO(tmp_path, threads=2, task_size=ALIGN, io="direct")
+    big = torch.randint(0, 256, (5 * ALIGN,), dtype=torch.uint8)
+    backend.write_file(tmp_path / "big", big)
+    backend.write_file(tmp_path / "small", big[:10])
+    before = _open_fds()
+    reads = [
+        FileRead(tmp_path / "small", aligned_empty(10), 10),
+        FileRead(tmp_path / "big", aligned_empty(5 * ALIGN), 5 * ALIGN),  # several pieces: opened by read_files
+        FileRead(tmp_path / "small", aligned_empty(2 * ALIGN)[1:], 10),  # misaligned
+    ]
+    with pytest.raises(ValueError, match="aligned"):
+        backend.read_files(reads)
+    assert _open_fds() == before
     backend.close()

@@ -8,6 +8,7 @@ we call that library through ctypes, which releases the GIL; elsewhere we use go
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,55 @@ def crc32c(data: torch.Tensor, crc: int = 0) -> int:
     if _EXTEND is not None:
         return int(_EXTEND(crc, data.data_ptr(), data.numel()))
     return int(google_crc32c.extend(crc, data.numpy()))
+
+
+def crc32c_address(address: int, nbytes: int) -> int:
+    """CRC32C of `nbytes` of host memory at `address` (a buffer the caller keeps alive)."""
+    if nbytes == 0:
+        return 0
+    if _EXTEND is not None:
+        return int(_EXTEND(0, address, nbytes))
+    return int(google_crc32c.value(ctypes.string_at(address, nbytes)))
+
+
+# CRC32C combination (zlib's crc32_combine with the Castagnoli polynomial): crc(A + B) from crc(A), crc(B) and
+# len(B), so that the threads reading the pieces of one file can each checksum their own piece.
+_POLY = 0x82F63B78  # reflected
+_X2N = [1 << 30] + [0] * 31  # x^(2^k) mod P, reflected; filled in below
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC polynomial, in the reflected bit order."""
+    product = 0
+    bit = 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return product
+
+
+for _k in range(1, 32):
+    _X2N[_k] = _multmodp(_X2N[_k - 1], _X2N[_k - 1])
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_by_bytes(length: int) -> int:
+    """x^(8 * length) mod P: the factor that moves a CRC past `length` more bytes (pieces share a few lengths)."""
+    factor, k = 1 << 31, 3
+    while length:
+        if length & 1:
+            factor = _multmodp(_X2N[k & 31], factor)
+        length >>= 1
+        k += 1
+    return factor
+
+
+def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """CRC32C of A followed by B, from CRC32C(A), CRC32C(B) and B's length in bytes."""
+    return _multmodp(_shift_by_bytes(length_b), crc_a) ^ crc_b if length_b else crc_a
 
 
 def crc32c_anywhere(data: torch.Tensor, crc: int = 0) -> int:

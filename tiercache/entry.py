@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -52,14 +53,14 @@ class TensorSpec:
     def itemsize(self) -> int:
         return self.torch_dtype.itemsize
 
-    @property
+    @cached_property  # specs are immutable; reads ask for these per tensor many times
     def numel(self) -> int:
         count = 1
         for dim in self.shape:
             count *= dim
         return count
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
 
@@ -75,7 +76,7 @@ class EntrySpec:
     key: str
     tensors: tuple[TensorSpec, ...]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 

@@ -25,7 +25,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import torch
 from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
-from .io import PendingRead, PosixIO, aligned_empty, round_up
+from .io import FileRead, PendingRead, PosixIO, aligned_empty, buffer_of, round_up
 from .io.kvikio import KvikioIO
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,12 @@ class StoredEntry:
     written_ns: int
 
     def chunk_path(self, index: int) -> Path:
-        return chunk_path(self.path / f"t{index}", len(self.spec.tensors[index].shape))
+        return Path(self.chunk_files[index])
+
+    @functools.cached_property
+    def chunk_files(self) -> tuple[str, ...]:
+        """Every tensor's chunk file, as the strings os.open takes (built once: pathlib is slow on a hot path)."""
+        return tuple(str(chunk_path(self.path / f"t{i}", len(t.shape))) for i, t in enumerate(self.spec.tensors))
 
 
 def chunk_path(array_dir: Path, ndim: int) -> Path:
@@ -175,35 +180,53 @@ class DiskLayout:
         """Allocate the entry's buffers in the calling thread and queue every file's reads; the returned call waits
         for them, checks them and returns the tensors (a prefetch waits for it in the background).
 
-        Every file's pieces are queued on the I/O pool at once. A file read in one piece is checksummed by the
-        thread that read it; a larger one by a task of its own, over its pieces in order as they land. Files are
-        verified in parallel while others are still being read.
+        Every file is queued on the I/O pool at once (PosixIO.read_files); the threads that read a file also
+        checksum it, so files are verified in parallel while others are still being read.
         """
         if device is not None and self._serves(device):
             return self._start_direct(stored, verify, device)
         # Few, page-aligned regions, each file at a 4 KiB boundary: huge pages for entries of many small tensors
         # too (first-touch faults cost as much as the read on some VMs). Tensors kept as views share one region;
         # tensors copied out (small ones) read into another, dropped once they are copied.
-        spans = [round_up(t.nbytes + CHECKSUM_BYTES) if t.nbytes else 0 for t in stored.spec.tensors]
-        kept = [t.nbytes >= COMPACT_BELOW for t in stored.spec.tensors]
+        tensors = stored.spec.tensors
+        spans = [round_up(t.nbytes + CHECKSUM_BYTES) if t.nbytes else 0 for t in tensors]
+        kept = [t.nbytes >= COMPACT_BELOW for t in tensors]
         regions = {
             keep: aligned_empty(sum(span for span, k in zip(spans, kept, strict=True) if k == keep))
             for keep in (True, False)
         }
         offsets = {True: 0, False: 0}
-        landing: list[Landing] = []
-        try:
-            for index, (tspec, span) in enumerate(zip(stored.spec.tensors, spans, strict=True)):
-                if tspec.nbytes == 0:
-                    landing.append(_done(torch.empty(tspec.shape, dtype=tspec.torch_dtype)))
-                    continue
+        buffers: dict[int, torch.Tensor] = {}
+        for index, (tspec, span) in enumerate(zip(tensors, spans, strict=True)):
+            if tspec.nbytes:
                 start = offsets[kept[index]]
                 offsets[kept[index]] += span
-                landing.append(self._start(stored, index, regions[kept[index]][start : start + span], verify))
-        except BaseException:
-            _settle_all(landing)
-            raise
-        return functools.partial(_collect, stored, landing)
+                buffers[index] = regions[kept[index]][start : start + span]
+        jobs = self.io.read_files([self._file_read(stored, i, buffer, verify) for i, buffer in buffers.items()])
+        return functools.partial(self._finish_entry, stored, buffers, dict(zip(buffers, jobs, strict=True)), verify)
+
+    def _finish_entry(
+        self, stored: StoredEntry, buffers: dict[int, torch.Tensor], jobs: dict[int, PendingRead], verify: bool
+    ) -> Tensors:
+        """Wait for every file (each closed before any error leaves), then verify and view them all. No torch call
+        runs while reads are landing: each would hand the GIL to an I/O thread and wait to get it back."""
+        first_error: BaseException | None = None
+        for job in jobs.values():
+            try:
+                job.finish()
+            except BaseException as exc:  # noqa: BLE001 - every file settled, then the first error raised
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        tensors: Tensors = {}
+        for index, tspec in enumerate(stored.spec.tensors):
+            if index not in buffers:  # empty: no file
+                tensors[tspec.name] = torch.empty(tspec.shape, dtype=tspec.torch_dtype)
+                continue
+            if verify:
+                self._verify(stored, index, buffers[index], jobs[index].digest)
+            tensors[tspec.name] = self._tensor(stored, index, buffers[index])
+        return tensors
 
     def start_read(
         self, stored: StoredEntry, index: int, verify: bool, device: torch.device | None = None
@@ -216,10 +239,11 @@ class DiskLayout:
             return lambda: torch.empty(tspec.shape, dtype=tspec.torch_dtype, device=device)
         if device is not None and self._serves(device) and self.direct is not None:
             buffer = self.direct.empty(round_up(tspec.nbytes + CHECKSUM_BYTES))
-            finish = self.direct.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES)
+            finish = self.direct.read_file(stored.chunk_files[index], buffer, tspec.nbytes + CHECKSUM_BYTES)
             return functools.partial(self._landed_direct, stored, index, buffer, finish, verify)
-        land = self._start(stored, index, aligned_empty(tspec.nbytes + CHECKSUM_BYTES), verify)
-        return land.result if isinstance(land, Future) else land
+        buffer = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
+        (job,) = self.io.read_files([self._file_read(stored, index, buffer, verify)])
+        return functools.partial(self._settle, stored, index, buffer, job, verify)
 
     def _start_direct(self, stored: StoredEntry, verify: bool, device: torch.device) -> Callable[[], Tensors]:
         """Every file of the entry read at once by kvikio into one device region (each file at a 4 KiB offset, as
@@ -236,7 +260,7 @@ class DiskLayout:
                 if tspec.nbytes == 0:
                     landing.append(functools.partial(torch.empty, tspec.shape, dtype=tspec.torch_dtype, device=device))
                     continue
-                finish = self.direct.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES)
+                finish = self.direct.read_file(stored.chunk_files[index], buffer, tspec.nbytes + CHECKSUM_BYTES)
                 landing.append(functools.partial(self._landed_direct, stored, index, buffer, finish, verify))
         except BaseException:
             _settle_all(landing)
@@ -253,41 +277,17 @@ class DiskLayout:
             self._verify(stored, index, buffer, self.direct.checksum(buffer[:nbytes]))
         return self._tensor(stored, index, buffer)
 
-    def _start(
-        self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool
-    ) -> Future[torch.Tensor] | Callable[[], torch.Tensor]:
-        """Queue one file's pieces on the I/O pool; a one-piece file is checksummed by the thread that reads it
-        (settled by the caller), a larger one by a task of its own as its pieces land."""
-        tspec = stored.spec.tensors[index]
-        digest = crc32c if verify else None
-        job = self.io.read_file(stored.chunk_path(index), buffer, tspec.nbytes + CHECKSUM_BYTES, digest, tspec.nbytes)
-        if job.digested:
-            return functools.partial(self._settle, stored, index, buffer, job, verify)
-        return self._files.submit(self._land, stored, index, buffer, job, verify)
+    def _file_read(self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool) -> FileRead:
+        nbytes = stored.spec.tensors[index].nbytes
+        return FileRead(stored.chunk_files[index], buffer, nbytes + CHECKSUM_BYTES, nbytes if verify else None)
 
     def _settle(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, job: PendingRead, verify: bool
     ) -> torch.Tensor:
-        """A single-piece file whose reading thread computed its checksum: close it, verify, view its bytes."""
+        """Wait for one file's pieces (its file closed), verify its checksum, view its bytes as the tensor."""
         job.finish()
         if verify:
             self._verify(stored, index, buffer, job.digest)
-        return self._tensor(stored, index, buffer)
-
-    def _land(
-        self, stored: StoredEntry, index: int, buffer: torch.Tensor, job: PendingRead, verify: bool
-    ) -> torch.Tensor:
-        """Checksum one file's pieces in order as they arrive, close it, verify, and view its bytes as the tensor."""
-        tspec = stored.spec.tensors[index]
-        crc = 0
-        try:
-            for start, end in job.ranges():
-                if verify and start < tspec.nbytes:
-                    crc = crc32c(buffer[start : min(end, tspec.nbytes)], crc)
-        finally:
-            job.finish()  # waits for every piece and closes the file, whatever happened above
-        if verify:
-            self._verify(stored, index, buffer, crc)
         return self._tensor(stored, index, buffer)
 
     def _tensor(self, stored: StoredEntry, index: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -299,7 +299,10 @@ class DiskLayout:
 
     def _verify(self, stored: StoredEntry, index: int, buffer: torch.Tensor, computed: int) -> None:
         nbytes = stored.spec.tensors[index].nbytes
-        trailer = int.from_bytes(bytes(buffer[nbytes : nbytes + CHECKSUM_BYTES].cpu().numpy()), "little")
+        stored_crc = buffer[nbytes : nbytes + CHECKSUM_BYTES]
+        # memoryview, not a torch op, for host buffers: each torch call lets the I/O threads take the GIL
+        raw = buffer_of(stored_crc) if stored_crc.device.type == "cpu" else stored_crc.cpu().numpy().tobytes()
+        trailer = int.from_bytes(raw, "little")
         expected = stored.checksums[index]
         if computed != trailer or computed != expected:
             raise CorruptEntryError(
@@ -345,14 +348,14 @@ class DiskLayout:
         return sorted(newest.values(), key=lambda s: s.written_ns)
 
 
-Landing = Future[torch.Tensor] | Callable[[], torch.Tensor]  # one tensor's read in flight
+Landing = Callable[[], torch.Tensor]  # one tensor's read in flight: the call waits for it and returns it
 
 
 def _settle_all(landing: Iterable[Landing]) -> None:
     """Wait for every started read (its file closed) before an error leaves; the first error is the one raised."""
     for item in landing:
         try:
-            item.result() if isinstance(item, Future) else item()
+            item()
         except BaseException:  # noqa: BLE001
             pass
 
@@ -363,18 +366,12 @@ def _collect(stored: StoredEntry, landing: list[Landing]) -> Tensors:
     first_error: BaseException | None = None
     for tspec, item in zip(stored.spec.tensors, landing, strict=True):
         try:
-            results[tspec.name] = item.result() if isinstance(item, Future) else item()
+            results[tspec.name] = item()
         except BaseException as exc:  # noqa: BLE001 - settle every file, then raise the first error
             first_error = first_error or exc
     if first_error is not None:
         raise first_error
     return results
-
-
-def _done(value: torch.Tensor) -> Future[torch.Tensor]:
-    future: Future[torch.Tensor] = Future()
-    future.set_result(value)
-    return future
 
 
 def _group_metadata(spec: EntrySpec, checksums: list[int | None], written_ns: int) -> dict[str, Any]:

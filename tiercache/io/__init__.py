@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .aligned import ALIGN, aligned_empty, buffer_of, round_up
-from .posix import PendingRead, PosixIO, drop_page_cache
+from .posix import FileRead, PendingRead, PosixIO, drop_page_cache
 
-__all__ = ["ALIGN", "PendingRead", "PosixIO", "aligned_empty", "buffer_of", "drop_page_cache", "round_up"]
+__all__ = ["ALIGN", "FileRead", "PendingRead", "PosixIO", "aligned_empty", "buffer_of", "drop_page_cache", "round_up"]

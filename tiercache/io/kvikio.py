@@ -107,7 +107,7 @@ class KvikioIO:
         except (AttributeError, KeyError, TypeError, RuntimeError):
             return {}
 
-    def read_file(self, path: Path, dest: torch.Tensor, size: int) -> Callable[[], None]:
+    def read_file(self, path: str | Path, dest: torch.Tensor, size: int) -> Callable[[], None]:
         """Start reading the `size` bytes of `path` into `dest` (a contiguous uint8 buffer); the returned call
         waits for them and closes the file."""
         try:

@@ -7,16 +7,19 @@ unaligned sources are staged through a per-thread aligned buffer that is allocat
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from ..checksum import crc32c_address, crc32c_combine
 from ..errors import StorageError
 from .aligned import ALIGN, aligned_empty, buffer_of, round_up
 
@@ -55,56 +58,58 @@ def probe_direct_io(directory: Path) -> str | None:
 
 
 class PendingRead:
-    """A file being read by the pool: its pieces complete in any order and are consumed in file order."""
+    """An open file being read by the pool in pieces; each piece's reading thread also checksums it."""
 
     def __init__(
         self,
-        path: Path,
-        fd: int,
+        path: str | Path,
         size: int,
-        pieces: list[tuple[int, int, Future[int]]],
-        digest: list[int] | None = None,
+        pieces: list[tuple[int, Future[tuple[int, int]]]],
+        fd: int,
+        digest_bytes: int | None = None,
     ) -> None:
+        """`pieces`: (start, future of (bytes read, CRC32C of the piece's part of the first `digest_bytes`));
+        `fd` is closed by finish(), once no piece uses it."""
         self.path = path
         self.size = size
-        self._fd = fd
+        self._fd: int | None = fd
         self._pieces = pieces
-        self._digest = digest
-
-    @property
-    def digested(self) -> bool:
-        """Whether the I/O thread that read the (single-piece) file also computed its digest."""
-        return self._digest is not None
+        self._digest_bytes = digest_bytes
+        self._digest: int | None = None
 
     @property
     def digest(self) -> int:
-        """The digest computed by the reading thread; valid after finish()."""
-        if not self._digest:
-            raise ValueError(f"{self.path}: no digest was computed")
-        return self._digest[0]
-
-    def ranges(self) -> Iterator[tuple[int, int]]:
-        """(start, end) of each piece of the file's bytes, in order, as soon as it has landed."""
-        for start, length, future in self._pieces:
-            future.result()
-            yield start, min(start + length, self.size)
+        """CRC32C of the file's first `digest_bytes` bytes; valid after finish()."""
+        if self._digest is None:
+            raise ValueError(f"{self.path}: no digest was asked for, or finish() has not run")
+        return self._digest
 
     def finish(self) -> None:
-        """Wait for every piece, close the file, and check that exactly `size` bytes arrived."""
+        """Wait for every piece, close the file, check that exactly `size` bytes arrived, combine the digests."""
+        got, crc = 0, 0
+        first_error: BaseException | None = None
         try:
-            got = 0
-            first_error: BaseException | None = None
-            for _, _, future in self._pieces:  # wait for all before closing: a running preadv still uses the fd
+            for start, future in self._pieces:  # wait for all before closing: a running preadv still uses the fd
                 try:
-                    got += future.result()
+                    count, piece_crc = future.result()
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, after the fd is safe to close
                     first_error = first_error or exc
+                    continue
+                got += count
+                if self._digest_bytes is not None:
+                    crc = crc32c_combine(crc, piece_crc, max(0, min(start + count, self._digest_bytes) - start))
         finally:
-            os.close(self._fd)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        if isinstance(first_error, StorageError):
+            raise first_error
         if first_error is not None:
             raise StorageError(f"reading {self.path} failed: {first_error}") from first_error
         if got != self.size:
             raise StorageError(f"{self.path}: read {got} bytes, expected {self.size}; the file was truncated")
+        if self._digest_bytes is not None:
+            self._digest = crc
 
 
 class PosixIO:
@@ -186,55 +191,71 @@ class PosixIO:
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def read_file(
-        self,
-        path: Path,
-        dest: torch.Tensor,
-        size: int,
-        digest: Callable[[torch.Tensor], int] | None = None,
-        digest_bytes: int = 0,
+        self, path: str | Path, dest: torch.Tensor, size: int, digest_bytes: int | None = None
     ) -> PendingRead:
-        """Start reading all `size` bytes of `path` into `dest` (from `aligned_empty(size)` or as large and aligned).
+        """Start reading all `size` bytes of `path` into `dest` (see read_files)."""
+        return self.read_files([FileRead(path, dest, size, digest_bytes)])[0]
 
-        Returns at once; the pool reads the pieces in parallel. A file that is one piece is also digested
-        (`digest(dest[:digest_bytes])`) by the thread that read it, when `digest` is given: one hand-off per
-        small file instead of two.
+    def read_files(self, reads: Sequence[FileRead]) -> list[PendingRead]:
+        """Start reading files, each into its `dest` (from `aligned_empty(size)` or as large and aligned), and,
+        where `digest_bytes` is given, the CRC32C of its first `digest_bytes` bytes (PendingRead.digest).
+
+        Returns at once, every piece of every file queued on the pool; the thread that reads a piece also
+        checksums it (the CRCs are combined in finish()), so a file is verified as fast as it is read. Files are
+        opened here, one after another while the first ones are already being read (opening them in the pool
+        threads measured slower). If one cannot be started, none is left running or open.
         """
-        span = round_up(size) if self.mode == "o_direct" else size
-        if dest.numel() < span or (self.mode == "o_direct" and dest.data_ptr() % ALIGN):
-            raise ValueError(f"destination for {path} must be {span} bytes and {ALIGN}-aligned")
+        pending: list[PendingRead] = []
         try:
-            fd = os.open(path, os.O_RDONLY | self._flags)
-        except OSError as exc:
-            raise StorageError(f"cannot open {path}: {exc}") from exc
-        pieces: list[tuple[int, int, Future[int]]] = []
-        try:
-            actual = os.fstat(fd).st_size
-            if actual != size:
-                raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
-            holder: list[int] | None = None
-            if digest is not None and span <= self.task_size:
-                holder = []
-                job = self._pool.submit(
-                    _pread_then_digest, fd, buffer_of(dest[:span]), dest[:digest_bytes], digest, holder
-                )
-                pieces.append((0, self.task_size, job))
-            else:
+            for path, dest, size, digest_bytes in reads:
+                span = round_up(size) if self.mode == "o_direct" else size
+                if dest.numel() < span or (self.mode == "o_direct" and dest.data_ptr() % ALIGN):
+                    raise ValueError(f"destination for {path} must be {span} bytes and {ALIGN}-aligned")
+                fd = _open_sized(path, self._flags, size)
+                pieces: list[tuple[int, Future[tuple[int, int]]]] = []
+                pending.append(PendingRead(path, size, pieces, fd, digest_bytes))  # closes fd in finish()
                 for start in range(0, span, self.task_size):
-                    piece = buffer_of(dest[start : min(start + self.task_size, span)])
-                    pieces.append((start, self.task_size, self._pool.submit(_pread_all, fd, piece, start)))
+                    end = min(start + self.task_size, span)
+                    checked = max(0, min(end, digest_bytes) - start) if digest_bytes is not None else None
+                    pieces.append((start, self._pool.submit(_read_piece, fd, dest, start, end, checked)))
         except BaseException:
-            wait([future for _, _, future in pieces])
-            os.close(fd)
+            for job in pending:
+                with contextlib.suppress(BaseException):
+                    job.finish()  # waits for its pieces, closes its file
             raise
-        return PendingRead(path, fd, size, pieces, holder)
+        return pending
 
 
-def _pread_then_digest(
-    fd: int, buffer: memoryview, prefix: torch.Tensor, digest: Callable[[torch.Tensor], int], out: list[int]
-) -> int:
-    count = _pread_all(fd, buffer, 0)
-    out.append(digest(prefix))
-    return count
+class FileRead(NamedTuple):
+    """One file to read: all `size` bytes of `path` into `dest`, and the CRC32C of the first `digest_bytes`."""
+
+    path: str | Path
+    dest: torch.Tensor
+    size: int
+    digest_bytes: int | None = None
+
+
+def _open_sized(path: str | Path, flags: int, size: int) -> int:
+    """Open `path` for reading; it must hold exactly `size` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | flags)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc}") from exc
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        os.close(fd)
+        raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
+    return fd
+
+
+def _read_piece(fd: int, dest: torch.Tensor, start: int, end: int, digest_bytes: int | None) -> tuple[int, int]:
+    """Fill bytes [start, end) of `dest` from the same offsets of the file; returns the bytes read and the CRC32C
+    of the first `digest_bytes` of them (0 when not asked), computed by this thread while they are hot in its
+    cache. Memoryview slices and addresses, not torch slicing: a torch call lets another thread take the GIL."""
+    count = _pread_all(fd, buffer_of(dest)[start:end], start)
+    if not digest_bytes or not count:
+        return count, 0
+    return count, crc32c_address(dest.data_ptr() + start, min(digest_bytes, count))
 
 
 def _pread_all(fd: int, buffer: memoryview, offset: int) -> int:
