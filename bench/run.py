@@ -51,13 +51,14 @@ from .measure import (
     row,
     side_by_side,
 )
-from .overlap import bench_overlap, overlap_table
+from .overlap import bench_overlap, overlap_cases, overlap_table
 from .peers import bench_peers
 from .seed import seed_table
 from .workloads import WORKLOADS, bench_workloads
 
 DEFAULT_SIZES = "16MiB,64MiB,256MiB,1GiB"
 LARGE, LARGE_REPEAT = 1 << 30, 3  # entries this large get fewer repetitions: the default run stays under 10 minutes
+SMALL = 64 << 20  # entries up to this size get twice the repetitions: a VM's hiccup is a large share of a small read
 DEFAULT_GPU_SIZES = "64MiB,256MiB,1GiB,4GiB,16GiB"
 PEER_NAMES = ("torch", "safetensors", "numpy", "zarr")
 OVERLAP_LAYERS, OVERLAP_LOOKAHEAD = 8, 2
@@ -193,15 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     env = describe(root.parent)
-    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + 2)
+    overlap_steps = len(overlap_cases(tiercache.default_device()))
+    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + overlap_steps)
     shutil.rmtree(root, ignore_errors=True)
 
     def reps(size: int) -> int:
-        return repeat if size < LARGE else min(repeat, LARGE_REPEAT)
+        return 2 * repeat if size <= SMALL else repeat if size < LARGE else min(repeat, LARGE_REPEAT)
 
     rows = [r for size in sizes for r in bench_size(size, root, reps(size), progress)]
     rows += [r for size in gpu_sizes for r in bench_cuda(size, root, reps(size), progress)]
-    rows += [r for size in sizes for r in bench_peers(size, root, min(reps(size), 3), progress)]
+    rows += [r for size in sizes for r in bench_peers(size, root, reps(size) if size <= SMALL else 3, progress)]
     workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
     rows += bench_workloads(workload_cap, root, min(repeat, 3), progress)
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))

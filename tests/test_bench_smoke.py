@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from bench.overlap import overlap_cases
 from bench.run import main
 
 
@@ -35,6 +37,8 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     assert (tmp_path / "out" / "report.md").read_text() in printed
     assert "| host(pinned)->hbm (PCIe Gen5 pinned DMA) | 126.98 ms |" in printed and "| 571.43 ms |" in printed
     assert (tmp_path / "out" / "latency_chart.png").read_bytes()[:4] == b"\x89PNG"
-    assert [o["source"] for o in report["overlap"]] == ["host", "nvme"] and "## Overlap" in printed
+    expected = [list(case) for case in overlap_cases(torch.device("cpu"))]  # a core left to the data path, and all
+    assert [[o["source"], o["compute_threads"]] for o in report["overlap"]] == expected
+    assert "## Overlap" in printed and "attention threads" in printed
     assert all(o["compute_s"] > 0 and o["serial_s"] > 0 and o["overlapped_s"] > 0 for o in report["overlap"])
     assert not (tmp_path / "out" / "root").exists()  # the data it wrote is cleaned up

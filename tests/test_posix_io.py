@@ -24,7 +24,7 @@ def io(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyp
     backend.close()
 
 
-@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 3 * 8192 + 5, 100_003])
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 8188, 8192, 3 * 8192 + 5, 100_003])
 @pytest.mark.parametrize("source_offset", [0, 1, 64])
 def test_write_then_read_is_exact_for_any_size_and_source_alignment(
     io: PosixIO, tmp_path: Path, size: int, source_offset: int

@@ -214,8 +214,11 @@ class PosixIO:
                 fd = _open_sized(path, self._flags, size)
                 pieces: list[tuple[int, Future[tuple[int, int]]]] = []
                 pending.append(PendingRead(path, size, pieces, fd, digest_bytes))  # closes fd in finish()
-                for start in range(0, span, self.task_size):
-                    end = min(start + self.task_size, span)
+                # Pieces of equal size, none above task_size: a file of task_size plus its 4-byte checksum is two
+                # halves, not a full piece and a 4 KiB one.
+                piece = round_up(-(-span // -(-span // self.task_size)))
+                for start in range(0, span, piece):
+                    end = min(start + piece, span)
                     checked = max(0, min(end, digest_bytes) - start) if digest_bytes is not None else None
                     pieces.append((start, self._pool.submit(_read_piece, fd, dest, start, end, checked)))
         except BaseException:
