@@ -35,7 +35,8 @@ import torch
 from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
-from .io import FileRead, PendingRead, PosixIO, aligned_empty, buffer_of, round_up
+from .io import FileRead, PendingRead, PosixIO, buffer_of, round_up
+from .io.buffers import ReadBuffers
 from .io.kvikio import KvikioIO
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,13 @@ class DiskLayout:
         self._lock_fd: int | None = _lock_root(root)
         if not (self.entries_dir / "zarr.json").exists():
             _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+        self.buffers = ReadBuffers()  # host memory that reads land in, reused once no tensor uses it
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
         self._files = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 
     def close(self) -> None:
         self._files.shutdown(wait=True)
+        self.buffers.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -192,7 +195,7 @@ class DiskLayout:
         spans = [round_up(t.nbytes + CHECKSUM_BYTES) if t.nbytes else 0 for t in tensors]
         kept = [t.nbytes >= COMPACT_BELOW for t in tensors]
         regions = {
-            keep: aligned_empty(sum(span for span, k in zip(spans, kept, strict=True) if k == keep))
+            keep: self.buffers.empty(sum(span for span, k in zip(spans, kept, strict=True) if k == keep))
             for keep in (True, False)
         }
         offsets = {True: 0, False: 0}
@@ -241,7 +244,7 @@ class DiskLayout:
             buffer = self.direct.empty(round_up(tspec.nbytes + CHECKSUM_BYTES))
             finish = self.direct.read_file(stored.chunk_files[index], buffer, tspec.nbytes + CHECKSUM_BYTES)
             return functools.partial(self._landed_direct, stored, index, buffer, finish, verify)
-        buffer = aligned_empty(tspec.nbytes + CHECKSUM_BYTES)
+        buffer = self.buffers.empty(tspec.nbytes + CHECKSUM_BYTES)
         (job,) = self.io.read_files([self._file_read(stored, index, buffer, verify)])
         return functools.partial(self._settle, stored, index, buffer, job, verify)
 
