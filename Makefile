@@ -14,7 +14,7 @@ else
 endif
 PYTEST := $(RUN) -m pytest -rs
 
-.PHONY: test test-gpu bench lint clean
+.PHONY: test test-gpu bench lint clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ test-gpu: $(SETUP)
 ## every pathway beside its raw limit and the peers, workloads, overlap; BENCH_SIZES=16MiB,... (see README)
 bench: $(SETUP)
 	$(RUN) -m bench
+
+## the wheels a CUDA machine without network needs (../shared/gpu/README.md), into .whl/: the shared list plus
+## cuda-pathfinder, which kvikio 26.10 imports and the shared script does not fetch. Then, with a lent GPU
+## machine: run `bash bench/gpu_session.sh` there, carrying .whl
+gpu-wheels:
+	bash ../shared/gpu/fetch-wheels.sh .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -d .whl cuda-pathfinder
 
 clean:
 	rm -rf $(VENV) bench/out .pytest_cache .hypothesis
