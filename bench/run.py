@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [r for size in sizes for r in bench_size(size, root, reps(size), progress)]
     rows += [r for size in gpu_sizes for r in bench_cuda(size, root, reps(size), progress)]
-    rows += [r for size in sizes for r in bench_peers(size, root, reps(size) if size <= SMALL else 3, progress)]
+
+    def peer_reps(size: int) -> int:  # a peer's save is slow: at most 3 repetitions above SMALL
+        return reps(size) if size <= SMALL else min(reps(size), 3)
+
+    rows += [r for size in sizes for r in bench_peers(size, root, peer_reps(size), progress)]
     workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
     rows += bench_workloads(workload_cap, root, min(repeat, 3), progress)
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))

@@ -220,7 +220,10 @@ class DiskLayout:
             except BaseException as exc:  # noqa: BLE001 - every file settled, then the first error raised
                 first_error = first_error or exc
         if first_error is not None:
-            raise first_error
+            try:
+                raise first_error
+            finally:  # no frame -> exception -> traceback -> frame cycle: the buffers are freed with the error
+                first_error = None
         tensors: Tensors = {}
         for index, tspec in enumerate(stored.spec.tensors):
             if index not in buffers:  # empty: no file
@@ -373,7 +376,10 @@ def _collect(stored: StoredEntry, landing: list[Landing]) -> Tensors:
         except BaseException as exc:  # noqa: BLE001 - settle every file, then raise the first error
             first_error = first_error or exc
     if first_error is not None:
-        raise first_error
+        try:
+            raise first_error
+        finally:  # as in _finish_entry: no reference cycle through the traceback
+            first_error = None
     return results
 
 

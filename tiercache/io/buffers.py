@@ -15,6 +15,7 @@ freed.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -24,10 +25,10 @@ from .aligned import aligned_empty, round_up
 
 
 class _Lease:
-    """The owner of one region while tensors use it; gives the region back when it is collected."""
+    """The owner of one region while tensors use it; hands the region back when it is collected."""
 
     def __init__(self, pool: ReadBuffers, region: torch.Tensor, nbytes: int) -> None:
-        self._pool = pool
+        self._returned = pool.returned
         self._region = region
         self.__array_interface__: dict[str, Any] = {
             "shape": (nbytes,),
@@ -37,10 +38,9 @@ class _Lease:
         }
 
     def __del__(self) -> None:
-        try:
-            self._pool.give_back(self._region)
-        except Exception:  # noqa: BLE001, S110 - at interpreter exit the pool may be gone: the memory is freed anyway
-            pass
+        # Only an append: a lease may be collected by the cyclic GC in any thread at any point, even while the pool
+        # is scanning its idle list in this very thread; the pool moves returned regions in under its lock.
+        self._returned.append(self._region)
 
 
 class ReadBuffers:
@@ -49,8 +49,9 @@ class ReadBuffers:
     def __init__(self, max_idle: int = 4, max_idle_bytes: int = 1 << 30) -> None:
         self.max_idle = max_idle
         self.max_idle_bytes = max_idle_bytes
-        self._idle: list[tuple[int, torch.Tensor]] = []  # (bytes, region), oldest first
-        self._lock = threading.RLock()  # a lease collected while this thread holds it must not deadlock
+        self.returned: deque[torch.Tensor] = deque()  # regions whose leases died (deque.append is atomic)
+        self._idle: list[tuple[int, torch.Tensor]] = []  # (bytes, region), oldest first; changed under _lock only
+        self._lock = threading.Lock()
         self._closed = False
         self.reused = 0
         self.fresh = 0
@@ -66,31 +67,35 @@ class ReadBuffers:
         return torch.from_numpy(np.asarray(_Lease(self, region, padded)))
 
     def _take(self, padded: int) -> torch.Tensor | None:
-        """The smallest idle region that holds `padded` bytes without wasting more than as much again."""
+        """The smallest idle region that holds `padded` bytes and wastes at most a quarter more (what a tier counts
+        is the tensor's bytes, not its region's)."""
         with self._lock:
-            fits = [(size, i) for i, (size, _) in enumerate(self._idle) if padded <= size <= 2 * padded]
+            self._settle()
+            fits = [(size, i) for i, (size, _) in enumerate(self._idle) if padded <= size <= padded + padded // 4]
             if not fits:
                 self.fresh += 1
                 return None
             self.reused += 1
             return self._idle.pop(min(fits)[1])[1]
 
-    def give_back(self, region: torch.Tensor) -> None:
-        """Called by a lease when the last tensor using its region is gone."""
-        with self._lock:
-            if self._closed:
-                return
-            self._idle.append((region.numel(), region))
-            while len(self._idle) > self.max_idle or sum(size for size, _ in self._idle) > self.max_idle_bytes:
-                self._idle.pop(0)
+    def _settle(self) -> None:
+        """Move returned regions into the idle list, then free the oldest beyond the limits (under _lock)."""
+        while self.returned:
+            region = self.returned.popleft()
+            if not self._closed:
+                self._idle.append((region.numel(), region))
+        while len(self._idle) > self.max_idle or sum(size for size, _ in self._idle) > self.max_idle_bytes:
+            self._idle.pop(0)
 
     @property
     def idle_bytes(self) -> int:
         with self._lock:
+            self._settle()
             return sum(size for size, _ in self._idle)
 
     def close(self) -> None:
         """Free the idle regions; buffers still in use are freed when their last tensor is."""
         with self._lock:
             self._closed = True
+            self._settle()
             self._idle.clear()

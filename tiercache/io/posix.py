@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -85,16 +85,22 @@ class PendingRead:
         return self._digest
 
     def finish(self) -> None:
-        """Wait for every piece, close the file, check that exactly `size` bytes arrived, combine the digests."""
+        """Wait for every piece, close the file, check that exactly `size` bytes arrived, combine the digests.
+
+        An interrupt (Ctrl-C) while waiting is raised as it is, but only once every piece has stopped using the
+        file: closing it under a running preadv would let the next open reuse its number."""
+        interrupted = wait_through_interrupts([future for _, future in self._pieces])
         got, crc = 0, 0
-        first_error: BaseException | None = None
+        failed: BaseException | None = None
         try:
-            for start, future in self._pieces:  # wait for all before closing: a running preadv still uses the fd
-                try:
-                    count, piece_crc = future.result()
-                except BaseException as exc:  # noqa: BLE001 - re-raised below, after the fd is safe to close
-                    first_error = first_error or exc
+            for start, future in self._pieces:
+                if future.cancelled():
+                    failed = failed or interrupted or StorageError(f"reading {self.path} was cancelled")
                     continue
+                if future.exception() is not None:
+                    failed = failed or future.exception()
+                    continue
+                count, piece_crc = future.result()
                 got += count
                 if self._digest_bytes is not None:
                     crc = crc32c_combine(crc, piece_crc, max(0, min(start + count, self._digest_bytes) - start))
@@ -102,14 +108,33 @@ class PendingRead:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-        if isinstance(first_error, StorageError):
-            raise first_error
-        if first_error is not None:
-            raise StorageError(f"reading {self.path} failed: {first_error}") from first_error
+        try:
+            if interrupted is not None:
+                raise interrupted
+            if failed is not None and not isinstance(failed, Exception):
+                raise failed
+            if isinstance(failed, StorageError):
+                raise failed
+            if failed is not None:
+                raise StorageError(f"reading {self.path} failed: {failed}") from failed
+        finally:
+            interrupted = failed = None  # no frame -> exception -> traceback -> frame cycle keeping buffers alive
         if got != self.size:
             raise StorageError(f"{self.path}: read {got} bytes, expected {self.size}; the file was truncated")
         if self._digest_bytes is not None:
             self._digest = crc
+
+
+def wait_through_interrupts(futures: Sequence[Future[Any]]) -> BaseException | None:
+    """Wait until every future is done, even across interrupts; returns the first interrupt, to be raised once
+    nothing uses what the futures use (an fd, a buffer)."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wait(futures)
+            return interrupted
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like: returned, raised by the caller
+            interrupted = interrupted or exc
 
 
 class PosixIO:
@@ -153,7 +178,10 @@ class PosixIO:
                         self._pool.submit(self._write_piece, fd, data[start : min(start + self.task_size, body)], start)
                     )
             finally:
-                wait(futures)  # every piece has stopped using fd before it can be closed (and its number reused)
+                # every piece has stopped using fd before it can be closed (and its number reused), Ctrl-C or not
+                interrupted = wait_through_interrupts(futures)
+            if interrupted is not None:
+                raise interrupted
             for future in futures:
                 future.result()
             tail = (
@@ -216,7 +244,7 @@ class PosixIO:
                 pending.append(PendingRead(path, size, pieces, fd, digest_bytes))  # closes fd in finish()
                 # Pieces of equal size, none above task_size: a file of task_size plus its 4-byte checksum is two
                 # halves, not a full piece and a 4 KiB one.
-                piece = round_up(-(-span // -(-span // self.task_size)))
+                piece = max(ALIGN, round_up(-(-span // max(1, -(-span // self.task_size)))))  # an empty file: none
                 for start in range(0, span, piece):
                     end = min(start + piece, span)
                     checked = max(0, min(end, digest_bytes) - start) if digest_bytes is not None else None
