@@ -200,16 +200,25 @@ class DiskLayout:
         }
         offsets = {True: 0, False: 0}
         buffers: dict[int, torch.Tensor] = {}
+        trailers: dict[int, memoryview] = {}  # each file's stored CRC, read without a torch call once it landed
+        views = {keep: buffer_of(region) for keep, region in regions.items()}
         for index, (tspec, span) in enumerate(zip(tensors, spans, strict=True)):
             if tspec.nbytes:
                 start = offsets[kept[index]]
                 offsets[kept[index]] += span
                 buffers[index] = regions[kept[index]][start : start + span]
+                trailers[index] = views[kept[index]][start + tspec.nbytes : start + tspec.nbytes + CHECKSUM_BYTES]
         jobs = self.io.read_files([self._file_read(stored, i, buffer, verify) for i, buffer in buffers.items()])
-        return functools.partial(self._finish_entry, stored, buffers, dict(zip(buffers, jobs, strict=True)), verify)
+        landed = dict(zip(buffers, jobs, strict=True))
+        return functools.partial(self._finish_entry, stored, buffers, trailers, landed, verify)
 
     def _finish_entry(
-        self, stored: StoredEntry, buffers: dict[int, torch.Tensor], jobs: dict[int, PendingRead], verify: bool
+        self,
+        stored: StoredEntry,
+        buffers: dict[int, torch.Tensor],
+        trailers: dict[int, memoryview],
+        jobs: dict[int, PendingRead],
+        verify: bool,
     ) -> Tensors:
         """Wait for every file (each closed before any error leaves), then verify and view them all. No torch call
         runs while reads are landing: each would hand the GIL to an I/O thread and wait to get it back."""
@@ -230,7 +239,7 @@ class DiskLayout:
                 tensors[tspec.name] = torch.empty(tspec.shape, dtype=tspec.torch_dtype)
                 continue
             if verify:
-                self._verify(stored, index, buffers[index], jobs[index].digest)
+                self._verify(stored, index, jobs[index].digest, int.from_bytes(trailers[index], "little"))
             tensors[tspec.name] = self._tensor(stored, index, buffers[index])
         return tensors
 
@@ -280,7 +289,7 @@ class DiskLayout:
         if verify:
             nbytes = stored.spec.tensors[index].nbytes
             assert self.direct is not None
-            self._verify(stored, index, buffer, self.direct.checksum(buffer[:nbytes]))
+            self._verify(stored, index, self.direct.checksum(buffer[:nbytes]), _stored_crc(buffer, nbytes))
         return self._tensor(stored, index, buffer)
 
     def _file_read(self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool) -> FileRead:
@@ -293,7 +302,7 @@ class DiskLayout:
         """Wait for one file's pieces (its file closed), verify its checksum, view its bytes as the tensor."""
         job.finish()
         if verify:
-            self._verify(stored, index, buffer, job.digest)
+            self._verify(stored, index, job.digest, _stored_crc(buffer, stored.spec.tensors[index].nbytes))
         return self._tensor(stored, index, buffer)
 
     def _tensor(self, stored: StoredEntry, index: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -303,12 +312,8 @@ class DiskLayout:
         # copied out (their region is then dropped), so that padding never outweighs data in a memory tier.
         return tensor.clone() if tspec.nbytes < COMPACT_BELOW else tensor
 
-    def _verify(self, stored: StoredEntry, index: int, buffer: torch.Tensor, computed: int) -> None:
-        nbytes = stored.spec.tensors[index].nbytes
-        stored_crc = buffer[nbytes : nbytes + CHECKSUM_BYTES]
-        # memoryview, not a torch op, for host buffers: each torch call lets the I/O threads take the GIL
-        raw = buffer_of(stored_crc) if stored_crc.device.type == "cpu" else stored_crc.cpu().numpy().tobytes()
-        trailer = int.from_bytes(raw, "little")
+    def _verify(self, stored: StoredEntry, index: int, computed: int, trailer: int) -> None:
+        """The CRC32C computed over a tensor's bytes must equal the one its file stores and the manifest's."""
         expected = stored.checksums[index]
         if computed != trailer or computed != expected:
             raise CorruptEntryError(
@@ -352,6 +357,14 @@ class DiskLayout:
             else:
                 newest[stored.spec.key] = stored
         return sorted(newest.values(), key=lambda s: s.written_ns)
+
+
+def _stored_crc(buffer: torch.Tensor, nbytes: int) -> int:
+    """The CRC32C a chunk file stores after its `nbytes` of data, from the buffer it was read into."""
+    stored = buffer[nbytes : nbytes + CHECKSUM_BYTES]
+    return int.from_bytes(
+        buffer_of(stored) if stored.device.type == "cpu" else stored.cpu().numpy().tobytes(), "little"
+    )
 
 
 Landing = Callable[[], torch.Tensor]  # one tensor's read in flight: the call waits for it and returns it
