@@ -177,3 +177,14 @@ def test_an_interrupt_while_waiting_closes_the_file_only_after_its_pieces(
         signal.signal(signal.SIGALRM, previous)
     assert not closed_under_a_read and bytes(dest.numpy()) == b"M" * (2 * ALIGN)
     backend.close()
+
+
+def test_reads_of_one_piece_and_of_many_leave_no_file_open(io: PosixIO, tmp_path: Path) -> None:
+    sizes = [10, 2 * ALIGN, 5 * ALIGN + 3]  # one piece (closed by its thread), exactly one, several (by finish)
+    for i, size in enumerate(sizes):
+        io.write_file(tmp_path / f"f{i}", torch.ones(size, dtype=torch.uint8))
+    before = _open_fds()
+    jobs = io.read_files([FileRead(tmp_path / f"f{i}", aligned_empty(s), s, s) for i, s in enumerate(sizes)])
+    for job in jobs:
+        job.finish()
+    assert _open_fds() == before

@@ -94,7 +94,11 @@ def _shift_by_bytes(length: int) -> int:
 
 def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
     """CRC32C of A followed by B, from CRC32C(A), CRC32C(B) and B's length in bytes."""
-    return _multmodp(_shift_by_bytes(length_b), crc_a) ^ crc_b if length_b else crc_a
+    if length_b == 0:
+        return crc_a
+    if crc_a == 0:  # zero times any shift is zero (the first piece of every file starts here)
+        return crc_b
+    return _multmodp(_shift_by_bytes(length_b), crc_a) ^ crc_b
 
 
 def crc32c_anywhere(data: torch.Tensor, crc: int = 0) -> int:

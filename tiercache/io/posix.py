@@ -65,11 +65,12 @@ class PendingRead:
         path: str | Path,
         size: int,
         pieces: list[tuple[int, Future[tuple[int, int]]]],
-        fd: int,
+        fd: int | None,
         digest_bytes: int | None = None,
     ) -> None:
         """`pieces`: (start, future of (bytes read, CRC32C of the piece's part of the first `digest_bytes`));
-        `fd` is closed by finish(), once no piece uses it."""
+        `fd`, where given, is closed by finish() once no piece uses it (a file of one piece is closed by its
+        reading thread)."""
         self.path = path
         self.size = size
         self._fd: int | None = fd
@@ -240,6 +241,14 @@ class PosixIO:
                 if dest.numel() < span or (self.mode == "o_direct" and dest.data_ptr() % ALIGN):
                     raise ValueError(f"destination for {path} must be {span} bytes and {ALIGN}-aligned")
                 fd = _open_sized(path, self._flags, size)
+                if span <= self.task_size:  # one piece: its thread closes the file, off the caller's path
+                    try:
+                        whole = self._pool.submit(_read_piece, fd, dest, 0, span, digest_bytes, True)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    pending.append(PendingRead(path, size, [(0, whole)], None, digest_bytes))
+                    continue
                 pieces: list[tuple[int, Future[tuple[int, int]]]] = []
                 pending.append(PendingRead(path, size, pieces, fd, digest_bytes))  # closes fd in finish()
                 # Pieces of equal size, none above task_size: a file of task_size plus its 4-byte checksum is two
@@ -279,11 +288,18 @@ def _open_sized(path: str | Path, flags: int, size: int) -> int:
     return fd
 
 
-def _read_piece(fd: int, dest: torch.Tensor, start: int, end: int, digest_bytes: int | None) -> tuple[int, int]:
+def _read_piece(
+    fd: int, dest: torch.Tensor, start: int, end: int, digest_bytes: int | None, close: bool = False
+) -> tuple[int, int]:
     """Fill bytes [start, end) of `dest` from the same offsets of the file; returns the bytes read and the CRC32C
     of the first `digest_bytes` of them (0 when not asked), computed by this thread while they are hot in its
-    cache. Memoryview slices and addresses, not torch slicing: a torch call lets another thread take the GIL."""
-    count = _pread_all(fd, buffer_of(dest)[start:end], start)
+    cache; closes the file after, where `close`. Memoryview slices and addresses, not torch slicing: a torch call
+    lets another thread take the GIL."""
+    try:
+        count = _pread_all(fd, buffer_of(dest)[start:end], start)
+    finally:
+        if close:
+            os.close(fd)
     if not digest_bytes or not count:
         return count, 0
     return count, crc32c_address(dest.data_ptr() + start, min(digest_bytes, count))
