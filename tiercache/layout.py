@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,13 +202,18 @@ class DiskLayout:
         buffers: dict[int, torch.Tensor] = {}
         trailers: dict[int, memoryview] = {}  # each file's stored CRC, read without a torch call once it landed
         views = {keep: buffer_of(region) for keep, region in regions.items()}
-        for index, (tspec, span) in enumerate(zip(tensors, spans, strict=True)):
-            if tspec.nbytes:
-                start = offsets[kept[index]]
-                offsets[kept[index]] += span
-                buffers[index] = regions[kept[index]][start : start + span]
-                trailers[index] = views[kept[index]][start + tspec.nbytes : start + tspec.nbytes + CHECKSUM_BYTES]
-        jobs = self.io.read_files([self._file_read(stored, i, buffer, verify) for i, buffer in buffers.items()])
+
+        def file_reads() -> Iterator[FileRead]:  # consumed as it goes: the first file is read while others queue
+            for index, (tspec, span) in enumerate(zip(tensors, spans, strict=True)):
+                if tspec.nbytes:
+                    start = offsets[kept[index]]
+                    offsets[kept[index]] += span
+                    buffers[index] = regions[kept[index]][start : start + span]
+                    end = start + tspec.nbytes
+                    trailers[index] = views[kept[index]][end : end + CHECKSUM_BYTES]
+                    yield self._file_read(stored, index, buffers[index], verify)
+
+        jobs = self.io.read_files(file_reads())
         landed = dict(zip(buffers, jobs, strict=True))
         return functools.partial(self._finish_entry, stored, buffers, trailers, landed, verify)
 

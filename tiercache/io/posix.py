@@ -12,7 +12,7 @@ import errno
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -225,15 +225,15 @@ class PosixIO:
         """Start reading all `size` bytes of `path` into `dest` (see read_files)."""
         return self.read_files([FileRead(path, dest, size, digest_bytes)])[0]
 
-    def read_files(self, reads: Sequence[FileRead]) -> list[PendingRead]:
+    def read_files(self, reads: Iterable[FileRead]) -> list[PendingRead]:
         """Start reading files, each into its `dest` (from `aligned_empty(size)` or as large and aligned), and,
         where `digest_bytes` is given, the CRC32C of its first `digest_bytes` bytes (PendingRead.digest).
 
-        Returns at once, every piece of every file queued on the pool; the thread that reads a piece also
-        checksums it (the CRCs are combined in finish()), so a file is verified as fast as it is read. Files are
-        opened here, one after another while the first ones are already being read (opening them in the pool
-        threads measured slower). If one cannot be started, none is left running or open.
-        """
+        Returns at once, every piece of every file queued on the pool, each file as soon as `reads` yields it; the
+        thread that reads a piece also checksums it (the CRCs are combined in finish()), so a file is verified as
+        fast as it is read. Files are opened here, one after another while the first ones are already being read
+        (opening them in the pool threads measured slower). If one cannot be started, none is left running or
+        open."""
         pending: list[PendingRead] = []
         try:
             for path, dest, size, digest_bytes in reads:
