@@ -93,6 +93,17 @@ def test_a_flipped_bit_raises_naming_key_and_file_and_returns_no_data(make_cache
         zarr.open_group(chunk.parent.parent.parent, mode="r")["t0"][...]
 
 
+@pytest.mark.parametrize("elements", [1000, 100_000])  # a tensor copied out of its buffer, and one kept as a view
+def test_a_damaged_stored_checksum_alone_is_caught(make_cache: CacheFactory, elements: int) -> None:
+    """Data and manifest intact, only the CRC the chunk file stores after the data flipped: the file is damaged."""
+    cache = make_cache(NVME)
+    cache.put("k", {"empty": torch.zeros(0), "a": torch.arange(float(elements))})
+    chunk = entry_dirs(cache.root)[0] / "t1" / "c" / "0"
+    flip_a_byte(chunk, offset=elements * 4 + 3)  # the last byte of the stored CRC32C
+    with pytest.raises(CorruptEntryError, match="file says"):
+        cache.get("k")
+
+
 def test_a_truncated_chunk_raises(make_cache: CacheFactory) -> None:
     cache = make_cache(NVME)
     cache.put("k", {"a": torch.arange(5000.0)})

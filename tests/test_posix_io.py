@@ -188,3 +188,39 @@ def test_reads_of_one_piece_and_of_many_leave_no_file_open(io: PosixIO, tmp_path
     for job in jobs:
         job.finish()
     assert _open_fds() == before
+
+
+@pytest.mark.parametrize("size", [10, 5 * ALIGN + 3])  # one piece (closed by its thread), several (by finish)
+def test_an_interrupt_inside_submit_never_closes_a_file_twice_or_under_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Ctrl-C can land in ThreadPoolExecutor.submit after the piece was queued: the caller never learns of it.
+    That piece must neither read from nor close a descriptor number that the next open reuses (found by a
+    review: a one-piece file was closed twice, the second time someone else's file)."""
+    backend = PosixIO(tmp_path, threads=1, task_size=2 * ALIGN, io="buffered")
+    backend.write_file(tmp_path / "mine", torch.full((size,), 7, dtype=torch.uint8))
+    (tmp_path / "other").write_bytes(b"O" * size)
+    real_read = posix._pread_all
+    monkeypatch.setattr(
+        posix, "_pread_all", lambda fd, buffer, offset: (time.sleep(0.3), real_read(fd, buffer, offset))[1]
+    )
+    pool = backend._pool
+    real_adjust = pool._adjust_thread_count  # type: ignore[attr-defined]
+
+    def queued_then_interrupted() -> None:
+        real_adjust()
+        pool._adjust_thread_count = real_adjust  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    pool._adjust_thread_count = queued_then_interrupted  # type: ignore[attr-defined]
+    dest = aligned_empty(size)
+    dest.zero_()
+    with pytest.raises(KeyboardInterrupt):
+        backend.read_files([FileRead(tmp_path / "mine", dest, size, size)])
+    other = os.open(tmp_path / "other", os.O_RDONLY)  # may get the number the interrupted read had
+    try:
+        backend.close()  # waits for the queued piece
+        os.fstat(other)  # still open: nobody closed it
+        assert b"O" not in bytes(dest.numpy())  # and nobody read it into this buffer
+    finally:
+        os.close(other)

@@ -174,5 +174,12 @@ def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path, monkeypatc
             with pytest.raises(tiercache.StorageError, match="injected"):
                 cache.get("e")
             assert cache._nvme.layout.buffers.idle_bytes >= 8 << 20
+            cache._nvme.layout.buffers.close()  # start again from nothing idle
+            cache._nvme.layout.buffers = ReadBuffers()
+            handle = cache.prefetch("e")
+            with pytest.raises(tiercache.StorageError, match="injected"):
+                handle.wait()
+            del handle  # the handle's future keeps the error, whose traceback keeps the frames: no buffers in them
+            assert cache._nvme.layout.buffers.idle_bytes >= 8 << 20
         finally:
             gc.enable()

@@ -447,6 +447,7 @@ class TierCache:
                     started.append(self._start_one(record, tier, held, target, index + len(started)))
                 name, land = started.popleft()
                 tensor, ready = land()
+                del land  # its buffer (a small tensor's padded one) must not outlive the tensor's delivery
                 self._transfers.deliver([tensor], ready, consumer)
                 yield name, tensor
         finally:

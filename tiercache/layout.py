@@ -183,8 +183,8 @@ class DiskLayout:
         """Allocate the entry's buffers in the calling thread and queue every file's reads; the returned call waits
         for them, checks them and returns the tensors (a prefetch waits for it in the background).
 
-        Every file is queued on the I/O pool at once (PosixIO.read_files); the threads that read a file also
-        checksum it, so files are verified in parallel while others are still being read.
+        Each file is queued on the I/O pool as soon as its buffer is cut (PosixIO.read_files); the threads that
+        read a file also checksum it, so files are verified in parallel while others are still being read.
         """
         if device is not None and self._serves(device):
             return self._start_direct(stored, verify, device)
@@ -234,9 +234,13 @@ class DiskLayout:
             except BaseException as exc:  # noqa: BLE001 - every file settled, then the first error raised
                 first_error = first_error or exc
         if first_error is not None:
+            # The traceback keeps this frame (and a prefetch handle's) alive: let go of the buffers now, and of
+            # the error (frame -> exception -> traceback -> frame), so nothing waits for the GC.
+            buffers.clear()
+            trailers.clear()
             try:
                 raise first_error
-            finally:  # no frame -> exception -> traceback -> frame cycle: the buffers are freed with the error
+            finally:
                 first_error = None
         tensors: Tensors = {}
         for index, tspec in enumerate(stored.spec.tensors):

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import threading
+import traceback
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -65,15 +66,14 @@ class PendingRead:
         path: str | Path,
         size: int,
         pieces: list[tuple[int, Future[tuple[int, int]]]],
-        fd: int | None,
+        file: OpenFile,
         digest_bytes: int | None = None,
     ) -> None:
         """`pieces`: (start, future of (bytes read, CRC32C of the piece's part of the first `digest_bytes`));
-        `fd`, where given, is closed by finish() once no piece uses it (a file of one piece is closed by its
-        reading thread)."""
+        `file` is closed by finish() (or already, by the thread that read a file of one piece)."""
         self.path = path
         self.size = size
-        self._fd: int | None = fd
+        self._file = file
         self._pieces = pieces
         self._digest_bytes = digest_bytes
         self._digest: int | None = None
@@ -93,22 +93,25 @@ class PendingRead:
         interrupted = wait_through_interrupts([future for _, future in self._pieces])
         got, crc = 0, 0
         failed: BaseException | None = None
+        error: BaseException | None = None
         try:
             for start, future in self._pieces:
                 if future.cancelled():
                     failed = failed or interrupted or StorageError(f"reading {self.path} was cancelled")
                     continue
-                if future.exception() is not None:
-                    failed = failed or future.exception()
+                error = future.exception()
+                if error is not None:
+                    # The pool thread's frames in its traceback hold the destination buffer: clear them, so that a
+                    # kept error (a prefetch handle's) does not keep the buffer.
+                    traceback.clear_frames(error.__traceback__)
+                    failed = failed or error
                     continue
                 count, piece_crc = future.result()
                 got += count
                 if self._digest_bytes is not None:
                     crc = crc32c_combine(crc, piece_crc, max(0, min(start + count, self._digest_bytes) - start))
         finally:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._file.close()
         try:
             if interrupted is not None:
                 raise interrupted
@@ -119,7 +122,7 @@ class PendingRead:
             if failed is not None:
                 raise StorageError(f"reading {self.path} failed: {failed}") from failed
         finally:
-            interrupted = failed = None  # no frame -> exception -> traceback -> frame cycle keeping buffers alive
+            interrupted = failed = error = None  # no frame -> exception -> traceback -> frame cycle
         if got != self.size:
             raise StorageError(f"{self.path}: read {got} bytes, expected {self.size}; the file was truncated")
         if self._digest_bytes is not None:
@@ -240,24 +243,24 @@ class PosixIO:
                 span = round_up(size) if self.mode == "o_direct" else size
                 if dest.numel() < span or (self.mode == "o_direct" and dest.data_ptr() % ALIGN):
                     raise ValueError(f"destination for {path} must be {span} bytes and {ALIGN}-aligned")
-                fd = _open_sized(path, self._flags, size)
+                file = OpenFile(_open_sized(path, self._flags, size))
                 if span <= self.task_size:  # one piece: its thread closes the file, off the caller's path
                     try:
-                        whole = self._pool.submit(_read_piece, fd, dest, 0, span, digest_bytes, True)
+                        whole = self._pool.submit(_read_piece, file, dest, 0, span, digest_bytes, True)
                     except BaseException:
-                        os.close(fd)
+                        file.close()  # a read queued before the interrupt finds it closed, or closes it itself
                         raise
-                    pending.append(PendingRead(path, size, [(0, whole)], None, digest_bytes))
+                    pending.append(PendingRead(path, size, [(0, whole)], file, digest_bytes))
                     continue
                 pieces: list[tuple[int, Future[tuple[int, int]]]] = []
-                pending.append(PendingRead(path, size, pieces, fd, digest_bytes))  # closes fd in finish()
+                pending.append(PendingRead(path, size, pieces, file, digest_bytes))  # closed by finish()
                 # Pieces of equal size, none above task_size: a file of task_size plus its 4-byte checksum is two
                 # halves, not a full piece and a 4 KiB one.
                 piece = max(ALIGN, round_up(-(-span // max(1, -(-span // self.task_size)))))  # an empty file: none
                 for start in range(0, span, piece):
                     end = min(start + piece, span)
                     checked = max(0, min(end, digest_bytes) - start) if digest_bytes is not None else None
-                    pieces.append((start, self._pool.submit(_read_piece, fd, dest, start, end, checked)))
+                    pieces.append((start, self._pool.submit(_read_piece, file, dest, start, end, checked)))
         except BaseException:
             for job in pending:
                 with contextlib.suppress(BaseException):
@@ -288,18 +291,59 @@ def _open_sized(path: str | Path, flags: int, size: int) -> int:
     return fd
 
 
+class OpenFile:
+    """A file descriptor that pieces read from; closed once, when it is closed and no piece is using it.
+
+    An interrupt can leave a piece queued (or running) that its caller never learned of; such a piece finds the
+    file closed and reads nothing, or holds it open until it is done: a descriptor is never closed under a read,
+    whose number the next open would reuse."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._users = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int | None:
+        with self._lock:
+            if self._closing:
+                return None
+            self._users += 1
+            return self.fd
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._closing and self._users == 0
+        if last:
+            os.close(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            idle = self._users == 0
+        if idle:
+            os.close(self.fd)
+
+
 def _read_piece(
-    fd: int, dest: torch.Tensor, start: int, end: int, digest_bytes: int | None, close: bool = False
+    file: OpenFile, dest: torch.Tensor, start: int, end: int, digest_bytes: int | None, close: bool = False
 ) -> tuple[int, int]:
     """Fill bytes [start, end) of `dest` from the same offsets of the file; returns the bytes read and the CRC32C
     of the first `digest_bytes` of them (0 when not asked), computed by this thread while they are hot in its
     cache; closes the file after, where `close`. Memoryview slices and addresses, not torch slicing: a torch call
     lets another thread take the GIL."""
+    fd = file.acquire()
+    if fd is None:  # closed by a caller that was interrupted while queueing this piece: nothing to read
+        return 0, 0
     try:
         count = _pread_all(fd, buffer_of(dest)[start:end], start)
     finally:
+        file.release()
         if close:
-            os.close(fd)
+            file.close()
     if not digest_bytes or not count:
         return count, 0
     return count, crc32c_address(dest.data_ptr() + start, min(digest_bytes, count))
