@@ -151,10 +151,10 @@ def test_values_read_earlier_survive_later_reads_of_the_same_entry(tmp_path: Pat
             assert _span(t) != _span(second[name])
             t.zero_()  # a caller may write into what it got
             assert torch.equal(second[name], entry[name])
-        del first
+        del first, t  # the loop variable holds one of its tensors too
         third = cache.get("e")
         assert all(torch.equal(third[n], t) for n, t in entry.items())
-        assert any("reused" in note and "read buffers" in note for note in cache.stats().notes)
+        assert any("host buffers for nvme reads: 1 reused" in note for note in cache.stats().notes)
 
 
 def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,3 +183,25 @@ def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path, monkeypatc
             assert cache._nvme.layout.buffers.idle_bytes >= 8 << 20
         finally:
             gc.enable()
+
+
+def test_host_reloads_reuse_memory_only_once_their_tensors_are_gone(tmp_path: Path) -> None:
+    policy = tiercache.Policy.from_dict(
+        {
+            "name": "host-only",
+            "tiers": {"hbm": {"capacity": 0}, "host": {"capacity": "64MiB"}, "nvme": {"capacity": 0}},
+            "placement": {"promote_on_hit": False},
+        }
+    )
+    entry = {"k": torch.randn(1 << 20), "v": torch.randn(1 << 20)}
+    with tiercache.TierCache(root=tmp_path, policy=policy, device="cpu") as cache:
+        cache.put("e", entry)
+        first = cache.get("e")
+        first["k"].zero_()
+        second = cache.get("e")  # first is alive: other memory
+        assert torch.equal(second["k"], entry["k"]) and first["k"].data_ptr() != second["k"].data_ptr()
+        address = second["k"].data_ptr()
+        del second
+        third = cache.get("e")
+        assert third["k"].data_ptr() == address and all(torch.equal(third[n], t) for n, t in entry.items())
+        assert any("host buffers for reloads: 1 reused" in note for note in cache.stats().notes)

@@ -323,11 +323,11 @@ class TierCache:
                 + ("pinned" if pool.pinned else f"pageable because {pool.why_pageable}")
                 + (f"; {pool.fallbacks} entries stored in pageable memory outside it (full)" if pool.fallbacks else "")
             )
-            buffers = self._nvme.layout.buffers
-            notes.append(
-                f"nvme read buffers (host memory): {buffers.reused} reused, {buffers.fresh} fresh; "
-                f"{format_size(buffers.idle_bytes)} idle, kept for the next reads"
-            )
+            for what, buffers in (("nvme reads", self._nvme.layout.buffers), ("reloads", self._transfers.host_buffers)):
+                notes.append(
+                    f"host buffers for {what}: {buffers.reused} reused, {buffers.fresh} fresh; "
+                    f"{format_size(buffers.idle_bytes)} idle, kept for the next ones"
+                )
             if self._nvme.io_mode == "buffered":
                 notes.append(f"nvme: buffered I/O because {self._nvme.io.why_buffered}")
             direct = self._nvme.direct
