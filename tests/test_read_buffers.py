@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import tiercache
 from tiercache.io import posix
 from tiercache.io.aligned import ALIGN
-from tiercache.io.buffers import ReadBuffers
+from tiercache.io.buffers import HostBuffers
 
 MiB = 1 << 20
 
@@ -27,7 +27,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def test_a_region_comes_back_only_when_its_last_view_is_gone() -> None:
-    buffers = ReadBuffers()
+    buffers = HostBuffers()
     first = buffers.empty(3 * MiB)
     address = first.data_ptr()
     view = first[MiB:].view(torch.int32)
@@ -45,7 +45,7 @@ def test_a_region_comes_back_only_when_its_last_view_is_gone() -> None:
 
 
 def test_buffers_are_page_aligned_and_large_ones_huge_page_aligned() -> None:
-    buffers = ReadBuffers()
+    buffers = HostBuffers()
     for size in (1, ALIGN + 1, 5 * MiB + 3):
         buffer = buffers.empty(size)
         assert buffer.numel() % ALIGN == 0 and buffer.numel() >= size and buffer.data_ptr() % ALIGN == 0
@@ -54,7 +54,7 @@ def test_buffers_are_page_aligned_and_large_ones_huge_page_aligned() -> None:
 
 def test_a_read_takes_only_a_region_at_most_a_quarter_larger() -> None:
     """A tier counts a tensor's bytes, not its region's: a much larger region would hold memory nobody counts."""
-    buffers = ReadBuffers()
+    buffers = HostBuffers()
     big = buffers.empty(64 * MiB)
     address = big.data_ptr()
     del big
@@ -84,7 +84,7 @@ class _Cycle:
 def test_a_lease_collected_in_the_middle_of_a_scan_never_lends_a_smaller_region() -> None:
     """The cyclic GC may free a lease at any point, in this very thread, while the pool picks a region (found by
     a review: the pool once lent an 8 KiB buffer over a 4 KiB region that way)."""
-    buffers = ReadBuffers(max_idle=2)
+    buffers = HostBuffers(max_idle=2)
     buffers._idle = _ScanHook()
     garbage = _Cycle()
     garbage.me, garbage.buffer = garbage, buffers.empty(ALIGN)  # a lease only the cyclic GC frees
@@ -103,7 +103,7 @@ def test_a_lease_collected_in_the_middle_of_a_scan_never_lends_a_smaller_region(
 
 
 def test_idle_regions_are_capped_oldest_freed_first() -> None:
-    buffers = ReadBuffers(max_idle=2, max_idle_bytes=5 * MiB)
+    buffers = HostBuffers(max_idle=2, max_idle_bytes=5 * MiB)
     held = [buffers.empty(2 * MiB) for _ in range(3)]
     addresses = [t.data_ptr() for t in held]
     while held:
@@ -124,7 +124,7 @@ def test_idle_regions_are_capped_oldest_freed_first() -> None:
 @given(st.lists(st.tuples(st.integers(1, 6 * MiB), st.booleans(), st.integers(0, 5)), min_size=1, max_size=40))
 def test_live_buffers_never_overlap(steps: list[tuple[int, bool, int]]) -> None:
     """Whatever is taken, viewed, dropped and taken again, no two buffers in use share a byte."""
-    buffers = ReadBuffers(max_idle=3, max_idle_bytes=12 * MiB)
+    buffers = HostBuffers(max_idle=3, max_idle_bytes=12 * MiB)
     live: list[torch.Tensor] = []
     for size, keep_view, drop in steps:
         buffer = buffers.empty(size)
@@ -175,7 +175,7 @@ def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path, monkeypatc
                 cache.get("e")
             assert cache._nvme.layout.buffers.idle_bytes >= 8 << 20
             cache._nvme.layout.buffers.close()  # start again from nothing idle
-            cache._nvme.layout.buffers = ReadBuffers()
+            cache._nvme.layout.buffers = HostBuffers()
             handle = cache.prefetch("e")
             with pytest.raises(tiercache.StorageError, match="injected"):
                 handle.wait()

@@ -36,7 +36,7 @@ from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
 from .io import FileRead, PendingRead, PosixIO, buffer_of, round_up
-from .io.buffers import ReadBuffers
+from .io.buffers import HostBuffers
 from .io.kvikio import KvikioIO
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class DiskLayout:
         self._lock_fd: int | None = _lock_root(root)
         if not (self.entries_dir / "zarr.json").exists():
             _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
-        self.buffers = ReadBuffers()  # host memory that reads land in, reused once no tensor uses it
+        self.buffers = HostBuffers()  # host memory that reads land in, reused once no tensor uses it
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
         self._files = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .io.buffers import ReadBuffers
+from .io.buffers import HostBuffers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Stream(ABC):
     def record(self) -> Event:
         """An event marking everything enqueued so far."""
 
-    host_buffers: ReadBuffers | None = None  # where host memory for this stream's copies comes from, if set
+    host_buffers: HostBuffers | None = None  # where host memory for this stream's copies comes from, if set
 
     def empty(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """A uint8 buffer on `device` for this stream's copies to fill (host memory from `host_buffers`: reused
@@ -310,7 +310,7 @@ class Transfers:
         self.device = device
         self.chunk = chunk
         self.deferred = Deferred()
-        self.host_buffers = ReadBuffers()  # host memory that reloads land in
+        self.host_buffers = HostBuffers()  # host memory that reloads land in
         self.offload: Stream
         self.reload: Stream
         if device.type == "cuda":

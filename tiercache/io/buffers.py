@@ -1,15 +1,16 @@
-"""Read buffers that are reused once nothing uses them, so that reading an entry does not fault in and zero
-fresh memory every time.
+"""Host buffers that are reused once nothing uses them, so that reading an entry from nvme, or reloading it from
+the host tier into CPU memory, does not fault in and zero fresh memory every time.
 
 The kernel zeroes every page of a fresh allocation on first touch: on the CI-class VM that cost 20 ms of wall time
 and as much CPU time for a 128 MiB read that took 43 ms into memory already touched (64 ms into fresh memory).
-glibc returns large blocks to the kernel when they are freed, so each read of a large entry paid it again.
+glibc returns blocks above its mmap threshold (at most 32 MiB) to the kernel when they are freed, so each large
+transfer paid it again.
 
 A buffer handed out here is a tensor whose memory belongs to a lease: numpy holds the lease as its array's base
 and torch holds the array, so the lease dies only when the last tensor or view of that memory is gone, whatever
 the caller did with it (kept it in a tier, sliced it, exported it). Its region then comes back here and is lent
-again to a read of a similar size. At most `max_idle` regions and `max_idle_bytes` wait here; older ones are
-freed.
+again to a transfer it holds with at most a quarter to spare. At most `max_idle` regions and `max_idle_bytes`
+wait here; older ones are freed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .aligned import aligned_empty, round_up
 class _Lease:
     """The owner of one region while tensors use it; hands the region back when it is collected."""
 
-    def __init__(self, pool: ReadBuffers, region: torch.Tensor, nbytes: int) -> None:
+    def __init__(self, pool: HostBuffers, region: torch.Tensor, nbytes: int) -> None:
         self._returned = pool.returned
         self._region = region
         self.__array_interface__: dict[str, Any] = {
@@ -43,8 +44,8 @@ class _Lease:
         self._returned.append(self._region)
 
 
-class ReadBuffers:
-    """Page-aligned uint8 buffers for reads, their regions reused once no tensor uses them."""
+class HostBuffers:
+    """Page-aligned uint8 host buffers for transfers, their regions reused once no tensor uses them."""
 
     def __init__(self, max_idle: int = 4, max_idle_bytes: int = 1 << 30) -> None:
         self.max_idle = max_idle
