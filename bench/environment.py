@@ -74,6 +74,17 @@ def kvikio_state() -> str:
     return f"{kvikio.__version__}, mode {mode}, GDS driver {'available' if gds else 'unavailable'}"
 
 
+def stolen_cpu_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests since boot (the steal column of /proc/stat), all CPUs summed;
+    None where there is no such counter. A run that lost much of it has slow phases that no repetition evens out,
+    worst for the pathways that use the most CPU time (checksummed reads)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def describe(root: Path) -> dict[str, Any]:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"

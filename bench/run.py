@@ -39,7 +39,7 @@ from tiercache.io.posix import O_DIRECT
 
 from .chart import latency_chart
 from .cuda import bench_cuda
-from .environment import describe
+from .environment import describe, stolen_cpu_seconds
 from .measure import (
     LAYERS,
     Row,
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     env = describe(root.parent)
+    stolen_at_start = stolen_cpu_seconds()
     overlap_steps = len(overlap_cases(tiercache.default_device()))
     progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + overlap_steps)
     shutil.rmtree(root, ignore_errors=True)
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
     overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)
     chart_note = latency_chart(rows, out / "latency_chart.png")
+    stolen_at_end = stolen_cpu_seconds()
+    if stolen_at_start is not None and stolen_at_end is not None:
+        env["cpu_stolen_during_run_s"] = round(stolen_at_end - stolen_at_start, 1)  # > 0: a VM whose host was busy
     report = markdown(rows, env) + "\n" + seed_table(rows) + "\n" + overlap_table(overlap, OVERLAP_LOOKAHEAD)
     report += f"\n{chart_note}\n" if chart_note else ""
     (out / "report.md").write_text(report)

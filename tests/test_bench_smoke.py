@@ -32,6 +32,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     workload_rows = [r["case"] for r in report["rows"] if "scale of" in r["case"] or "full size" in r["case"]]
     assert len(workload_rows) == 8 and any("flux-1024-img-kv: 57 x (" in c for c in workload_rows)
     assert report["environment"]["o_direct"] == "yes"
+    assert report["environment"]["cpu_stolen_during_run_s"] >= 0  # /proc/stat has a steal column on Linux
     printed = capsys.readouterr().out
     assert "| size | pathway |" in printed and "O_DIRECT preadv" in printed
     assert (tmp_path / "out" / "report.md").read_text() in printed
