@@ -70,7 +70,8 @@ class PendingRead:
         digest_bytes: int | None = None,
     ) -> None:
         """`pieces`: (start, future of (bytes read, CRC32C of the piece's part of the first `digest_bytes`));
-        `file` is closed by finish() (or already, by the thread that read a file of one piece)."""
+        `file` is closed by finish() (or already, by the thread that read a file of one piece: closing is
+        idempotent)."""
         self.path = path
         self.size = size
         self._file = file
@@ -244,23 +245,16 @@ class PosixIO:
                 if dest.numel() < span or (self.mode == "o_direct" and dest.data_ptr() % ALIGN):
                     raise ValueError(f"destination for {path} must be {span} bytes and {ALIGN}-aligned")
                 file = OpenFile(_open_sized(path, self._flags, size))
-                if span <= self.task_size:  # one piece: its thread closes the file, off the caller's path
-                    try:
-                        whole = self._pool.submit(_read_piece, file, dest, 0, span, digest_bytes, True)
-                    except BaseException:
-                        file.close()  # a read queued before the interrupt finds it closed, or closes it itself
-                        raise
-                    pending.append(PendingRead(path, size, [(0, whole)], file, digest_bytes))
-                    continue
                 pieces: list[tuple[int, Future[tuple[int, int]]]] = []
-                pending.append(PendingRead(path, size, pieces, file, digest_bytes))  # closed by finish()
+                pending.append(PendingRead(path, size, pieces, file, digest_bytes))  # finish() closes the file
                 # Pieces of equal size, none above task_size: a file of task_size plus its 4-byte checksum is two
                 # halves, not a full piece and a 4 KiB one.
                 piece = max(ALIGN, round_up(-(-span // max(1, -(-span // self.task_size)))))  # an empty file: none
+                alone = span <= piece  # one piece: its thread closes the file, off the caller's path
                 for start in range(0, span, piece):
                     end = min(start + piece, span)
                     checked = max(0, min(end, digest_bytes) - start) if digest_bytes is not None else None
-                    pieces.append((start, self._pool.submit(_read_piece, file, dest, start, end, checked)))
+                    pieces.append((start, self._pool.submit(_read_piece, file, dest, start, end, checked, alone)))
         except BaseException:
             for job in pending:
                 with contextlib.suppress(BaseException):
