@@ -418,13 +418,11 @@ class TierCache:
                 tensors, ready = self._host.load(record.uid, target, dest=self._tier_name_of(target))
             else:
                 start = time.perf_counter()
-                if held is not None and record.ready is not None:  # hbm to another device: after its producer
-                    consumer_stream(self.device).wait(record.ready)
                 if held is not None:
-                    source = held
+                    tensors = self._copy_from_hbm(record, held, target)
                 else:
                     source = landing() if landing is not None else self._nvme.read(record.uid, target)
-                tensors = {n: t.to(target, copy=held is not None) for n, t in source.items()}
+                    tensors = {n: t.to(target) for n, t in source.items()}
                 self._record_transfer(tier, self._tier_name_of(target), record.spec.nbytes, time.perf_counter() - start)
                 ready = all_of(())
         except BaseException:
@@ -458,6 +456,12 @@ class TierCache:
                     pass
             self._end_read(record)
 
+    def _copy_from_hbm(self, record: Record, held: Tensors, target: torch.device) -> Tensors:
+        """Copies of hbm tensors on another device, made after the copy that filled them (a promotion) is done."""
+        if record.ready is not None:
+            consumer_stream(self.device).wait(record.ready)
+        return {n: t.to(target, copy=True) for n, t in held.items()}
+
     def _start_one(
         self, record: Record, tier: str, held: Tensors | None, target: torch.device, index: int
     ) -> tuple[str, Callable[[], tuple[torch.Tensor, Event]]]:
@@ -470,8 +474,7 @@ class TierCache:
             ready = record.ready or all_of(())
             if _same_device(target, self.device):
                 return name, lambda: (held[name], ready)
-            consumer_stream(self.device).wait(ready)
-            tensor = held[name].to(target)
+            tensor = self._copy_from_hbm(record, {name: held[name]}, target)[name]
             return name, lambda: (tensor, all_of(()))
         land = self._nvme.start_read(record.uid, index, target)
 
