@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -227,21 +227,13 @@ class DiskLayout:
     ) -> Tensors:
         """Wait for every file (each closed before any error leaves), then verify and view them all. No torch call
         runs while reads are landing: each would hand the GIL to an I/O thread and wait to get it back."""
-        first_error: BaseException | None = None
-        for job in jobs.values():
-            try:
-                job.finish()
-            except BaseException as exc:  # noqa: BLE001 - every file settled, then the first error raised
-                first_error = first_error or exc
-        if first_error is not None:
-            # The traceback keeps this frame (and a prefetch handle's) alive: let go of the buffers now, and of
-            # the error (frame -> exception -> traceback -> frame), so nothing waits for the GC.
+        try:
+            _call_every([job.finish for job in jobs.values()])
+        except BaseException:
+            # The traceback keeps this frame (and a prefetch handle's) alive: let go of the buffers now.
             buffers.clear()
             trailers.clear()
-            try:
-                raise first_error
-            finally:
-                first_error = None
+            raise
         tensors: Tensors = {}
         for index, tspec in enumerate(stored.spec.tensors):
             if index not in buffers:  # empty: no file
@@ -376,11 +368,13 @@ def _stored_crc(buffer: torch.Tensor, nbytes: int) -> int:
     )
 
 
+T = TypeVar("T")
 Landing = Callable[[], torch.Tensor]  # one tensor's read in flight: the call waits for it and returns it
 
 
 def _settle_all(landing: Iterable[Landing]) -> None:
-    """Wait for every started read (its file closed) before an error leaves; the first error is the one raised."""
+    """Wait for every started read (its file closed) before an error that stopped the starting leaves; their own
+    errors are dropped: that one is raised."""
     for item in landing:
         try:
             item()
@@ -390,17 +384,23 @@ def _settle_all(landing: Iterable[Landing]) -> None:
 
 def _collect(stored: StoredEntry, landing: list[Landing]) -> Tensors:
     """The tensors of every started read, in order; every file is settled before the first error is raised."""
-    results: dict[str, torch.Tensor] = {}
+    return dict(zip((t.name for t in stored.spec.tensors), _call_every(landing), strict=True))
+
+
+def _call_every(calls: Iterable[Callable[[], T]]) -> list[T]:
+    """Every call's result, in order; all of them run (each read settled, its file closed) before the first error
+    is raised."""
+    results: list[T] = []
     first_error: BaseException | None = None
-    for tspec, item in zip(stored.spec.tensors, landing, strict=True):
+    for call in calls:
         try:
-            results[tspec.name] = item()
-        except BaseException as exc:  # noqa: BLE001 - settle every file, then raise the first error
+            results.append(call())
+        except BaseException as exc:  # noqa: BLE001 - settle every call, then raise the first error
             first_error = first_error or exc
     if first_error is not None:
         try:
             raise first_error
-        finally:  # as in _finish_entry: no reference cycle through the traceback
+        finally:  # no frame -> exception -> traceback -> frame cycle keeping buffers alive until the GC runs
             first_error = None
     return results
 
