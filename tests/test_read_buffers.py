@@ -154,7 +154,7 @@ def test_values_read_earlier_survive_later_reads_of_the_same_entry(tmp_path: Pat
         del first, t  # the loop variable holds one of its tensors too
         third = cache.get("e")
         assert all(torch.equal(third[n], t) for n, t in entry.items())
-        assert any("host buffers for nvme reads: 1 reused" in note for note in cache.stats().notes)
+        assert any("host buffers for nvme reads and reloads: 1 reused" in note for note in cache.stats().notes)
 
 
 def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,4 +204,28 @@ def test_host_reloads_reuse_memory_only_once_their_tensors_are_gone(tmp_path: Pa
         del second
         third = cache.get("e")
         assert third["k"].data_ptr() == address and all(torch.equal(third[n], t) for n, t in entry.items())
-        assert any("host buffers for reloads: 1 reused" in note for note in cache.stats().notes)
+        assert any("host buffers for nvme reads and reloads: 1 reused" in note for note in cache.stats().notes)
+
+
+def test_nvme_reads_and_host_reloads_share_one_pool(tmp_path: Path) -> None:
+    """Memory an nvme read gave back serves the next reload from the host tier: one pool per cache, so at most one
+    pool's worth of regions waits idle."""
+    policy = tiercache.Policy.from_dict(
+        {
+            "name": "host-then-nvme",
+            "tiers": {"hbm": {"capacity": 0}, "host": {"capacity": "12MiB"}, "nvme": {"capacity": "1GiB"}},
+            "placement": {"promote_on_hit": False},
+        }
+    )
+    a = {"k": torch.randn(1 << 20), "v": torch.randn(1 << 20)}
+    b = {"k": torch.randn(1 << 20), "v": torch.randn(1 << 20)}
+    with tiercache.TierCache(root=tmp_path, policy=policy, device="cpu") as cache:
+        cache.put("a", a)
+        cache.put("b", b)  # the host tier holds one: "a" goes down to nvme
+        assert cache.info("a").tiers == ("nvme",) and cache.info("b").tiers == ("host",)
+        from_nvme = cache.get("a")
+        assert all(torch.equal(from_nvme[n], t) for n, t in a.items())
+        del from_nvme
+        from_host = cache.get("b")
+        assert all(torch.equal(from_host[n], t) for n, t in b.items())
+        assert any("host buffers for nvme reads and reloads: 1 reused, 1 fresh" in n for n in cache.stats().notes)

@@ -28,6 +28,7 @@ from .costmodel import Profile, profile_for
 from .engine import Decision, Engine, EntryInfo, PutHints, Record
 from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_tensors
 from .errors import CacheClosedError, EntryValueError, TierCacheError
+from .io.buffers import HostBuffers
 from .layout import StoredEntry
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import HostTier, MemoryTier, NvmeTier, Tier
@@ -102,8 +103,11 @@ class TierCache:
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
         budgets = self.policy.tiers
         self._log = TransferLog()
-        self._nvme = NvmeTier(self.root, budgets.nvme, self.device)
-        self._transfers = Transfers(self.device, self.policy.transfer.chunk_size)
+        # One pool of reused host memory for what lands in CPU memory: nvme reads and reloads from the host tier.
+        # Shared, the memory one pathway gave back serves the other, and at most one pool's worth waits idle.
+        self._landing = HostBuffers()
+        self._nvme = NvmeTier(self.root, budgets.nvme, self.device, self._landing)
+        self._transfers = Transfers(self.device, self.policy.transfer.chunk_size, self._landing)
         try:
             self._host = HostTier(
                 budgets.host.capacity,
@@ -323,11 +327,11 @@ class TierCache:
                 + ("pinned" if pool.pinned else f"pageable because {pool.why_pageable}")
                 + (f"; {pool.fallbacks} entries stored in pageable memory outside it (full)" if pool.fallbacks else "")
             )
-            for what, buffers in (("nvme reads", self._nvme.layout.buffers), ("reloads", self._transfers.host_buffers)):
-                notes.append(
-                    f"host buffers for {what}: {buffers.reused} reused, {buffers.fresh} fresh; "
-                    f"{format_size(buffers.idle_bytes)} idle, kept for the next ones"
-                )
+            landing = self._landing
+            notes.append(
+                f"host buffers for nvme reads and reloads: {landing.reused} reused, {landing.fresh} fresh; "
+                f"{format_size(landing.idle_bytes)} idle, kept for the next ones"
+            )
             if self._nvme.io_mode == "buffered":
                 notes.append(f"nvme: buffered I/O because {self._nvme.io.why_buffered}")
             direct = self._nvme.direct

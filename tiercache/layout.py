@@ -90,8 +90,11 @@ def key_hash(key: str) -> str:
 class DiskLayout:
     """Reads and writes entries under one root directory, which it holds locked while open."""
 
-    def __init__(self, root: Path, io: PosixIO, direct: KvikioIO | None = None) -> None:
-        """`io` moves host memory; `direct`, where given, moves tensors on `direct.device` without the host."""
+    def __init__(
+        self, root: Path, io: PosixIO, direct: KvikioIO | None = None, buffers: HostBuffers | None = None
+    ) -> None:
+        """`io` moves host memory; `direct`, where given, moves tensors on `direct.device` without the host. Reads
+        land in `buffers` (a pool of this layout's own unless given: a cache shares one with its reloads)."""
         self.root = root
         self.io = io
         self.direct = direct
@@ -103,7 +106,7 @@ class DiskLayout:
         self._lock_fd: int | None = _lock_root(root)
         if not (self.entries_dir / "zarr.json").exists():
             _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
-        self.buffers = HostBuffers()  # host memory that reads land in, reused once no tensor uses it
+        self.buffers = buffers if buffers is not None else HostBuffers()  # host memory that reads land in, reused once no tensor uses it
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
         self._files = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 

@@ -306,11 +306,11 @@ class Transfers:
     Copies between two CPU tensors on a CUDA machine run in the calling thread.
     """
 
-    def __init__(self, device: torch.device, chunk: int) -> None:
+    def __init__(self, device: torch.device, chunk: int, host_buffers: HostBuffers | None = None) -> None:
         self.device = device
         self.chunk = chunk
         self.deferred = Deferred()
-        self.host_buffers = HostBuffers()  # host memory that reloads land in
+        self.host_buffers = host_buffers if host_buffers is not None else HostBuffers()  # host memory that reloads into CPU memory land in
         self.offload: Stream
         self.reload: Stream
         if device.type == "cuda":

@@ -11,6 +11,7 @@ from ..config import NvmeBudget
 from ..entry import EntrySpec, Tensors
 from ..errors import StorageError
 from ..io import PosixIO
+from ..io.buffers import HostBuffers
 from ..io.kvikio import KvikioIO, why_not_kvikio
 from ..layout import DiskLayout, StoredEntry
 from ..transfer import Event
@@ -21,14 +22,16 @@ class NvmeTier(Tier):
     """Host memory moves through the POSIX backend; tensors on the compute device through kvikio where it works
     (`direct`), without a stop in host memory."""
 
-    def __init__(self, root: Path, budget: NvmeBudget, device: torch.device) -> None:
+    def __init__(
+        self, root: Path, budget: NvmeBudget, device: torch.device, buffers: HostBuffers | None = None
+    ) -> None:
         super().__init__("nvme", budget.capacity)
         root.mkdir(parents=True, exist_ok=True)
         self.verify = budget.verify_checksums
         self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io)
         try:
             self.direct, self.why_not_direct = _open_direct(root, budget, device)
-            self.layout = DiskLayout(root, self.io, self.direct)
+            self.layout = DiskLayout(root, self.io, self.direct, buffers)
         except BaseException:
             self.io.close()
             raise
