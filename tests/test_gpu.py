@@ -175,3 +175,30 @@ def test_kvikio_in_both_modes(make_cache: CacheFactory, compat: bool, tmp_path: 
         assert f"nvme({mode})->hbm" in cache.stats().pathways
     finally:
         kvikio.defaults.set("compat_mode", previous)
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["unchecked", "checked"])
+def test_kvikio_reads_of_small_tensors_are_copied_out_before_their_buffer_is_reused(
+    make_cache: CacheFactory, verify: bool, tmp_path: Path
+) -> None:
+    """Tensors under 256 KiB are copied out of kvikio's padded read buffer. With the copy queued on the caller's
+    busy stream and the buffer freed at once, kvikio's next read (which no stream orders) landed in it before the
+    copy ran (found by a review). Each get here must return its own entry's values."""
+    pytest.importorskip("kvikio", reason="kvikio is not installed: pip install 'tiercache[cuda]'")
+    nvme = {"capacity": "256MiB", "backend": "kvikio", "verify_checksums": verify}
+    cache = make_cache(
+        tiercache.Policy.from_dict({"tiers": {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": nvme}}),
+        root=tmp_path / f"small-{verify}",
+    )
+    first = {f"t{i}": torch.full((4096,), float(i + 1), device="cuda") for i in range(8)}  # 16 KiB each
+    second = {n: -t for n, t in first.items()}
+    cache.put("first", first)
+    cache.put("second", second)
+    for _ in range(5):
+        torch.cuda._sleep(200_000_000)  # the current stream is busy for a while (~0.1 s)
+        got_first = cache.get("first")
+        got_second = cache.get("second")
+        torch.cuda.synchronize()
+        assert_same(got_first, first)
+        assert_same(got_second, second)
+

@@ -3,6 +3,7 @@ real thing on a CUDA machine (marked gpu). The on-disk format is the same whiche
 
 from __future__ import annotations
 
+import importlib.abc
 import sys
 from pathlib import Path
 
@@ -92,6 +93,34 @@ def test_asking_for_kvikio_where_it_is_missing_fails_at_open_naming_the_key(
     with tiercache.TierCache(root=tmp_path, policy=kvikio_policy("auto")) as cache:  # auto falls back
         stats = cache.stats()
         assert stats.nvme_device_io == "none" and any("no kvikio path" in n for n in stats.notes)
+
+
+class _UnloadableKvikio(importlib.abc.MetaPathFinder):
+    """kvikio 26 loads libcufile when imported: without it, `import kvikio` raises a RuntimeError subclass."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "kvikio":
+            raise RuntimeError('DynamicLibNotFoundError: no library "cufile" found')
+
+
+def test_a_kvikio_that_does_not_load_is_a_reason_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "kvikio", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_UnloadableKvikio(), *sys.meta_path])
+    with pytest.raises(StorageError, match=r"kvikio is installed but does not load \(RuntimeError: .*cufile"):
+        tiercache.TierCache(root=tmp_path, policy=kvikio_policy())
+    with tiercache.TierCache(root=tmp_path, policy=kvikio_policy("auto")) as cache:  # auto falls back
+        assert cache.stats().nvme_device_io == "none"
+
+
+@pytest.mark.usefixtures("fake_kvikio")
+def test_kvikio_read_buffers_start_on_a_page(make_cache: CacheFactory) -> None:
+    """GDS reads straight into device memory only at page-aligned addresses (the CUDA allocator aligns to 512)."""
+    direct = make_cache(kvikio_policy())._nvme.direct
+    assert direct is not None
+    for size in (1, 4096, 12345, 3 << 20):
+        torch.empty(size % 1000 + 1)  # shift the allocator's next block
+        buffer = direct.empty(size)
+        assert buffer.data_ptr() % 4096 == 0 and buffer.numel() == size
 
 
 def test_a_kvikio_that_cannot_do_io_fails_at_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .checksum import crc32c
+from .checksum import crc32c, crc32c_anywhere
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
 from .io import FileRead, PendingRead, PosixIO, buffer_of, round_up
@@ -289,12 +289,17 @@ class DiskLayout:
     def _landed_direct(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, finish: Callable[[], None], verify: bool
     ) -> torch.Tensor:
+        """Wait for kvikio's read, then check it and view or copy the tensor out on the backend's own stream,
+        waiting for that too: a small tensor's copy is done before its buffer goes back to the allocator (where
+        kvikio's next read, which no stream orders, may land in it), and its stored CRC is read without waiting
+        for the caller's stream."""
         finish()
-        if verify:
-            nbytes = stored.spec.tensors[index].nbytes
-            assert self.direct is not None
-            self._verify(stored, index, self.direct.checksum(buffer[:nbytes]), _stored_crc(buffer, nbytes))
-        return self._tensor(stored, index, buffer)
+        assert self.direct is not None
+        with self.direct.own_stream():
+            if verify:
+                nbytes = stored.spec.tensors[index].nbytes
+                self._verify(stored, index, crc32c_anywhere(buffer[:nbytes]), _stored_crc(buffer, nbytes))
+            return self._tensor(stored, index, buffer)
 
     def _file_read(self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool) -> FileRead:
         nbytes = stored.spec.tensors[index].nbytes

@@ -9,8 +9,9 @@ Thread count and task size come from the policy: kvikio's default of one thread 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from ..checksum import crc32c_anywhere
 from ..errors import StorageError
+from .aligned import ALIGN
 
 
 def why_not_kvikio(device: torch.device, *, forced: bool = False) -> str | None:
@@ -29,6 +31,8 @@ def why_not_kvikio(device: torch.device, *, forced: bool = False) -> str | None:
         import kvikio  # noqa: F401, PLC0415 - optional: the cuda extra
     except ImportError as exc:
         return f"kvikio is not installed ({exc}); pip install 'tiercache[cuda]'"
+    except Exception as exc:  # noqa: BLE001 - kvikio 26 loads libcufile at import: a missing one raises RuntimeError
+        return f"kvikio is installed but does not load ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -42,8 +46,8 @@ class KvikioIO:
 
         self._kvikio = kvikio
         self.device = device  # the memory it reads into and writes from; host memory goes through PosixIO
-        # Buffers kvikio fills are allocated in the order of a stream nothing runs on: kvikio's copies are not
-        # ordered with torch's streams, so a block must not come from a stream whose pending kernels still use it.
+        # The stream this backend's own GPU work runs on (checksums, copies out of read buffers), and the one its
+        # buffers are allocated on; see empty() for why kvikio's writes into them are safe.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         kvikio.defaults.set({"num_threads": threads, "task_size": task_size})
         self.threads, self.task_size = threads, task_size
@@ -78,18 +82,37 @@ class KvikioIO:
             raise StorageError(f"kvikio read back different bytes than it wrote in {directory}; use backend 'posix'")
 
     def empty(self, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer on the device for reads to fill (hand it to consumers with record_stream)."""
+        """A uint8 buffer on the device for reads to fill, starting on a 4 KiB boundary (GDS reads straight into
+        page-aligned memory only; the caching allocator aligns blocks to 512 bytes). Hand it to consumers with
+        record_stream.
+
+        kvikio writes into it outside every CUDA stream. The caching allocator hands out a block freed on this
+        stream as soon as the free is enqueued, and other streams' uses of it are kept by record_stream; so once
+        this stream has drained, nothing enqueued before the block's free can still read it: the allocation waits
+        for that, whoever else's work shares this stream (torch lends streams from a pool of 32)."""
         if self._stream is None:
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            return _aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
         with torch.cuda.stream(self._stream):
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            buffer = _aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
+        self._stream.synchronize()
+        return buffer
+
+    @contextlib.contextmanager
+    def own_stream(self) -> Iterator[None]:
+        """Run the torch work inside on this backend's stream and wait for it at the end: a read's checks and the
+        copies out of its buffer are done when it returns (its buffer can go back to the allocator, and its
+        tensors need no event), without waiting for the consumer's compute on its own stream."""
+        if self._stream is None:
+            yield
+            return
+        with torch.cuda.stream(self._stream):
+            yield
+        self._stream.synchronize()
 
     def checksum(self, data: torch.Tensor) -> int:
         """CRC32C of device bytes, computed on this backend's own stream: on the legacy default stream a prefetch
         thread's check would queue behind the consumer's compute."""
-        if self._stream is None:
-            return crc32c_anywhere(data)
-        with torch.cuda.stream(self._stream):
+        with self.own_stream():
             return crc32c_anywhere(data)
 
     @property
@@ -153,6 +176,12 @@ class KvikioIO:
                 os.close(fd)
         except (RuntimeError, OSError) as exc:
             raise StorageError(f"writing {data.numel() + len(trailer)} bytes to {path} failed: {exc}") from exc
+
+
+def _aligned(raw: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The `nbytes` of `raw` (ALIGN bytes longer) that start on an ALIGN boundary."""
+    skip = (-raw.data_ptr()) % ALIGN
+    return raw[skip : skip + nbytes]
 
 
 def _buffer(tensor: torch.Tensor) -> Any:
