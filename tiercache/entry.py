@@ -182,7 +182,16 @@ def convert_tensors(tensors: Tensors, as_: str) -> dict[str, Any]:
     bad = [n for n, t in tensors.items() if not t.is_cuda]
     if bad:
         raise EntryValueError(f"as_='cupy' returns GPU arrays; tensor {bad[0]!r} is on {tensors[bad[0]].device}")
-    return {n: cupy.from_dlpack(t) for n, t in tensors.items()}
+    arrays = {}
+    for name, tensor in tensors.items():
+        try:
+            arrays[name] = cupy.from_dlpack(tensor)
+        except (TypeError, ValueError, RuntimeError, BufferError) as exc:  # a dtype cupy lacks (bfloat16, float8)
+            raise EntryValueError(
+                f"as_='cupy' cannot represent tensor {name!r} ({tensor.dtype}): {exc}; get it as_='torch' and view it "
+                "as a dtype cupy has (for instance .view(torch.int16) for bfloat16)"
+            ) from exc
+    return arrays
 
 
 _NO_NUMPY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}

@@ -249,7 +249,10 @@ class CudaStream(Stream):
             dst.copy_(src, non_blocking=True)
 
     def wait(self, event: Event) -> None:
-        if isinstance(event, _CudaEvent):
+        if isinstance(event, _AllOf):  # each CUDA event waited on the GPU, not the set on the host
+            for one in event.events:
+                self.wait(one)
+        elif isinstance(event, _CudaEvent):
             self.raw.wait_event(event.raw)
         else:
             event.synchronize()
