@@ -92,8 +92,8 @@ def bench_kvikio(
 ) -> list[Row]:
     try:
         import kvikio  # noqa: PLC0415 - the cuda extra
-    except ImportError as exc:
-        progress(f"kvikio rows skipped: {exc}")
+    except Exception as exc:  # noqa: BLE001 - not installed (ImportError), or no libcufile (RuntimeError)
+        progress(f"kvikio rows skipped: {type(exc).__name__}: {exc}")
         return []
     progress(f"nvme <-> hbm through kvikio {tiercache.format_size(nbytes)}")
     with tiercache.TierCache(root=root, policy=gpu_policy("nvme", nbytes, backend="kvikio"), device="cuda") as cache:

@@ -66,6 +66,8 @@ def kvikio_state() -> str:
         import kvikio.defaults  # noqa: PLC0415
     except ImportError as exc:
         return f"not installed ({exc})"
+    except Exception as exc:  # noqa: BLE001 - kvikio 26 loads libcufile at import: a missing one raises RuntimeError
+        return f"installed but does not load ({type(exc).__name__}: {exc})"
     try:
         gds = kvikio.cufile_driver.get("is_gds_available")
     except (RuntimeError, KeyError):

@@ -202,15 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     def reps(size: int) -> int:
         return 2 * repeat if size <= SMALL else repeat if size < LARGE else min(repeat, LARGE_REPEAT)
 
-    rows = [r for size in sizes for r in bench_size(size, root, reps(size), progress)]
-    rows += [r for size in gpu_sizes for r in bench_cuda(size, root, reps(size), progress)]
-
     def peer_reps(size: int) -> int:  # a peer's save is slow: at most 3 repetitions above SMALL
         return reps(size) if size <= SMALL else min(reps(size), 3)
 
-    rows += [r for size in sizes for r in bench_peers(size, root, peer_reps(size), progress)]
+    rows: list[Row] = []
+    partial = out / "report.partial.md"  # what was measured so far, should the run be cut short
+
+    def measured(new: list[Row]) -> None:
+        rows.extend(new)
+        partial.write_text(markdown(rows, env))
+
+    for size in sizes:
+        measured(bench_size(size, root, reps(size), progress))
+    for size in gpu_sizes:
+        measured(bench_cuda(size, root, reps(size), progress))
+    for size in sizes:
+        measured(bench_peers(size, root, peer_reps(size), progress))
     workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
-    rows += bench_workloads(workload_cap, root, min(repeat, 3), progress)
+    measured(bench_workloads(workload_cap, root, min(repeat, 3), progress))
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
     overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)
     chart_note = latency_chart(rows, out / "latency_chart.png")
@@ -220,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(rows, env) + "\n" + seed_table(rows) + "\n" + overlap_table(overlap, OVERLAP_LOOKAHEAD)
     report += f"\n{chart_note}\n" if chart_note else ""
     (out / "report.md").write_text(report)
+    partial.unlink(missing_ok=True)
     (out / "report.json").write_text(
         json.dumps(
             {

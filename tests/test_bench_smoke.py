@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench.run
 from bench.overlap import overlap_cases
 from bench.run import main
 
@@ -43,3 +44,21 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     assert "## Overlap" in printed and "attention threads" in printed
     assert all(o["compute_s"] > 0 and o["serial_s"] > 0 and o["overlapped_s"] > 0 for o in report["overlap"])
     assert not (tmp_path / "out" / "root").exists()  # the data it wrote is cleaned up
+    assert not (tmp_path / "out" / "report.partial.md").exists()  # the whole report replaced it
+
+
+def test_a_run_cut_short_leaves_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU session's command has a time limit: the rows measured before it struck are kept."""
+    monkeypatch.setenv("BENCH_SIZES", "64KiB")
+    monkeypatch.setenv("BENCH_REPEAT", "1")
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
+
+    def cut(*args: object) -> None:
+        raise KeyboardInterrupt  # ended part-way (a timeout's SIGTERM kills it outright: the file is written by then)
+
+    monkeypatch.setattr(bench.run, "bench_peers", cut)
+    with pytest.raises(KeyboardInterrupt):
+        main()
+    partial = (tmp_path / "out" / "report.partial.md").read_text()
+    assert "| 64 KiB | get <- nvme" in partial and "O_DIRECT preadv" in partial
+    assert not (tmp_path / "out" / "report.md").exists()
