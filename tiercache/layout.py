@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .checksum import crc32c, crc32c_anywhere
+from .checksum import crc32c
 from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from .errors import CorruptEntryError, RootInUseError
 from .io import FileRead, PendingRead, PosixIO, buffer_of, round_up
@@ -298,7 +298,7 @@ class DiskLayout:
         with self.direct.own_stream():
             if verify:
                 nbytes = stored.spec.tensors[index].nbytes
-                self._verify(stored, index, crc32c_anywhere(buffer[:nbytes]), _stored_crc(buffer, nbytes))
+                self._verify(stored, index, self.direct.checksum(buffer[:nbytes]), _stored_crc(buffer, nbytes))
             return self._tensor(stored, index, buffer)
 
     def _file_read(self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool) -> FileRead:

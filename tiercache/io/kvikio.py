@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ class KvikioIO:
         # The stream this backend's own GPU work runs on (checksums, copies out of read buffers), and the one its
         # buffers are allocated on; see empty() for why kvikio's writes into them are safe.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # One device checksum at a time: they run on the one stream anyway, and each holds about 9x a 32 MiB slab
+        # of temporaries (devcrc.py), which threads writing and reading at once would otherwise multiply.
+        self._checksum_lock = threading.Lock()
         kvikio.defaults.set({"num_threads": threads, "task_size": task_size})
         self.threads, self.task_size = threads, task_size
         self.gds_available = bool(_driver_property(kvikio, "is_gds_available"))
@@ -91,9 +95,9 @@ class KvikioIO:
         this stream has drained, nothing enqueued before the block's free can still read it: the allocation waits
         for that, whoever else's work shares this stream (torch lends streams from a pool of 32)."""
         if self._stream is None:
-            return _aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
+            return aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
         with torch.cuda.stream(self._stream):
-            buffer = _aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
+            buffer = aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
         self._stream.synchronize()
         return buffer
 
@@ -112,7 +116,7 @@ class KvikioIO:
     def checksum(self, data: torch.Tensor) -> int:
         """CRC32C of device bytes, computed on this backend's own stream: on the legacy default stream a prefetch
         thread's check would queue behind the consumer's compute."""
-        with self.own_stream():
+        with self._checksum_lock, self.own_stream():
             return crc32c_anywhere(data)
 
     @property
@@ -178,7 +182,7 @@ class KvikioIO:
             raise StorageError(f"writing {data.numel() + len(trailer)} bytes to {path} failed: {exc}") from exc
 
 
-def _aligned(raw: torch.Tensor, nbytes: int) -> torch.Tensor:
+def aligned(raw: torch.Tensor, nbytes: int) -> torch.Tensor:
     """The `nbytes` of `raw` (ALIGN bytes longer) that start on an ALIGN boundary."""
     skip = (-raw.data_ptr()) % ALIGN
     return raw[skip : skip + nbytes]
