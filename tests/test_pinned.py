@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiercache import pinned
 from tiercache.pinned import GRAIN, Extent, HostPool, pieces
 from tiercache.transfer import WorkerStream
 
@@ -20,6 +22,16 @@ def test_a_pool_without_cuda_is_pageable_and_says_why() -> None:
     pool = HostPool(1 << 20, pin=True)
     assert not pool.pinned and "CUDA" in (pool.why_pageable or "")
     assert "pinning is off" in (HostPool(1 << 20, pin=False).why_pageable or "")
+
+
+def test_a_pool_near_the_free_memory_is_not_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned pages cannot be reclaimed: pinning most of the free RAM would get the process OOM-killed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pinned, "_available_ram", lambda: 6 << 20)
+    pool = HostPool(4 << 20, pin=True)  # cudaHostRegister is never reached: this machine has no CUDA
+    assert not pool.pinned
+    assert "more than half of the 6291456 bytes" in (pool.why_pageable or "")
+    assert "tiers.host.capacity" in (pool.why_pageable or "")
 
 
 def test_sizes_round_up_to_the_grain_and_one_extent_is_used_when_a_run_fits() -> None:

@@ -166,6 +166,14 @@ def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
         return False, "CUDA is not available, so there is nothing to pin for"
     if region.numel() == 0:
         return False, "the host tier has no capacity"
+    available = _available_ram()
+    if available is not None and region.numel() > available // 2:
+        # Pinned pages can never be swapped or reclaimed: a pool near the machine's free memory gets the process
+        # killed by the OOM killer, not an error.
+        return False, (
+            f"pinning {region.numel()} bytes would lock more than half of the {available} bytes of RAM available; "
+            "lower tiers.host.capacity in the policy to pin it"
+        )
     cudart = torch.cuda.cudart()
     error = int(cudart.cudaHostRegister(region.data_ptr(), region.numel(), 0))
     if error:
@@ -173,6 +181,17 @@ def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
         _clear_cuda_error(cudart)
         return False, f"cudaHostRegister of {region.numel()} bytes failed with cudaError {error}"
     return True, None
+
+
+def _available_ram() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _clear_cuda_error(cudart: object) -> None:
