@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench.run
-from bench.overlap import overlap_cases
+from bench.overlap import MAX_GPU_QUERY_TOKENS, overlap_cases, scaled_query_tokens
 from bench.run import main
 
 
@@ -62,3 +62,10 @@ def test_a_run_cut_short_leaves_what_it_measured(tmp_path: Path, monkeypatch: py
     partial = (tmp_path / "out" / "report.partial.md").read_text()
     assert "| 64 KiB | get <- nvme" in partial and "O_DIRECT preadv" in partial
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_a_gpu_layer_is_sized_to_outlast_its_reload() -> None:
+    """The GPU overlap target compares with compute alone, which needs each layer's compute to outlast its reload."""
+    assert scaled_query_tokens(16384, compute_s=1e-3, reload_s=4e-3) == 16384 * 16  # 4x of the reload
+    assert scaled_query_tokens(16384, compute_s=1e-2, reload_s=1e-3) == 16384  # never shrinks
+    assert scaled_query_tokens(16384, compute_s=1e-6, reload_s=1.0) == MAX_GPU_QUERY_TOKENS
