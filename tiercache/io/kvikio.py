@@ -47,9 +47,10 @@ class KvikioIO:
 
         self._kvikio = kvikio
         self.device = device  # the memory it reads into and writes from; host memory goes through PosixIO
-        # The stream this backend's own GPU work runs on (checksums, copies out of read buffers), and the one its
-        # buffers are allocated on; see empty() for why kvikio's writes into them are safe.
+        # The stream this backend's own GPU work runs on (checksums, copies out of read buffers), and one that runs
+        # nothing, which its buffers are allocated on (see empty() for why kvikio's writes into them are safe).
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._alloc_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # One device checksum at a time: they run on the one stream anyway, and each holds about 9x a 32 MiB slab
         # of temporaries (devcrc.py), which threads writing and reading at once would otherwise multiply.
         self._checksum_lock = threading.Lock()
@@ -90,15 +91,16 @@ class KvikioIO:
         page-aligned memory only; the caching allocator aligns blocks to 512 bytes). Hand it to consumers with
         record_stream.
 
-        kvikio writes into it outside every CUDA stream. The caching allocator hands out a block freed on this
-        stream as soon as the free is enqueued, and other streams' uses of it are kept by record_stream; so once
-        this stream has drained, nothing enqueued before the block's free can still read it: the allocation waits
-        for that, whoever else's work shares this stream (torch lends streams from a pool of 32)."""
-        if self._stream is None:
+        kvikio writes into it outside every CUDA stream. The caching allocator hands out a block freed on the
+        allocating stream as soon as the free is enqueued, and other streams' uses of it are kept by record_stream
+        (consumers) or were waited for (own_stream); so once the allocating stream has drained, nothing enqueued
+        before the block's free can still read it. That stream runs nothing of ours, so the wait is free, unless
+        torch lent it to someone else too (it hands out streams from a pool of 32): then it is needed."""
+        if self._alloc_stream is None:
             return aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._alloc_stream):
             buffer = aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
-        self._stream.synchronize()
+        self._alloc_stream.synchronize()
         return buffer
 
     @contextlib.contextmanager
@@ -109,9 +111,11 @@ class KvikioIO:
         if self._stream is None:
             yield
             return
-        with torch.cuda.stream(self._stream):
-            yield
-        self._stream.synchronize()
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:  # an error too: nothing may still read a buffer once it goes back to the allocator
+            self._stream.synchronize()
 
     def checksum(self, data: torch.Tensor) -> int:
         """CRC32C of device bytes, computed on this backend's own stream: on the legacy default stream a prefetch
