@@ -105,7 +105,7 @@ class TierCache:
         self._log = TransferLog()
         # One pool of reused host memory for what lands in CPU memory: nvme reads and reloads from the host tier.
         # Shared, the memory one pathway gave back serves the other, and at most one pool's worth waits idle.
-        self._landing = HostBuffers()
+        self._landing = HostBuffers(max_idle=8)  # as many regions as two pools kept, in one pool's bytes
         self._nvme = NvmeTier(self.root, budgets.nvme, self.device, self._landing)
         self._transfers = Transfers(self.device, self.policy.transfer.chunk_size, self._landing)
         try:

@@ -186,7 +186,7 @@ def convert_tensors(tensors: Tensors, as_: str) -> dict[str, Any]:
     for name, tensor in tensors.items():
         try:
             arrays[name] = cupy.from_dlpack(tensor)
-        except (TypeError, ValueError, RuntimeError, BufferError) as exc:  # a dtype cupy lacks (bfloat16, float8)
+        except (TypeError, ValueError, BufferError) as exc:  # a dtype cupy lacks (float8, bfloat16 in older cupy)
             raise EntryValueError(
                 f"as_='cupy' cannot represent tensor {name!r} ({tensor.dtype}): {exc}; get it as_='torch' and view it "
                 "as a dtype cupy has (for instance .view(torch.int16) for bfloat16)"

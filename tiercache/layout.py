@@ -106,7 +106,8 @@ class DiskLayout:
         self._lock_fd: int | None = _lock_root(root)
         if not (self.entries_dir / "zarr.json").exists():
             _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
-        self.buffers = buffers if buffers is not None else HostBuffers()  # host memory that reads land in, reused once no tensor uses it
+        # Host memory that reads land in, reused once no tensor uses it.
+        self.buffers = buffers if buffers is not None else HostBuffers()
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
         self._files = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 

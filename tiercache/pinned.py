@@ -184,14 +184,23 @@ def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
 
 
 def _available_ram() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes; None where there is no such file."""
+    """Bytes this process could still get: MemAvailable of /proc/meminfo, or less where a cgroup (a container)
+    limits it; None where neither can be read."""
+    limits = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                limits.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        pass
+    try:  # cgroup v2: "max" where unlimited
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 def _clear_cuda_error(cudart: object) -> None:

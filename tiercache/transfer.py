@@ -313,7 +313,8 @@ class Transfers:
         self.device = device
         self.chunk = chunk
         self.deferred = Deferred()
-        self.host_buffers = host_buffers if host_buffers is not None else HostBuffers()  # host memory that reloads into CPU memory land in
+        # Host memory that reloads into CPU memory land in, reused once no tensor uses it.
+        self.host_buffers = host_buffers if host_buffers is not None else HostBuffers()
         self.offload: Stream
         self.reload: Stream
         if device.type == "cuda":
