@@ -72,7 +72,8 @@ def bench_cuda(size: int, root: Path, repeat: int, progress: Callable[[str], Non
         progress(f"{'host(pinned)' if mode == 'host' else mode} <-> hbm {tiercache.format_size(nbytes)}")
         with tiercache.TierCache(root=root, policy=gpu_policy(mode, nbytes), device="cuda") as cache:
             # What the pool really is: a pool that could not be pinned is pageable, and not held to pinned targets.
-            label, pinned_pool = cache._host.label, cache._host.pool.pinned
+            pinned_pool = cache._host.pool.pinned
+            label = cache._host.label if pinned_pool or mode != "host" else "host(pinning refused: pageable)"
             put_raw = (
                 synced(raw_d2h) if mode == "host" else synced(lambda: {n: t.cpu() for n, t in device_entry.items()})
             )

@@ -245,7 +245,6 @@ def overlap_verdict(r: OverlapResult, cores: int) -> str:
 
 
 def overlap_table(results: list[OverlapResult], lookahead: int) -> str:
-    device = tiercache.default_device()
     cores = torch.get_num_threads()
     lines = [
         "## Overlap: reload K/V while attention runs",

@@ -207,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     partial = out / "report.partial.md"  # what was measured so far, should the run be cut short
+    (out / "report.md").unlink(missing_ok=True)  # an earlier run's, which the partial one would sit beside
 
     def measured(new: list[Row]) -> None:
         rows.extend(new)
-        partial.write_text(markdown(rows, env))
+        (out / "report.partial.md.tmp").write_text(markdown(rows, env))
+        os.replace(out / "report.partial.md.tmp", partial)  # a run killed mid-write leaves the previous one whole
 
     for size in sizes:
         measured(bench_size(size, root, reps(size), progress))

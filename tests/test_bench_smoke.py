@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import bench.run
+import tiercache
 from bench.overlap import MAX_GPU_QUERY_TOKENS, overlap_cases, scaled_query_tokens
 from bench.run import main
 
@@ -17,6 +17,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("BENCH_SIZES", "64KiB,1MiB")
+    monkeypatch.setenv("BENCH_GPU_SIZES", "")  # a GPU host: its rows are test_gpu_rows_run_end_to_end's
     monkeypatch.setenv("BENCH_REPEAT", "2")
     monkeypatch.setenv("BENCH_OVERLAP_LAYER", "256KiB")
     monkeypatch.setenv("BENCH_WORKLOAD_CAP", "512KiB")
@@ -39,7 +40,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     assert (tmp_path / "out" / "report.md").read_text() in printed
     assert "| host(pinned)->hbm (PCIe Gen5 pinned DMA) | 126.98 ms |" in printed and "| 571.43 ms |" in printed
     assert (tmp_path / "out" / "latency_chart.png").read_bytes()[:4] == b"\x89PNG"
-    expected = [list(case) for case in overlap_cases(torch.device("cpu"))]  # a core left to the data path, and all
+    expected = [list(case) for case in overlap_cases(tiercache.default_device())]  # without a GPU: a core left, all
     assert [[o["source"], o["compute_threads"]] for o in report["overlap"]] == expected
     assert "## Overlap" in printed and "attention threads" in printed
     assert all(o["compute_s"] > 0 and o["serial_s"] > 0 and o["overlapped_s"] > 0 for o in report["overlap"])
@@ -50,6 +51,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
 def test_a_run_cut_short_leaves_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU session's command has a time limit: the rows measured before it struck are kept."""
     monkeypatch.setenv("BENCH_SIZES", "64KiB")
+    monkeypatch.setenv("BENCH_GPU_SIZES", "")
     monkeypatch.setenv("BENCH_REPEAT", "1")
     monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
 
@@ -69,3 +71,21 @@ def test_a_gpu_layer_is_sized_to_outlast_its_reload() -> None:
     assert scaled_query_tokens(16384, compute_s=1e-3, reload_s=4e-3) == 16384 * 16  # 4x of the reload
     assert scaled_query_tokens(16384, compute_s=1e-2, reload_s=1e-3) == 16384  # never shrinks
     assert scaled_query_tokens(16384, compute_s=1e-6, reload_s=1.0) == MAX_GPU_QUERY_TOKENS
+
+
+@pytest.mark.gpu
+def test_gpu_rows_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU rows at a tiny size, so that `make test-gpu` finds a broken bench/cuda.py before `make bench` does."""
+    monkeypatch.setenv("BENCH_SIZES", "")
+    monkeypatch.setenv("BENCH_GPU_SIZES", "1MiB")
+    monkeypatch.setenv("BENCH_REPEAT", "1")
+    monkeypatch.setenv("BENCH_OVERLAP_LAYER", "256KiB")
+    monkeypatch.setenv("BENCH_WORKLOAD_CAP", "512KiB")
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
+    assert main() == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    cases = [r["case"] for r in report["rows"]]
+    assert any(c.startswith("reload host(") for c in cases) and any(c.startswith("offload hbm -> host(") for c in cases)
+    assert all(r["seconds"] > 0 for r in report["rows"])
+    assert [o["source"] for o in report["overlap"]] == ["host", "nvme"]
+    assert all(o["compute_threads"] is None and o["query_tokens"] >= 16384 for o in report["overlap"])

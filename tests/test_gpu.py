@@ -186,7 +186,8 @@ def test_kvikio_reads_of_small_tensors_are_copied_out_before_their_buffer_is_reu
 ) -> None:
     """Tensors under 256 KiB are copied out of kvikio's padded read buffer. With the copy queued on the caller's
     busy stream and the buffer freed at once, kvikio's next read (which no stream orders) landed in it before the
-    copy ran (found by a review). Each get here must return its own entry's values."""
+    copy ran (found by a review). Each get here must return its own entry's values. The unchecked case is the one
+    that caught it: checking read each stored CRC on the caller's stream, which waited out the delay."""
     pytest.importorskip("kvikio", reason="kvikio is not installed: pip install 'tiercache[cuda]'")
     nvme = {"capacity": "256MiB", "backend": "kvikio", "verify_checksums": verify}
     cache = make_cache(
@@ -204,4 +205,3 @@ def test_kvikio_reads_of_small_tensors_are_copied_out_before_their_buffer_is_reu
         torch.cuda.synchronize()
         assert_same(got_first, first)
         assert_same(got_second, second)
-

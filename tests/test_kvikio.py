@@ -118,7 +118,7 @@ def test_kvikio_read_buffers_start_on_a_page(make_cache: CacheFactory) -> None:
     direct = make_cache(kvikio_policy())._nvme.direct
     assert direct is not None
     for size in (1, 4096, 12345, 3 << 20):
-        torch.empty(size % 1000 + 1)  # shift the allocator's next block
+        torch.empty(size % 1000 + 1, device=direct.device)  # shift the allocator's next block
         buffer = direct.empty(size)
         assert buffer.data_ptr() % 4096 == 0 and buffer.numel() == size
 
