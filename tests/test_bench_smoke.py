@@ -13,15 +13,24 @@ from bench.overlap import MAX_GPU_QUERY_TOKENS, overlap_cases, scaled_query_toke
 from bench.run import main
 
 
+def tiny_bench(monkeypatch: pytest.MonkeyPatch, out: Path, *, sizes: str, gpu_sizes: str = "", repeat: int = 2) -> None:
+    """make bench's settings for a run of seconds: tiny entries, layers and workloads, few repetitions."""
+    settings = {
+        "BENCH_SIZES": sizes,
+        "BENCH_GPU_SIZES": gpu_sizes,  # "": none, on a GPU host too
+        "BENCH_REPEAT": str(repeat),
+        "BENCH_OVERLAP_LAYER": "256KiB",
+        "BENCH_WORKLOAD_CAP": "512KiB",
+        "BENCH_OUT": str(out),
+    }
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_bench_runs_end_to_end_at_tiny_sizes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("BENCH_SIZES", "64KiB,1MiB")
-    monkeypatch.setenv("BENCH_GPU_SIZES", "")  # a GPU host: its rows are test_gpu_rows_run_end_to_end's
-    monkeypatch.setenv("BENCH_REPEAT", "2")
-    monkeypatch.setenv("BENCH_OVERLAP_LAYER", "256KiB")
-    monkeypatch.setenv("BENCH_WORKLOAD_CAP", "512KiB")
-    monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
+    tiny_bench(monkeypatch, tmp_path / "out", sizes="64KiB,1MiB")  # GPU rows: test_gpu_rows_run_end_to_end
     assert main() == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     cases = {(r["size"], r["case"].split(" (")[0]) for r in report["rows"]}
@@ -50,10 +59,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
 
 def test_a_run_cut_short_leaves_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU session's command has a time limit: the rows measured before it struck are kept."""
-    monkeypatch.setenv("BENCH_SIZES", "64KiB")
-    monkeypatch.setenv("BENCH_GPU_SIZES", "")
-    monkeypatch.setenv("BENCH_REPEAT", "1")
-    monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
+    tiny_bench(monkeypatch, tmp_path / "out", sizes="64KiB", repeat=1)
 
     def cut(*args: object) -> None:
         raise KeyboardInterrupt  # ended part-way (a timeout's SIGTERM kills it outright: the file is written by then)
@@ -76,12 +82,7 @@ def test_a_gpu_layer_is_sized_to_outlast_its_reload() -> None:
 @pytest.mark.gpu
 def test_gpu_rows_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU rows at a tiny size, so that `make test-gpu` finds a broken bench/cuda.py before `make bench` does."""
-    monkeypatch.setenv("BENCH_SIZES", "")
-    monkeypatch.setenv("BENCH_GPU_SIZES", "1MiB")
-    monkeypatch.setenv("BENCH_REPEAT", "1")
-    monkeypatch.setenv("BENCH_OVERLAP_LAYER", "256KiB")
-    monkeypatch.setenv("BENCH_WORKLOAD_CAP", "512KiB")
-    monkeypatch.setenv("BENCH_OUT", str(tmp_path / "out"))
+    tiny_bench(monkeypatch, tmp_path / "out", sizes="", gpu_sizes="1MiB", repeat=1)
     assert main() == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     cases = [r["case"] for r in report["rows"]]
