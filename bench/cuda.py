@@ -21,7 +21,7 @@ import torch
 
 import tiercache
 from tiercache.io import ALIGN
-from tiercache.io.kvikio import aligned
+from tiercache.io.aligned import aligned_view
 
 from .measure import Row, chunk_files, drop_page_caches, make_entry, row, side_by_side, timed
 
@@ -146,7 +146,7 @@ def bench_kvikio(
 def raw_kvikio_read(kvikio: Any, files: list[tuple[Path, int]]) -> list[torch.Tensor]:
     """The limit: every file read at once by kvikio into its own fresh device buffer, page-aligned as the cache's
     are (GDS bounces reads into unaligned memory), then waited for."""
-    buffers = [aligned(torch.empty(size + ALIGN, dtype=torch.uint8, device="cuda"), size) for _, size in files]
+    buffers = [aligned_view(torch.empty(size + ALIGN, dtype=torch.uint8, device="cuda"), size) for _, size in files]
     handles = [kvikio.CuFile(str(path), "r") for path, _ in files]
     try:
         futures = [h.pread(b, b.numel(), 0) for h, b in zip(handles, buffers, strict=True)]

@@ -31,12 +31,17 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
     """
     padded = round_up(nbytes)
     align = HUGE_PAGE if padded >= HUGE_PAGE and _libc is not None else ALIGN
-    raw = torch.empty(padded + align, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % align
-    buffer = raw[skip : skip + padded]
+    buffer = aligned_view(torch.empty(padded + align, dtype=torch.uint8), padded, align)
     if align == HUGE_PAGE and _libc is not None:
         _libc.madvise(buffer.data_ptr(), padded, _MADV_HUGEPAGE)  # advisory: a refusal changes nothing
     return buffer
+
+
+def aligned_view(raw: torch.Tensor, nbytes: int, align: int = ALIGN) -> torch.Tensor:
+    """The `nbytes` of `raw` (a uint8 tensor on any device, allocated `align` bytes longer) that start on an
+    `align` boundary."""
+    skip = (-raw.data_ptr()) % align
+    return raw[skip : skip + nbytes]
 
 
 def buffer_of(tensor: torch.Tensor) -> memoryview:

@@ -20,7 +20,7 @@ import torch
 
 from ..checksum import crc32c_anywhere
 from ..errors import StorageError
-from .aligned import ALIGN
+from .aligned import ALIGN, aligned_view
 
 
 def why_not_kvikio(device: torch.device, *, forced: bool = False) -> str | None:
@@ -97,9 +97,9 @@ class KvikioIO:
         before the block's free can still read it. That stream runs nothing of ours, so the wait is free, unless
         torch lent it to someone else too (it hands out streams from a pool of 32): then it is needed."""
         if self._alloc_stream is None:
-            return aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
+            return aligned_view(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
         with torch.cuda.stream(self._alloc_stream):
-            buffer = aligned(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
+            buffer = aligned_view(torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=self.device), nbytes)
         self._alloc_stream.synchronize()
         return buffer
 
@@ -184,12 +184,6 @@ class KvikioIO:
                 os.close(fd)
         except (RuntimeError, OSError) as exc:
             raise StorageError(f"writing {data.numel() + len(trailer)} bytes to {path} failed: {exc}") from exc
-
-
-def aligned(raw: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """The `nbytes` of `raw` (ALIGN bytes longer) that start on an ALIGN boundary."""
-    skip = (-raw.data_ptr()) % ALIGN
-    return raw[skip : skip + nbytes]
 
 
 def _buffer(tensor: torch.Tensor) -> Any:
