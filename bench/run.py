@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     partial = out / "report.partial.md"  # what was measured so far, should the run be cut short
-    (out / "report.md").unlink(missing_ok=True)  # an earlier run's, which the partial one would sit beside
+    for earlier in ("report.md", "report.json"):  # an earlier run's, which a partial one must not sit beside
+        (out / earlier).unlink(missing_ok=True)
 
     def measured(new: list[Row]) -> None:
         rows.extend(new)

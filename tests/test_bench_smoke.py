@@ -69,7 +69,7 @@ def test_a_run_cut_short_leaves_what_it_measured(tmp_path: Path, monkeypatch: py
         main()
     partial = (tmp_path / "out" / "report.partial.md").read_text()
     assert "| 64 KiB | get <- nvme" in partial and "O_DIRECT preadv" in partial
-    assert not (tmp_path / "out" / "report.md").exists()
+    assert not (tmp_path / "out" / "report.md").exists() and not (tmp_path / "out" / "report.json").exists()
 
 
 def test_a_gpu_layer_is_sized_to_outlast_its_reload() -> None:
