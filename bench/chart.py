@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiercache.costmodel import Profile
-from tiercache.plotting import pyplot, save_loglog
+from tiercache.policy.costmodel import Profile
+from tiercache.tools.plotting import pyplot, save_loglog
 
 from .measure import Row
 from .seed import SEED_PATHWAYS

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tiercache.costmodel import Profile
+from tiercache.policy.costmodel import Profile
 
 from .measure import Row
 

@@ -11,7 +11,7 @@ import torch
 from helpers import policy
 
 import tiercache
-from tiercache.config import TIER_NAMES
+from tiercache.policy.schema import TIER_NAMES
 
 CUDA_REASON = "needs CUDA: torch.cuda.is_available() is False on this machine (run `make test-gpu` on a GPU host)"
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 import tiercache
-from tiercache.config import TIER_NAMES
 from tiercache.entry import as_bytes
+from tiercache.policy.schema import TIER_NAMES
 
 KiB = 1 << 10
 MiB = 1 << 20

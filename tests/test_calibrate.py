@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import tiercache
-from tiercache.calibrate import calibrate
-from tiercache.cli import main
-from tiercache.costmodel import PATHWAYS, Profile
+from tiercache.policy.costmodel import PATHWAYS, Profile
+from tiercache.tools.calibrate import calibrate
+from tiercache.tools.cli import main
 
 
 def test_calibrate_measures_every_pathway_and_writes_a_loadable_profile(tmp_path: Path) -> None:

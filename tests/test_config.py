@@ -9,7 +9,7 @@ import pytest
 
 import tiercache
 from tiercache import Policy, PolicyError, parse_size
-from tiercache.config import describe_keys, resolve_policy
+from tiercache.policy.schema import describe_keys, resolve_policy
 
 
 @pytest.mark.parametrize("name", ["cpu", "h100", "h200", "rtx-pro-6000-blackwell"])
@@ -92,8 +92,8 @@ def test_unknown_preset_and_missing_file_say_what_exists(tmp_path: Path) -> None
 
 def test_direct_construction_is_checked_too() -> None:
     with pytest.raises(PolicyError, match="capacity"):
-        tiercache.config.TierBudget(capacity=-1)
-    assert tiercache.config.TierBudget(capacity="1KiB").capacity == 1024  # type: ignore[arg-type]
+        tiercache.policy.schema.TierBudget(capacity=-1)
+    assert tiercache.policy.schema.TierBudget(capacity="1KiB").capacity == 1024  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

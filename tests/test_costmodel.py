@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tiercache import Policy, PolicyError
-from tiercache.cli import main
-from tiercache.costmodel import PATHWAYS, PathwayCost, Profile, fit_line, profile_for, profile_names
+from tiercache.policy.costmodel import PATHWAYS, PathwayCost, Profile, fit_line, profile_for, profile_names
+from tiercache.tools.cli import main
 
 
 def test_the_seed_figures_are_reproduced_for_8_gb() -> None:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tiercache import devcrc
-from tiercache.checksum import crc32c
-from tiercache.devcrc import crc32c_tensor
+from tiercache.io import devcrc
+from tiercache.io.checksum import crc32c
+from tiercache.io.devcrc import crc32c_tensor
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiercache import pinned
-from tiercache.pinned import GRAIN, Extent, HostPool, pieces
+from tiercache.tiers.host import pool as pinned
+from tiercache.tiers.host.pool import GRAIN, Extent, HostPool, pieces
 from tiercache.transfer import WorkerStream
 
 

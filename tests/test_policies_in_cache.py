@@ -11,7 +11,7 @@ from helpers import KiB, assert_same, kv, policy
 
 import tiercache
 from tiercache import CapacityError, EntryValueError
-from tiercache.eviction import EVICTION_RULES
+from tiercache.policy.eviction import EVICTION_RULES
 
 
 class FakeClock:

@@ -7,9 +7,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tiercache.config import TIER_NAMES, HostBudget, NvmeBudget, PlacementSettings, TierBudget, Tiers
-from tiercache.eviction import EVICTION_RULES, FifoPolicy, GdsfPolicy, LfuPolicy, LruPolicy, Usage, make_eviction_policy
-from tiercache.placement import PLACEMENT_RULES, make_placement_policy
+from tiercache.policy.eviction import (
+    EVICTION_RULES,
+    FifoPolicy,
+    GdsfPolicy,
+    LfuPolicy,
+    LruPolicy,
+    Usage,
+    make_eviction_policy,
+)
+from tiercache.policy.placement import PLACEMENT_RULES, make_placement_policy
+from tiercache.policy.schema import TIER_NAMES, HostBudget, NvmeBudget, PlacementSettings, TierBudget, Tiers
 
 
 def use(nbytes: int = 100, uses: int = 1, reload_s: float = 1.0) -> Usage:

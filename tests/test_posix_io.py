@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiercache import StorageError
-from tiercache.checksum import crc32c, crc32c_combine
 from tiercache.io import ALIGN, FileRead, PosixIO, aligned_empty, drop_page_cache, posix
+from tiercache.io.checksum import crc32c, crc32c_combine
 from tiercache.io.posix import probe_direct_io
 
 

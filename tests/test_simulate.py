@@ -10,9 +10,9 @@ from helpers import policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiercache.cli import main
-from tiercache.eviction import EVICTION_RULES
-from tiercache.simulate import Request, TraceError, belady_hits, load_trace, parse_trace, replay, simulate_report
+from tiercache.policy.eviction import EVICTION_RULES
+from tiercache.tools.cli import main
+from tiercache.tools.simulate import Request, TraceError, belady_hits, load_trace, parse_trace, replay, simulate_report
 
 TRACES = Path(__file__).resolve().parent.parent / "bench" / "traces"
 

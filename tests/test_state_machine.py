@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import tiercache
 from tiercache import CapacityError, EntryNotFoundError
-from tiercache.config import TIER_NAMES
+from tiercache.policy.schema import TIER_NAMES
 
 KEYS = st.sampled_from(["a", "b", "c", "d", "e"])
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.int8, torch.bool, torch.float8_e4m3fn])

@@ -10,7 +10,7 @@ import torch
 from helpers import KiB, assert_same, kv
 
 from tiercache import CapacityError, EntrySpec
-from tiercache.config import TIER_NAMES, NvmeBudget
+from tiercache.policy.schema import TIER_NAMES, NvmeBudget
 from tiercache.tiers import HostTier, MemoryTier, NvmeTier, Tier
 from tiercache.transfer import Transfers
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .cache import Decision, EntryInfo, PrefetchHandle, TierCache, default_device
-from .config import TIER_NAMES, Policy, preset_names
 from .entry import DTYPES, EntrySpec, TensorSpec
 from .errors import (
     CacheClosedError,
@@ -17,6 +16,7 @@ from .errors import (
     StorageError,
     TierCacheError,
 )
+from .policy.schema import TIER_NAMES, Policy, preset_names
 from .stats import CacheStats, PathwayStats, TierStats
 from .units import format_size, parse_size
 

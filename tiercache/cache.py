@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
-from .config import Policy, resolve_policy
-from .costmodel import Profile, profile_for
 from .engine import Decision, Engine, EntryInfo, PutHints, Record
 from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_tensors
 from .errors import CacheClosedError, EntryValueError, TierCacheError
 from .io.buffers import HostBuffers
-from .layout import StoredEntry
+from .policy.costmodel import Profile, profile_for
+from .policy.schema import Policy, resolve_policy
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import HostTier, MemoryTier, NvmeTier, Tier
+from .tiers.nvme.layout import StoredEntry
 from .transfer import Event, Transfers, all_of, consumer_stream
 from .units import format_size
 

@@ -19,12 +19,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
-from .config import TIER_NAMES, Policy
-from .costmodel import Profile
 from .entry import EntrySpec, Tensors, TensorSpec
 from .errors import CapacityError, EntryNotFoundError, EntryValueError
-from .eviction import EvictionPolicy, Usage, make_eviction_policy
-from .placement import Attempt, PlacementPolicy, Plan, make_placement_policy
+from .policy.costmodel import Profile
+from .policy.eviction import EvictionPolicy, Usage, make_eviction_policy
+from .policy.placement import Attempt, PlacementPolicy, Plan, make_placement_policy
+from .policy.schema import TIER_NAMES, Policy
 from .tiers import Tier
 from .transfer import Event
 from .units import format_size

@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..checksum import crc32c_address, crc32c_combine
 from ..errors import StorageError
 from .aligned import ALIGN, aligned_empty, buffer_of, round_up
+from .checksum import crc32c_address, crc32c_combine
 
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..config import TIER_NAMES
+from ..policy.schema import TIER_NAMES
 from .base import EntryId, Tier
-from .host import HostTier
-from .memory import MemoryTier
-from .nvme import NvmeTier
+from .hbm import MemoryTier
+from .host.tier import HostTier
+from .nvme.tier import NvmeTier
 
 __all__ = ["EntryId", "HostTier", "MemoryTier", "NvmeTier", "TIER_NAMES", "Tier"]

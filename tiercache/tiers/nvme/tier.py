@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import NvmeBudget
-from ..entry import EntrySpec, Tensors
-from ..errors import StorageError
-from ..io import PosixIO
-from ..io.buffers import HostBuffers
-from ..io.kvikio import KvikioIO, why_not_kvikio
-from ..layout import DiskLayout, StoredEntry
-from ..transfer import Event
-from .base import EntryId, Tier
+from ...entry import EntrySpec, Tensors
+from ...errors import StorageError
+from ...io import PosixIO
+from ...io.buffers import HostBuffers
+from ...io.device_io import KvikioIO, why_not_kvikio
+from ...policy.schema import NvmeBudget
+from ...transfer import Event
+from ..base import EntryId, Tier
+from .layout import DiskLayout, StoredEntry
 
 
 class NvmeTier(Tier):

@@ -26,14 +26,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import TIER_NAMES, Policy, resolve_policy
-from .costmodel import Profile, profile_for
-from .engine import Engine, PutHints
-from .entry import EntrySpec, Tensors, TensorSpec
-from .errors import CapacityError, EntryNotFoundError, PolicyError, TierCacheError
-from .tiers import Tier
-from .transfer import Event
-from .units import format_size
+from ..engine import Engine, PutHints
+from ..entry import EntrySpec, Tensors, TensorSpec
+from ..errors import CapacityError, EntryNotFoundError, PolicyError, TierCacheError
+from ..policy.costmodel import Profile, profile_for
+from ..policy.schema import TIER_NAMES, Policy, resolve_policy
+from ..tiers import Tier
+from ..transfer import Event
+from ..units import format_size
 
 # The cost model's pathway for each move the engine reports, (source, destination); a put into hbm moves nothing.
 MOVE_PATHWAY: dict[tuple[str, str], str] = {

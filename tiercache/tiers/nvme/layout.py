@@ -32,12 +32,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from .checksum import crc32c
-from .entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
-from .errors import CorruptEntryError, RootInUseError
-from .io import FileRead, PendingRead, PosixIO, buffer_of, round_up
-from .io.buffers import HostBuffers
-from .io.kvikio import KvikioIO
+from ...entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
+from ...errors import CorruptEntryError, RootInUseError
+from ...io import FileRead, PendingRead, PosixIO, buffer_of, round_up
+from ...io.buffers import HostBuffers
+from ...io.checksum import crc32c
+from ...io.device_io import KvikioIO
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PolicyError
-from .units import SIZE_FORMS, parse_size
+from ..errors import PolicyError
+from ..units import SIZE_FORMS, parse_size
 
 TIER_NAMES: tuple[str, ...] = ("hbm", "host", "nvme")  # fastest first; eviction demotes one step to the right
 
 PRESET_DIRS: tuple[Path, ...] = (
-    Path(__file__).resolve().parent / "policies",  # inside an installed wheel
-    Path(__file__).resolve().parent.parent / "policies",  # a source checkout or an editable install
+    Path(__file__).resolve().parent.parent / "policies",  # inside an installed wheel
+    Path(__file__).resolve().parents[2] / "policies",  # a source checkout or an editable install
 )
 
 

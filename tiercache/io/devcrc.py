@@ -37,7 +37,7 @@ _VALUE_BYTES = 4  # each level above 0 reads the int32 results of the one below 
 def crc32c_tensor(data: torch.Tensor, crc: int = 0, *, slab_bytes: int = SLAB_BYTES) -> int:
     """CRC32C of the bytes of a contiguous uint8 tensor on any device, continuing from `crc` (0 to start).
 
-    Equals google_crc32c.extend(crc, bytes) and tiercache.checksum.crc32c; empty data returns `crc`. The work is
+    Equals google_crc32c.extend(crc, bytes) and tiercache.io.checksum.crc32c; empty data returns `crc`. The work is
     done in slabs of `slab_bytes` on `data`'s device, with one device-to-host sync at the end.
     """
     _check(data, crc, slab_bytes)

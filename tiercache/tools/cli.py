@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import resolve_policy
-from .costmodel import PATHWAYS, Profile, profile_names
-from .errors import TierCacheError
+from ..errors import TierCacheError
+from ..policy.costmodel import PATHWAYS, Profile, profile_names
+from ..policy.schema import resolve_policy
+from ..units import parse_size
 from .plotting import pyplot, save_loglog
-from .units import parse_size
 
 
 def _positive(text: str) -> int:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..checksum import crc32c_anywhere
 from ..errors import StorageError
 from .aligned import ALIGN, aligned_view
+from .checksum import crc32c_anywhere
 
 
 def why_not_kvikio(device: torch.device, *, forced: bool = False) -> str | None:

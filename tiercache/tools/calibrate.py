@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .costmodel import PATHWAYS, PathwayCost, Profile, fit_line
-from .io import PosixIO, aligned_empty, drop_page_cache
-from .units import format_size
+from ..io import PosixIO, aligned_empty, drop_page_cache
+from ..policy.costmodel import PATHWAYS, PathwayCost, Profile, fit_line
+from ..units import format_size
 
 Progress = Callable[[str], None]
 

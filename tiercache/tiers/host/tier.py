@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..entry import EntrySpec, Tensors, as_bytes, from_bytes
-from ..io.aligned import round_up
-from ..pinned import Extent, HostPool, pieces
-from ..transfer import Event, Stream, Transfers, all_of, consumer_stream
-from .base import EntryId, Tier
+from ...entry import EntrySpec, Tensors, as_bytes, from_bytes
+from ...io.aligned import round_up
+from ...transfer import Event, Stream, Transfers, all_of, consumer_stream
+from ..base import EntryId, Tier
+from .pool import Extent, HostPool, pieces
 
 OnCopy = Callable[[str, int, float], None]  # (pathway, bytes, seconds), called when a copy has completed
 

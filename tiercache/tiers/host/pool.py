@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .io.aligned import aligned_empty, round_up
-from .transfer import Deferred
+from ...io.aligned import aligned_empty, round_up
+from ...transfer import Deferred
 
 # Extents start and end on 512 bytes: enough for full-speed DMA, and small tensors waste at most 511 bytes each
 # (4 KiB grains made a pool of many small tensors overflow into pageable memory long before its budget was used).

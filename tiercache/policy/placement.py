@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .config import TIER_NAMES, PlacementSettings, Tiers
+from .schema import TIER_NAMES, PlacementSettings, Tiers
 
 ReloadSeconds = Callable[[str, int], float]  # (tier, bytes) -> predicted seconds to bring it back to hbm
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Policy, looks_like_path, preset_files
-from .errors import PolicyError
-from .units import parse_size
+from ..errors import PolicyError
+from ..units import parse_size
+from .schema import Policy, looks_like_path, preset_files
 
 # Every route a transfer can take. "hbm" is the compute device; on a machine without CUDA it is RAM, and the
 # host pathways are memcpy.

@@ -1,0 +1,1 @@
+"""How a cache decides: the policy schema, placement and eviction rules, and the pathway cost model."""

@@ -1,0 +1,1 @@
+"""What runs beside a cache: the command line, calibration, the trace simulator, charts."""
