@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 import tiercache
 from tiercache import Policy, PolicyError, parse_size
-from tiercache.policy.schema import describe_keys, resolve_policy
+from tiercache.policy.schema import resolve_policy
 
 
 @pytest.mark.parametrize("name", ["cpu", "h100", "h200", "rtx-pro-6000-blackwell"])
@@ -122,11 +121,3 @@ def test_sizes_parse_in_binary_and_decimal_units(text: object, expected: int) ->
 def test_bad_sizes_are_refused(text: object) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
-
-
-def test_every_key_is_documented_in_the_readme() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for key, _default, doc in describe_keys():
-        assert doc, key
-        shared = re.sub(r"^tiers\.(hbm|host|nvme)\.(capacity|max_entry)$", r"tiers.<tier>.\2", key)
-        assert f"| `{shared}` |" in readme, key
