@@ -12,13 +12,14 @@ import pytest
 import torch
 import zarr
 from conftest import CacheFactory
-from fake_kvikio import MOVED, SETTINGS, install
+from fake_kvikio import CALLS, DEFAULTS, MOVED, SETTINGS, CompatMode, install
 from helpers import MiB, assert_same, kv, only_tier
 from test_entries import DTYPES, sample
 from test_layout import entry_dirs, flip_a_byte
 
 import tiercache
 from tiercache.errors import CorruptEntryError, StorageError
+from tiercache.io.device_io import KvikioIO
 
 
 def kvikio_policy(backend: str = "kvikio", threads: int = 8) -> tiercache.Policy:
@@ -42,15 +43,44 @@ def every_dtype() -> dict[str, torch.Tensor]:
 def test_puts_and_gets_go_through_kvikio_with_the_policy_settings(make_cache: CacheFactory) -> None:
     before = MOVED["POSIX"]
     cache = make_cache(kvikio_policy(threads=8))
-    assert SETTINGS["num_threads"] == 8 and SETTINGS["task_size"] == 1 * MiB
+    assert SETTINGS["num_threads"] == 8  # kvikio's one pool, grown to the policy's threads
     entry = every_dtype()
     cache.put("e", entry)
     assert_same(cache.get("e"), entry)
+    assert {c.task_size for c in CALLS} == {1 * MiB} and SETTINGS["task_size"] == DEFAULTS["task_size"]  # per call
     stats = cache.stats()
     assert stats.nvme_device_io == "compat"
     assert "put->nvme(compat)" in stats.pathways and "nvme(compat)->hbm" in stats.pathways
     assert MOVED["POSIX"] - before >= 2 * sum(t.nbytes for t in entry.values())
     assert any("kvikio in compat mode" in note for note in stats.notes)
+
+
+@pytest.mark.usefixtures("fake_kvikio")
+def test_two_backends_with_different_settings_keep_their_own(tmp_path: Path) -> None:
+    """kvikio's settings are process-wide defaults: a second backend (a second cache) must not change the first's
+    task size or compat mode, nor shrink the thread pool it asked for; and kvikio's defaults stay as they were."""
+    import kvikio  # the fake
+
+    cpu = torch.device("cpu")
+    with kvikio.defaults.set("compat_mode", CompatMode.ON):  # the caller's own setting while the first one opens
+        first = KvikioIO(tmp_path, cpu, threads=8, task_size=1 * MiB)
+    second = KvikioIO(tmp_path, cpu, threads=2, task_size=3 * MiB)
+    assert SETTINGS == DEFAULTS | {"num_threads": 8}  # only the pool changed: grown for the first, not shrunk
+    data = torch.arange(5 * MiB, dtype=torch.int32).to(torch.uint8)
+    for name, backend in (("a", first), ("b", second), ("c", first)):
+        CALLS.clear()
+        backend.write_file(tmp_path / name, data)
+        back = torch.empty_like(data)
+        backend.read_file(tmp_path / name, back, data.numel())()
+        assert torch.equal(back, data)
+        want = (1 * MiB, CompatMode.ON) if backend is first else (3 * MiB, CompatMode.AUTO)
+        assert [(c.op, c.task_size, c.compat_mode) for c in CALLS] == [("pwrite", *want), ("pread", *want)]
+        assert all(c.num_threads == 8 for c in CALLS)
+    assert SETTINGS == DEFAULTS | {"num_threads": 8}  # the first one's opens put AUTO back each time
+    kvikio.defaults.set("task_size", 64 * MiB)  # the caller's own later change of the defaults
+    first.write_file(tmp_path / "d", data)
+    assert CALLS[-1].task_size == 1 * MiB
+    assert (first.mode, second.mode) == ("compat", "compat")
 
 
 @pytest.mark.usefixtures("fake_kvikio")

@@ -5,6 +5,12 @@ bounce buffers) otherwise. Which one runs is decided per process by kvikio ("AUT
 and count the bytes each backend carried with kvikio's `SummaryMonitor`. kvikio is imported only here, lazily, and
 only where CUDA works (without libcuda.so.1 it imports, but every read raises); the POSIX backend stays the fallback.
 Thread count and task size come from the policy: kvikio's default of one thread leaves an NVMe drive mostly idle.
+
+kvikio's settings are process-wide defaults, read by any call or handle that does not name its own. So a backend
+changes none of them for longer than it needs: its task size goes with every pread / pwrite, the compat mode kvikio
+had when it opened is the one each of its handles opens in, and the one thread pool (kvikio has one per process) is
+only ever grown to the threads asked for. Opening a second cache with other settings leaves the first one's as
+they were; code of the caller's own that changes kvikio's defaults changes neither cache's task size or mode.
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ class KvikioIO:
         # One device checksum at a time: they run on the one stream anyway, and each holds about 9x a 32 MiB slab
         # of temporaries (devcrc.py), which threads writing and reading at once would otherwise multiply.
         self._checksum_lock = threading.Lock()
-        kvikio.defaults.set({"num_threads": threads, "task_size": task_size})
         self.threads, self.task_size = threads, task_size
+        _grow_thread_pool(kvikio, threads)
+        self._compat_mode = kvikio.defaults.get("compat_mode")  # every handle of ours opens in it (see _open)
         self.gds_available = bool(_driver_property(kvikio, "is_gds_available"))
         # AUTO prefers cuFile whenever libcufile loads, but without the nvidia-fs driver cuFile itself falls back
         # to POSIX: call that compat too.
@@ -71,11 +78,11 @@ class KvikioIO:
         if page.is_cuda:
             torch.cuda.current_stream(self.device).synchronize()
         try:
-            with self._kvikio.CuFile(str(path), "w") as f:
-                f.pwrite(_buffer(page), 4096, 0).get()
+            with self._open(path, "w") as f:
+                f.pwrite(_buffer(page), 4096, 0, self.task_size).get()
             back = self.empty(4096)
-            with self._kvikio.CuFile(str(path), "r") as f:
-                f.pread(_buffer(back), 4096, 0).get()
+            with self._open(path, "r") as f:
+                f.pread(_buffer(back), 4096, 0, self.task_size).get()
         except (RuntimeError, OSError, ValueError) as exc:
             raise StorageError(
                 f"kvikio cannot read or write files in {directory}: {exc}; "
@@ -85,6 +92,16 @@ class KvikioIO:
             path.unlink(missing_ok=True)
         if not torch.equal(back, page):
             raise StorageError(f"kvikio read back different bytes than it wrote in {directory}; use backend 'posix'")
+
+    def _open(self, path: str | Path, flags: str) -> Any:
+        """A CuFile in this backend's compat mode: kvikio fixes a handle's mode when it opens, from its defaults, so
+        where they say otherwise now (another cache's mode, or the caller's) ours is set around the open."""
+        defaults = self._kvikio.defaults
+        with _DEFAULTS_LOCK:
+            if defaults.get("compat_mode") == self._compat_mode:
+                return self._kvikio.CuFile(str(path), flags)
+            with defaults.set("compat_mode", self._compat_mode):
+                return self._kvikio.CuFile(str(path), flags)
 
     def empty(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer on the device for reads to fill, starting on a 4 KiB boundary (GDS reads straight into
@@ -147,9 +164,9 @@ class KvikioIO:
             raise StorageError(f"cannot open {path}: {exc}") from exc
         if actual != size:
             raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
-        handle = self._kvikio.CuFile(str(path), "r")
+        handle = self._open(path, "r")
         try:
-            future = handle.pread(_buffer(dest[:size]), size, 0)
+            future = handle.pread(_buffer(dest[:size]), size, 0, self.task_size)
         except BaseException:
             handle.close()
             raise
@@ -170,9 +187,9 @@ class KvikioIO:
         """Create `path` holding `data` (contiguous uint8, its producers already synchronized) then `trailer`, and
         fsync it. The trailer (4 bytes of checksum) is written from host memory after the bulk."""
         try:
-            with self._kvikio.CuFile(str(path), "w") as handle:
+            with self._open(path, "w") as handle:
                 if data.numel():
-                    got = handle.pwrite(_buffer(data), data.numel(), 0).get()
+                    got = handle.pwrite(_buffer(data), data.numel(), 0, self.task_size).get()
                     if got != data.numel():
                         raise StorageError(f"{path}: wrote {got} of {data.numel()} bytes")
             fd = os.open(path, os.O_WRONLY)
@@ -184,6 +201,19 @@ class KvikioIO:
                 os.close(fd)
         except (RuntimeError, OSError) as exc:
             raise StorageError(f"writing {data.numel() + len(trailer)} bytes to {path} failed: {exc}") from exc
+
+
+# kvikio.defaults.set is a read of the old value then a write: our changes to the defaults, and the opens that must
+# see them, happen one at a time across every backend in the process.
+_DEFAULTS_LOCK = threading.Lock()
+
+
+def _grow_thread_pool(kvikio: Any, threads: int) -> None:
+    """At least `threads` threads in kvikio's one pool, never fewer than it had: a cache that asks for fewer than
+    an open one leaves that one's reads as parallel as they were (an idle thread costs next to nothing)."""
+    with _DEFAULTS_LOCK:
+        if kvikio.defaults.get("num_threads") < threads:
+            kvikio.defaults.set("num_threads", threads)
 
 
 def _buffer(tensor: torch.Tensor) -> Any:
