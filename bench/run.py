@@ -36,6 +36,7 @@ import torch
 import tiercache
 from tiercache.io import aligned_empty, buffer_of, round_up
 from tiercache.io.posix import O_DIRECT
+from tiercache.tools.progress import Callback, progress_callback
 
 from .chart import latency_chart
 from .cuda import bench_cuda
@@ -170,18 +171,13 @@ def markdown(rows: list[Row], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def progress_bar(steps: int) -> Callable[[str], None]:
-    done = [0]
-
-    def show(what: str) -> None:
-        done[0] += 1
-        filled = round(30 * done[0] / steps)
-        print(f"[{'#' * filled}{'.' * (30 - filled)}] {done[0]:>2}/{steps} {what}", file=sys.stderr, flush=True)
-
-    return show
-
-
 def main(argv: list[str] | None = None) -> int:
+    # Shown on stderr whether or not it is a terminal, as before: a cut-short run's log says where it stopped.
+    with progress_callback(description="tiercache bench", enabled=True) as bar:
+        return run(bar)
+
+
+def run(bar: Callback) -> int:
     sizes = [tiercache.parse_size(s) for s in os.environ.get("BENCH_SIZES", DEFAULT_SIZES).split(",") if s.strip()]
     gpu_sizes = [
         tiercache.parse_size(s)
@@ -196,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     env = describe(root.parent)
     stolen_at_start = stolen_cpu_seconds()
     overlap_steps = len(overlap_cases(tiercache.default_device()))
-    progress = progress_bar(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + overlap_steps)
+    bar.set_size(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + overlap_steps)
+
+    def progress(step: str) -> None:  # a step starts: the bar counts it and names it
+        bar.set_description(step)
+        bar.relative_update()
+
     shutil.rmtree(root, ignore_errors=True)
 
     def reps(size: int) -> int:
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
+    bar.close()  # its last line ends before the report is printed (closing again on the way out does nothing)
     print(report)
     written = ", ".join(str(out / f) for f in ("report.md", "report.json", "latency_chart.png") if (out / f).exists())
     print(f"written: {written}", file=sys.stderr)
