@@ -18,7 +18,7 @@ def latency_chart(rows: list[Row], out: Path) -> str:
     except ImportError:
         return "latency_chart.png not written: matplotlib is not installed (pip install 'tiercache[plot]')"
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    cases = sorted({r.case for r in rows if not r.case.startswith("get <- hbm") and " vs " not in r.case})
+    cases = sorted({r.case for r in rows if r.suite in ("tiers", "gpu", "workloads") and r.pathway is not None})
     for index, case in enumerate(cases):
         points = sorted((r.size, r.seconds) for r in rows if r.case == case)
         ax.plot([s / 1e9 for s, _ in points], [t * 1e3 for _, t in points], "o-", color=f"C{index % 10}", label=case)
@@ -26,7 +26,7 @@ def latency_chart(rows: list[Row], out: Path) -> str:
     if sizes:
         seed = Profile.load("rtx-pro-6000-blackwell")
         span = [sizes[0], max(sizes[-1], 8 * 10**9)]
-        for style, (pathway, label, *_) in zip(("--", "-.", ":"), SEED_PATHWAYS, strict=True):
+        for style, (pathway, label) in zip(("--", "-.", ":"), SEED_PATHWAYS, strict=True):
             ax.plot(
                 [s / 1e9 for s in span],
                 [seed.seconds(pathway, s) * 1e3 for s in span],

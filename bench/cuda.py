@@ -22,8 +22,9 @@ import torch
 import tiercache
 from tiercache.io import ALIGN
 from tiercache.io.aligned import aligned_view
+from tiercache.pathway import Pathway
 
-from .measure import Row, chunk_files, drop_page_caches, make_entry, row, side_by_side, timed
+from .measure import Row, chunk_files, drop_page_caches, host_mode, make_entry, row, side_by_side, timed
 
 THREADS, TASK_SIZES = (8, 16, 32), (4 << 20, 16 << 20)
 SWEEP_UP_TO = 1 << 30  # larger entries reuse the best settings found at the largest size swept (time, disk)
@@ -41,16 +42,21 @@ def synced(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def gpu_policy(tier: str, nbytes: int, **nvme: Any) -> tiercache.Policy:
+def gpu_policy(tier: str, nbytes: int, *, pinned: bool = True, **nvme: Any) -> tiercache.Policy:
     tiers: dict[str, Any] = {t: {"capacity": 0} for t in tiercache.TIER_NAMES}
     tiers[tier] = {"capacity": 2 * nbytes + (1 << 20)}
     tiers["nvme"].update(nvme)
-    if tier == "host(pageable)":
-        tiers["host"] = {"capacity": 2 * nbytes + (1 << 20), "pinned": False}
-        del tiers[tier]
+    if not pinned:
+        tiers["host"]["pinned"] = False
     return tiercache.Policy.from_dict(
         {"name": f"bench-{tier}", "tiers": tiers, "placement": {"promote_on_hit": False}}, source="bench"
     )
+
+
+def nvme_mode(cache: tiercache.TierCache) -> str:
+    """How the nvme tier moves bytes to and from the GPU: kvikio's mode, or POSIX's where kvikio is not used."""
+    stats = cache.stats()
+    return stats.nvme_device_io if stats.nvme_device_io != "none" else stats.nvme_io
 
 
 def bench_cuda(size: int, root: Path, repeat: int, progress: Callable[[str], None]) -> list[Row]:
@@ -68,24 +74,24 @@ def bench_cuda(size: int, root: Path, repeat: int, progress: Callable[[str], Non
             pinned[n].copy_(t, non_blocking=True)
         return pinned
 
-    for mode in ("host", "host(pageable)"):
-        progress(f"{'host(pinned)' if mode == 'host' else mode} <-> hbm {tiercache.format_size(nbytes)}")
-        with tiercache.TierCache(root=root, policy=gpu_policy(mode, nbytes), device="cuda") as cache:
+    for pin in (True, False):
+        asked = Pathway("host", "hbm", "pinned" if pin else "pageable")
+        progress(f"{asked} and back {tiercache.format_size(nbytes)}")
+        with tiercache.TierCache(root=root, policy=gpu_policy("host", nbytes, pinned=pin), device="cuda") as cache:
             # What the pool really is: a pool that could not be pinned is pageable, and not held to pinned targets.
-            pinned_pool = cache._host.pool.pinned
-            label = cache._host.label if pinned_pool or mode != "host" else "host(pinning refused: pageable)"
-            put_raw = (
-                synced(raw_d2h) if mode == "host" else synced(lambda: {n: t.cpu() for n, t in device_entry.items()})
-            )
-            get_raw = (
-                synced(raw_h2d) if mode == "host" else synced(lambda: {n: t.cuda() for n, t in host_entry.items()})
-            )
-            base = "pinned cudaMemcpyAsync" if mode == "host" else "pageable .cpu() / .to(cuda)"
+            mode = host_mode(cache)
+            detail = "GPU" if mode == asked.mode else "GPU, pinning refused"
+            put_raw = synced(raw_d2h) if pin else synced(lambda: {n: t.cpu() for n, t in device_entry.items()})
+            get_raw = synced(raw_h2d) if pin else synced(lambda: {n: t.cuda() for n, t in host_entry.items()})
+            base = "pinned cudaMemcpyAsync" if pin else "pageable .cpu() / .to(cuda)"
+            pinned_pool = mode == "pinned"
             ours, raw = side_by_side(synced(lambda: cache.put("e", device_entry)), put_raw, repeat)
-            rows.append(row(nbytes, f"offload hbm -> {label}", ours, base, raw, 0.95 if pinned_pool else None))
+            offload = Pathway("put", "host", mode)
+            target = 0.95 if pinned_pool else None
+            rows.append(row(nbytes, offload, ours, base, raw, target, detail=detail, suite="gpu"))
             ours, raw = side_by_side(synced(lambda: cache.get("e")), get_raw, repeat)
             target = 0.95 if pinned_pool and nbytes >= 64 << 20 else None
-            rows.append(row(nbytes, f"reload {label} -> hbm", ours, base, raw, target))
+            rows.append(row(nbytes, Pathway("host", "hbm", mode), ours, base, raw, target, detail=detail, suite="gpu"))
     rows += bench_kvikio(nbytes, device_entry, root, repeat, progress)
     shutil.rmtree(root, ignore_errors=True)
     return rows
@@ -117,29 +123,43 @@ def bench_kvikio(
     threads, task = _best[-1]
     kvikio.defaults.set({"num_threads": threads, "task_size": task})
     rows = []
-    settings = {"backend": "kvikio", "threads": threads, "task_size": task}
+    settings: dict[str, Any] = {"backend": "kvikio", "threads": threads, "task_size": task}
     scratch = root.parent / "raw-kvikio-write"
     scratch.mkdir(parents=True, exist_ok=True)
     with tiercache.TierCache(root=root, policy=gpu_policy("nvme", nbytes, **settings), device="cuda") as cache:
-        mode = cache.stats().nvme_device_io
-        tag = f"kvikio {mode}, {threads} threads, {tiercache.format_size(task)} tasks"
+        mode = nvme_mode(cache)
+        tag = f"GPU, kvikio, {threads} threads, {tiercache.format_size(task)} tasks"
         ours, raw = side_by_side(
             synced(lambda: cache.put("e", entry)),
             functools.partial(raw_kvikio_write, kvikio, scratch, list(entry.values())),
             repeat,
         )
-        rows.append(row(nbytes, f"offload hbm -> nvme ({tag})", ours, "raw kvikio CuFile.pwrite", raw))
+        offload = Pathway("put", "nvme", mode)
+        rows.append(row(nbytes, offload, ours, "raw kvikio CuFile.pwrite", raw, detail=tag, suite="gpu"))
     shutil.rmtree(scratch, ignore_errors=True)
     files = chunk_files(root)  # the last put's files: the reads below get them, raw and through the cache
     drop = functools.partial(drop_page_caches, [path for path, _ in files])
     for verify in (True, False):  # one cache at a time holds the root
         policy = gpu_policy("nvme", nbytes, verify_checksums=verify, **settings)
         with tiercache.TierCache(root=root, policy=policy, device="cuda") as reader:
+            reload = Pathway("nvme", "hbm", nvme_mode(reader))
             ours, raw = side_by_side(
                 synced(lambda: reader.get("e")), functools.partial(raw_kvikio_read, kvikio, files), repeat, drop
             )
         crc = "crc32c checked on the GPU" if verify else "crc32c not checked"
-        rows.append(row(nbytes, f"reload nvme -> hbm ({tag}, {crc})", ours, "raw kvikio CuFile.pread", raw, 0.90))
+        rows.append(
+            row(
+                nbytes,
+                reload,
+                ours,
+                "raw kvikio CuFile.pread",
+                raw,
+                0.90,
+                detail=f"{tag}, {crc}",
+                suite="gpu",
+                checksums=verify,
+            )
+        )
     return rows
 
 

@@ -6,7 +6,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +15,39 @@ import torch
 import tiercache
 from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
 from tiercache.io.posix import O_DIRECT
+from tiercache.pathway import Pathway
 
 LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
+
+
+SUITES = ("tiers", "gpu", "peers", "workloads")
 
 
 @dataclass
 class Row:
     size: int
-    case: str
+    case: str  # the title in the report: the pathway's one spelling, then what tells the row apart (title())
     seconds: float  # median
     spread: tuple[float, float]  # min, max
     baseline: str
     baseline_seconds: float | None
     target: float | None = None  # the least acceptable ratio, where the project states one
+    pathway: Pathway | None = None  # the tiercache pathway timed; None where no data moves (a hit in hbm)
+    # Which benchmark made it: "tiers" (hbm is host memory), "gpu" (bench/cuda.py, hbm is a CUDA device),
+    # "peers" (tiercache beside other libraries), "workloads" (DESIGN.md's entries). Charts and the seed table
+    # pick rows by suite and pathway.
+    suite: str = "tiers"
+    checksums: bool | None = None  # an nvme read: whether crc32c was checked; None where that does not apply
+    detail: str = ""  # what the title says beside the pathway (the peer, the workload, kvikio's settings)
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as report.json records it: the pathway as its one spelling, and the derived figures."""
+        return asdict(self) | {
+            "pathway": None if self.pathway is None else str(self.pathway),
+            "gbps": self.gbps,
+            "ratio": self.ratio,
+            "verdict": self.verdict,
+        }
 
     @property
     def gbps(self) -> float:
@@ -94,16 +114,46 @@ def side_by_side(
     return a, b
 
 
-def row(size: int, case: str, ours: list[float], baseline: str, raw: list[float], target: float | None = None) -> Row:
+def title(pathway: Pathway | None, detail: str = "") -> str:
+    """A row's title: `str(pathway)` (the one spelling), then the detail in brackets; the detail alone without one."""
+    if pathway is None:
+        return detail
+    return f"{pathway} ({detail})" if detail else str(pathway)
+
+
+def row(
+    size: int,
+    pathway: Pathway | None,
+    ours: list[float],
+    baseline: str,
+    raw: list[float],
+    target: float | None = None,
+    *,
+    detail: str = "",
+    suite: str = "tiers",
+    checksums: bool | None = None,
+) -> Row:
+    assert suite in SUITES, suite
     return Row(
         size,
-        case,
+        title(pathway, detail),
         statistics.median(ours),
         (min(ours), max(ours)),
         baseline,
         statistics.median(raw) if raw else None,
         target,
+        pathway,
+        suite,
+        checksums,
+        detail,
     )
+
+
+def host_mode(cache: tiercache.TierCache) -> str:
+    """How the host tier's pool really is, "pinned" or "pageable" (a pool that could not be pinned is pageable)."""
+    mode = cache.stats().tiers["host"].mode
+    assert mode is not None, "the host tier names its mode"
+    return mode
 
 
 def chunk_files(root: Path) -> list[tuple[Path, int]]:

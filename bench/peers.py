@@ -19,6 +19,7 @@ import torch
 import zarr
 
 import tiercache
+from tiercache.pathway import Pathway
 
 from .measure import Row, chunk_files, drop_page_caches, forcing_policy, make_entry, row, side_by_side
 
@@ -106,6 +107,7 @@ def bench_peers(size: int, root: Path, repeat: int, progress: Callable[[str], No
     scratch = root.parent / "peers"
     rows: list[Row] = []
     with tiercache.TierCache(root=root, policy=forcing_policy("nvme", nbytes), device="cpu") as cache:
+        io_mode = cache.stats().nvme_io
         cache.put("e", entry)
         for peer in peers(list(entry)):
             progress(f"peer {peer.name} {tiercache.format_size(nbytes)}")
@@ -118,7 +120,15 @@ def bench_peers(size: int, root: Path, repeat: int, progress: Callable[[str], No
 
             ours, theirs = side_by_side(lambda: cache.put("e", entry), save, repeat)
             rows.append(
-                row(nbytes, f"put -> nvme vs {peer.name.split(' / ')[0]}", ours, f"{peer.name} (+fsync)", theirs)
+                row(
+                    nbytes,
+                    Pathway("put", "nvme", io_mode),
+                    ours,
+                    f"{peer.name} (+fsync)",
+                    theirs,
+                    detail=f"vs {peer.name.split(' / ')[0]}",
+                    suite="peers",
+                )
             )
             files = [p for p, _ in chunk_files(root)] + [p for p in target.rglob("*") if p.is_file()]
             loaded = peer.load(target)
@@ -134,11 +144,14 @@ def bench_peers(size: int, root: Path, repeat: int, progress: Callable[[str], No
             rows.append(
                 row(
                     nbytes,
-                    f"get <- nvme vs {peer.name.split(' / ')[-1]} (cold)",
+                    Pathway("nvme", "hbm", io_mode),
                     ours,
                     f"{peer.name} (+touch)",
                     theirs,
                     faster_than,
+                    detail=f"vs {peer.name.split(' / ')[-1]}, cold",
+                    suite="peers",
+                    checksums=True,
                 )
             )
     shutil.rmtree(scratch, ignore_errors=True)

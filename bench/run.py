@@ -36,6 +36,7 @@ import torch
 import tiercache
 from tiercache.io import aligned_empty, buffer_of, round_up
 from tiercache.io.posix import O_DIRECT
+from tiercache.pathway import Pathway
 from tiercache.tools.progress import Callback, progress_callback
 
 from .chart import latency_chart
@@ -47,6 +48,7 @@ from .measure import (
     chunk_files,
     drop_page_caches,
     forcing_policy,
+    host_mode,
     make_entry,
     raw_direct_read,
     row,
@@ -105,16 +107,15 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
     for tier in ("hbm", "host"):
         progress(f"{tier} put/get {tiercache.format_size(nbytes)}")
         with tiercache.TierCache(root=root, policy=forcing_policy(tier, nbytes), device="cpu") as cache:
+            mode = host_mode(cache) if tier == "host" else None
             ours, raw = side_by_side(lambda: cache.put("e", entry), HeldClone(entry), repeat)
-            rows.append(row(nbytes, f"put -> {tier}", ours, "memcpy (clone, previous held)", raw))
+            rows.append(row(nbytes, Pathway("put", tier, mode), ours, "memcpy (clone, previous held)", raw))
             get_ours, get_raw = side_by_side(lambda: cache.get("e"), lambda: clone_all(entry), repeat)
-            baseline = "memcpy (clone)"
-            if tier == "hbm":  # a hit hands back the cached tensors: there is no copy to compare with
-                rows.append(row(nbytes, "get <- hbm (hit, no copy)", get_ours, "-", []))
+            if tier == "hbm":  # a hit hands back the cached tensors: no data moves, there is no copy to compare with
+                rows.append(row(nbytes, None, get_ours, "-", [], detail="hbm hit (no copy)"))
             else:
-                rows.append(
-                    row(nbytes, f"get <- {tier}", get_ours, baseline, get_raw, 0.80 if nbytes >= 64 << 20 else None)
-                )
+                target = 0.80 if nbytes >= 64 << 20 else None
+                rows.append(row(nbytes, Pathway(tier, "hbm", mode), get_ours, "memcpy (clone)", get_raw, target))
 
     progress(f"nvme put {tiercache.format_size(nbytes)}")
     aligned_sources = []
@@ -130,7 +131,7 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
         ours, raw = side_by_side(
             lambda: cache.put("e", entry), lambda: raw_direct_write(scratch, aligned_sources), repeat
         )
-        rows.append(row(nbytes, f"put -> nvme ({io_mode})", ours, "O_DIRECT pwritev, 1 thread", raw))
+        rows.append(row(nbytes, Pathway("put", "nvme", io_mode), ours, "O_DIRECT pwritev, 1 thread", raw))
     shutil.rmtree(scratch, ignore_errors=True)
 
     for verify in (True, False):
@@ -141,8 +142,18 @@ def bench_size(size: int, root: Path, repeat: int, progress: Callable[[str], Non
             files = chunk_files(root)
             drop = functools.partial(drop_page_caches, [path for path, _ in files])
             ours, raw = side_by_side(lambda: cache.get("e"), functools.partial(raw_direct_read, files), repeat, drop)
-            label = f"get <- nvme ({io_mode}, crc32c {'checked' if verify else 'not checked'})"
-            rows.append(row(nbytes, label, ours, "O_DIRECT preadv, 1 thread", raw, 0.90))
+            rows.append(
+                row(
+                    nbytes,
+                    Pathway("nvme", "hbm", cache.stats().nvme_io),
+                    ours,
+                    "O_DIRECT preadv, 1 thread",
+                    raw,
+                    0.90,
+                    detail=f"crc32c {'checked' if verify else 'not checked'}",
+                    checksums=verify,
+                )
+            )
     shutil.rmtree(root, ignore_errors=True)
     return rows
 
@@ -239,7 +250,7 @@ def run(bar: Callback) -> int:
             {
                 "environment": env,
                 "repeat": repeat,
-                "rows": [asdict(r) | {"gbps": r.gbps, "ratio": r.ratio, "verdict": r.verdict} for r in rows],
+                "rows": [r.as_json() for r in rows],
                 "overlap": [
                     asdict(o)
                     | {

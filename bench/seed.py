@@ -5,23 +5,34 @@ from __future__ import annotations
 
 import torch
 
+from tiercache.pathway import Pathway
 from tiercache.policy.costmodel import Profile
 
 from .measure import Row
 
 SEED_BYTES = 8 * 10**9
-# (seed pathway, the row of this run that measures it without a GPU, and with one)
-SEED_PATHWAYS = [
-    ("host(pinned)->hbm", "PCIe Gen5 pinned DMA", "get <- host", "reload host(pinned) -> hbm"),
-    ("host(pageable)->hbm", "pageable RAM offload", "get <- host", "reload host(pageable) -> hbm"),
-    ("nvme->hbm", "NVMe direct", "get <- nvme (o_direct, crc32c checked)", "reload nvme -> hbm"),
+SEED_PROFILE = "rtx-pro-6000-blackwell"
+# The seed's pathways (at the cost model's grain) and what the seed report calls them.
+SEED_PATHWAYS: list[tuple[Pathway, str]] = [
+    (Pathway("host", "hbm", "pinned"), "PCIe Gen5 pinned DMA"),
+    (Pathway("host", "hbm", "pageable"), "pageable RAM offload"),
+    (Pathway("nvme", "hbm"), "NVMe direct"),
 ]
 
 
+def measures(r: Row, seed: Pathway, cuda: bool) -> bool:
+    """Whether `r` measures the seed's pathway: on a GPU the rows of bench/cuda.py, else the host-memory rows (where
+    host->hbm is a memcpy whatever the pool, so pinned and pageable are one row); nvme reads with checksums on."""
+    if r.pathway is None or r.suite != ("gpu" if cuda else "tiers") or r.checksums is False:
+        return False
+    got = r.pathway.costed()
+    return got == seed if cuda else (got.source, got.dest) == (seed.source, seed.dest)
+
+
 def seed_table(rows: list[Row]) -> str:
-    seed = Profile.load("rtx-pro-6000-blackwell")
+    seed = Profile.load(SEED_PROFILE)
     cuda = torch.cuda.is_available()
-    measured_rows = [r for r in rows if any(r.case.startswith(p[3 if cuda else 2]) for p in SEED_PATHWAYS)]
+    measured_rows = [r for r in rows if any(measures(r, p, cuda) for p, _ in SEED_PATHWAYS)]
     largest = max((r.size for r in measured_rows), default=0)
     lines = [
         "## The seed report's pathways for an 8 GB cache",
@@ -34,10 +45,9 @@ def seed_table(rows: list[Row]) -> str:
         "| pathway | seed (modelled) | measured here (scaled) | measured row |",
         "| --- | ---: | ---: | --- |",
     ]
-    for pathway, label, cpu_case, gpu_case in SEED_PATHWAYS:
-        case = gpu_case if cuda else cpu_case
+    for pathway, label in SEED_PATHWAYS:
         modelled = seed.seconds(pathway, SEED_BYTES) * 1e3
-        match = [r for r in rows if r.size == largest and r.case.startswith(case)]
+        match = [r for r in measured_rows if r.size == largest and measures(r, pathway, cuda)]
         measured = f"{SEED_BYTES / (match[0].gbps * 1e9) * 1e3:.0f} ms" if match else "not measured"
         lines.append(f"| {pathway} ({label}) | {modelled:.2f} ms | {measured} | {match[0].case if match else '-'} |")
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import tiercache
+from tiercache.pathway import Pathway
 
 from .measure import Row, chunk_files, drop_page_caches, forcing_policy, raw_direct_read, row, side_by_side
 
@@ -58,6 +59,10 @@ def bench_workloads(cap: int, root: Path, repeat: int, progress: Callable[[str],
             files = chunk_files(root)
             drop = functools.partial(drop_page_caches, [p for p, _ in files])
             ours, raw = side_by_side(lambda: cache.get("e"), functools.partial(raw_direct_read, files), repeat, drop)
-            rows.append(row(nbytes, f"get <- nvme, {label}", ours, "O_DIRECT preadv, 1 thread", raw, 0.90))
+            pathway = Pathway("nvme", "hbm", cache.stats().nvme_io)
+            baseline = "O_DIRECT preadv, 1 thread"
+            rows.append(
+                row(nbytes, pathway, ours, baseline, raw, 0.90, detail=label, suite="workloads", checksums=True)
+            )
         shutil.rmtree(root, ignore_errors=True)
     return rows
