@@ -237,12 +237,13 @@ def run(bar: Callback) -> int:
     measured(bench_workloads(workload_cap, root, min(repeat, 3), progress))
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
     overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)
-    chart_note = latency_chart(rows, out / "latency_chart.png")
+    chart = latency_chart(rows, out / "latency_chart.png")
     stolen_at_end = stolen_cpu_seconds()
     if stolen_at_start is not None and stolen_at_end is not None:
         env["cpu_stolen_during_run_s"] = round(stolen_at_end - stolen_at_start, 1)  # > 0: a VM whose host was busy
     report = markdown(rows, env) + "\n" + seed_table(rows) + "\n" + overlap_table(overlap, OVERLAP_LOOKAHEAD)
-    report += f"\n{chart_note}\n" if chart_note else ""
+    said = ([f"latency_chart.png: panels {', '.join(chart.panels)}"] if chart.path is not None else []) + chart.notes
+    report += "\n" + "; ".join(said) + "\n" if said else ""
     (out / "report.md").write_text(report)
     partial.unlink(missing_ok=True)
     (out / "report.json").write_text(

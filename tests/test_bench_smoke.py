@@ -59,6 +59,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     assert (tmp_path / "out" / "report.md").read_text() in printed
     assert "| host(pinned)->hbm (PCIe Gen5 pinned DMA) | 126.98 ms |" in printed and "| 571.43 ms |" in printed
     assert (tmp_path / "out" / "latency_chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert "latency_chart.png: panels memory, nvme, workloads; no GPU rows in this run" in printed
     expected = [list(case) for case in overlap_cases(tiercache.default_device())]  # without a GPU: a core left, all
     assert [[o["source"], o["compute_threads"]] for o in report["overlap"]] == expected
     assert "## Overlap" in printed and "attention threads" in printed
