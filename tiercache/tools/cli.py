@@ -8,11 +8,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import __version__
 from ..errors import TierCacheError
+from ..pathway import Pathway
 from ..policy.costmodel import PATHWAYS, Profile, profile_names
 from ..policy.schema import resolve_policy
 from ..units import parse_size
 from .plotting import pyplot, save_loglog
+from .progress import progress_callback
+
+DISTRIBUTION = "tiercache-gpu"  # the name on the package index (pip install), not the import name
 
 
 def _positive(text: str) -> int:
@@ -36,10 +41,10 @@ def model_table(profile: Profile, nbytes: int) -> str:
         f"| pathway | latency | bandwidth | time for {nbytes / 1e9:g} GB ({nbytes} bytes) |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for name in PATHWAYS:
-        cost = profile.pathways[name]
+    for pathway in PATHWAYS:
+        cost = profile.pathways[pathway]
         lines.append(
-            f"| {name} | {cost.latency_s * 1e6:.0f} us | {cost.bandwidth / 1e9:.2f} GB/s | "
+            f"| {pathway} | {cost.latency_s * 1e6:.0f} us | {cost.bandwidth / 1e9:.2f} GB/s | "
             f"{cost.seconds(nbytes) * 1e3:.2f} ms |"
         )
     return "\n".join(lines)
@@ -50,7 +55,11 @@ def plot_profiles(profiles: Sequence[Profile], out: Path, sizes: Sequence[int] |
     plt = pyplot()
     sizes = sizes or [int(2**e) for e in range(20, 36)]  # 1 MiB .. 32 GiB
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"host(pinned)->hbm": "-", "host(pageable)->hbm": "--", "nvme->hbm": ":"}
+    styles = {
+        Pathway("host", "hbm", "pinned"): "-",
+        Pathway("host", "hbm", "pageable"): "--",
+        Pathway("nvme", "hbm"): ":",
+    }
     for index, profile in enumerate(profiles):
         color = f"C{index}"
         for pathway, style in styles.items():
@@ -79,16 +88,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if len(set(args.sizes)) < 2:
         raise ValueError("--sizes: give two sizes or more, so that latency and bandwidth can both be fitted")
     nvme = resolve_policy(args.policy).tiers.nvme
-    profile = calibrate(
-        Path(args.root),
-        sizes=args.sizes,
-        repeat=args.repeat,
-        name=args.name,
-        progress=print,
-        threads=nvme.threads,
-        task_size=nvme.task_size,
-        io=nvme.io,
-    )
+    # A bar on stderr where it is a terminal; where it is not (a log, CI) a line per measurement on stdout instead,
+    # so the record stays; --quiet: neither, only the fitted table.
+    bar = not args.quiet and sys.stderr.isatty()
+    with progress_callback(description="calibrate", enabled=bar) as progress:
+        profile = calibrate(
+            Path(args.root),
+            sizes=args.sizes,
+            repeat=args.repeat,
+            name=args.name,
+            progress=progress,
+            log=print if not (bar or args.quiet) else lambda line: None,
+            threads=nvme.threads,
+            task_size=nvme.task_size,
+            io=nvme.io,
+        )
     out.write_text(profile.to_toml())
     print(model_table(profile, 8 * 10**9))
     print(f'\nwritten: {args.out} (name it in a policy: profile = "{args.out}")')
@@ -105,6 +119,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiercache", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="predicted time of every pathway for a size, from a hardware profile")
@@ -127,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--repeat", type=_positive, default=3, help="measurements per size (the median is fitted)")
     cal.add_argument("--policy", default="cpu", help="take nvme threads, task size and I/O mode from this policy")
+    cal.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress (by default a bar on a terminal, else a line each)"
+    )
     cal.set_defaults(run=_cmd_calibrate)
 
     sim = sub.add_parser("simulate", help="replay a trace through the real placement and eviction code")
@@ -148,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except ImportError as exc:
         print(
-            f"tiercache {args.command}: {exc.name or exc} is needed here: pip install 'tiercache[plot]'",
+            f"tiercache {args.command}: {exc.name or exc} is needed here: pip install '{DISTRIBUTION}[plot]'",
             file=sys.stderr,
         )
     except (TierCacheError, OSError, ValueError) as exc:
