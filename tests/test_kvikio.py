@@ -145,11 +145,11 @@ def test_a_kvikio_that_does_not_load_is_a_reason_not_a_crash(tmp_path: Path, mon
 @pytest.mark.usefixtures("fake_kvikio")
 def test_kvikio_read_buffers_start_on_a_page(make_cache: CacheFactory) -> None:
     """GDS reads straight into device memory only at page-aligned addresses (the CUDA allocator aligns to 512)."""
-    direct = make_cache(kvikio_policy())._nvme.direct
-    assert direct is not None
+    device_io = make_cache(kvikio_policy())._tiers["nvme"].device_io
+    assert isinstance(device_io, KvikioIO)
     for size in (1, 4096, 12345, 3 << 20):
-        torch.empty(size % 1000 + 1, device=direct.device)  # shift the allocator's next block
-        buffer = direct.empty(size)
+        torch.empty(size % 1000 + 1, device=device_io.device)  # shift the allocator's next block
+        buffer = device_io.empty(size)
         assert buffer.data_ptr() % 4096 == 0 and buffer.numel() == size
 
 
@@ -167,7 +167,7 @@ def test_a_kvikio_that_cannot_do_io_fails_at_open(tmp_path: Path, monkeypatch: p
 
 @pytest.mark.gpu
 def test_real_kvikio_moves_device_tensors_without_the_host(make_cache: CacheFactory) -> None:
-    pytest.importorskip("kvikio", reason="kvikio is not installed: pip install 'tiercache[cuda]'")
+    pytest.importorskip("kvikio", reason="kvikio is not installed: pip install 'tiercache-gpu[cuda13]'")
     cache = make_cache(kvikio_policy())
     entry = {n: t.cuda() for n, t in every_dtype().items()}
     cache.put("e", entry)

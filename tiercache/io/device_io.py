@@ -37,7 +37,7 @@ def why_not_kvikio(device: torch.device, *, forced: bool = False) -> str | None:
     try:
         import kvikio  # noqa: F401, PLC0415 - optional: the cuda extra
     except ImportError as exc:
-        return f"kvikio is not installed ({exc}); pip install 'tiercache[cuda]'"
+        return f"kvikio is not installed ({exc}); pip install 'tiercache-gpu[cuda13]' (or [cuda12] for CUDA 12)"
     except Exception as exc:  # noqa: BLE001 - kvikio 26 loads libcufile at import: a missing one raises RuntimeError
         return f"kvikio is installed but does not load ({type(exc).__name__}: {exc})"
     return None
