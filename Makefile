@@ -1,6 +1,7 @@
 # `make test` and `make bench` set themselves up: a .venv holding torch==2.13.0 (the CPU wheel, never a
 # multi-GB CUDA build) and tiercache in editable mode. On a machine whose Python already has everything
-# (the offline GPU machines, see ../shared/gpu/README.md) pass it instead: `make test-gpu PY=python3`.
+# (an offline GPU machine, once `bash bench/gpu_session.sh` has installed the wheels of `make gpu-wheels` there)
+# pass it instead: `make test-gpu PY=python3`.
 PYTHON ?= python3
 VENV := .venv
 ifdef PY
@@ -40,13 +41,10 @@ test-gpu: $(SETUP)
 bench: $(SETUP)
 	$(RUN) -m bench
 
-## the wheels a CUDA machine without network needs (../shared/gpu/README.md), into .whl/: the shared list plus
-## cuda-pathfinder, which kvikio 26.10 imports and the shared script does not fetch. Then, with a lent GPU
-## machine: run `bash bench/gpu_session.sh` there, carrying .whl
+## the wheels a CUDA machine without network needs (kvikio, zarr, the CRC32C libraries; see the script), into
+## .whl/. Then, with a lent GPU machine: run `bash bench/gpu_session.sh` there, carrying .whl
 gpu-wheels:
-	bash ../shared/gpu/fetch-wheels.sh .whl
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_28_x86_64 -d .whl cuda-pathfinder
+	PYTHON=$(PYTHON) bash bench/gpu_wheels.sh .whl
 
 clean:
 	rm -rf $(VENV) bench/out .pytest_cache .hypothesis
