@@ -180,3 +180,29 @@ def test_real_kvikio_moves_device_tensors_without_the_host(make_cache: CacheFact
     flip_a_byte(entry_dirs(cache.root)[0] / "t0" / "c" / "0" / "0", offset=10)
     with pytest.raises(CorruptEntryError):  # verified on the device
         cache.get("e")
+
+
+@pytest.mark.gpu
+def test_real_kvikio_backends_leave_the_defaults_and_each_other_as_they_were(tmp_path: Path) -> None:
+    """The real kvikio: opening backends changes no default but the pool (grown, never shrunk); one opened under
+    compat mode ON reports compat and reads and writes after the caller's setting has gone, and leaves it gone."""
+    kvikio = pytest.importorskip("kvikio", reason="kvikio is not installed: pip install 'tiercache-gpu[cuda13]'")
+    pytest.importorskip("kvikio.defaults")
+    device = torch.device("cuda")
+    keys = ("task_size", "compat_mode")
+    before = {key: kvikio.defaults.get(key) for key in keys}
+    threads = kvikio.defaults.get("num_threads")
+    with kvikio.defaults.set("compat_mode", kvikio.CompatMode.ON):
+        first = KvikioIO(tmp_path, device, threads=threads + 3, task_size=1 * MiB)
+    second = KvikioIO(tmp_path, device, threads=1, task_size=3 * MiB)
+    assert {key: kvikio.defaults.get(key) for key in keys} == before
+    assert kvikio.defaults.get("num_threads") == threads + 3
+    assert first.mode == "compat"
+    data = torch.arange(5 * MiB, dtype=torch.int32, device=device).to(torch.uint8)
+    torch.cuda.synchronize()
+    for name, backend in (("a", first), ("b", second)):
+        backend.write_file(tmp_path / name, data)
+        back = backend.empty(data.numel())
+        backend.read_file(tmp_path / name, back, data.numel())()
+        assert torch.equal(back, data)
+    assert {key: kvikio.defaults.get(key) for key in keys} == before
