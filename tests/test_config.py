@@ -59,7 +59,7 @@ def test_keys_left_out_take_their_defaults(tmp_path: Path) -> None:
         ('[tiers.nvme]\nthreads = "four"\n', ["tiers.nvme.threads", "integer"]),
         ("[tiers.nvme]\nthreads = 0\n", ["tiers.nvme.threads", ">= 1"]),
         ('[tiers.nvme]\ntask_size = "5000"\n', ["tiers.nvme.task_size", "4096"]),
-        ('[tiers.nvme]\nio = "fast"\n', ["tiers.nvme.io", "'direct'"]),
+        ('[tiers.nvme]\nio = "fast"\n', ["tiers.nvme.io", "'o_direct'"]),
         ('[tiers.nvme]\nverify_checksums = "yes"\n', ["tiers.nvme.verify_checksums", "true or false"]),
         ('[eviction]\nrule = "random"\n', ["eviction.rule", "'lru'"]),
         ('[placement]\non_full = "panic"\n', ["placement.on_full", "'demote'"]),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tiercache import Policy, PolicyError
+from tiercache.policy import load_policy
 from tiercache.policy.costmodel import PATHWAYS, PathwayCost, Profile, fit_line, profile_for, profile_names
 from tiercache.tools.cli import main
 
@@ -61,11 +62,14 @@ def test_a_bad_profile_is_refused_naming_the_file(tmp_path: Path, text: str, fra
     assert str(path) in str(err.value) and fragment in str(err.value)
 
 
-def test_a_policy_naming_a_missing_profile_is_refused(tmp_path: Path) -> None:
+def test_a_policy_naming_a_missing_profile_is_refused_however_it_was_built(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text('profile = "no-such-machine"\n')
     with pytest.raises(PolicyError, match="p.toml: profile: no hardware profile named 'no-such-machine'"):
-        Policy.load(path)
+        load_policy(path)
+    for built in (Policy(profile="no-such-machine"), Policy.from_dict({"profile": "no-such-machine"})):
+        with pytest.raises(PolicyError, match="no hardware profile named 'no-such-machine'"):
+            load_policy(built)
 
 
 def test_a_profile_path_is_found_beside_the_policy_file(tmp_path: Path) -> None:

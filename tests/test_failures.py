@@ -7,6 +7,7 @@ import errno
 import gc
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from conftest import CacheFactory
 from helpers import assert_same, kv, only_tier
 
 import tiercache
-from tiercache import Policy, StorageError
+from tiercache import CacheClosedError, Policy, StorageError
 from tiercache.io import posix
 from tiercache.io.posix import PosixIO
+from tiercache.tiers import Load, NvmeTier
 
 
 def uint8s(n: int) -> dict[str, torch.Tensor]:
@@ -47,7 +49,7 @@ def test_a_failed_replacement_keeps_the_old_version(make_cache: CacheFactory, mo
     def disk_full(*args: object, **kwargs: object) -> None:
         raise StorageError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache._nvme.io, "write_file", disk_full)
+    monkeypatch.setattr(cache.tiers["nvme"].io, "write_file", disk_full)
     with pytest.raises(StorageError):
         cache.put("k", kv(2))
     assert_same(cache.get("k"), kv(1))
@@ -97,20 +99,21 @@ def test_a_failed_piece_does_not_close_the_file_under_the_others(
 def test_close_waits_for_a_get_in_flight(make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = make_cache(only_tier("nvme"))
     cache.put("k", kv(1))
-    reading, closing = threading.Event(), threading.Event()
-    real_read, real_shutdown = cache._nvme.read, cache._prefetcher.shutdown
+    reading = threading.Event()
+    real_load = cache.tiers["nvme"].load
 
-    def slow_read(uid: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    def slow_load(uid: int, device: torch.device | None, names: object = None) -> Load:
         reading.set()
-        closing.wait()  # close() has begun
-        return real_read(uid, device)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until close() has begun: the cache refuses new work
+            try:
+                cache.info("k")
+            except CacheClosedError:
+                break
+            time.sleep(0.001)
+        return real_load(uid, device, names)  # type: ignore[arg-type]
 
-    def shutdown(*args: object, **kwargs: object) -> None:
-        closing.set()
-        real_shutdown(*args, **kwargs)
-
-    monkeypatch.setattr(cache._nvme, "read", slow_read)
-    monkeypatch.setattr(cache._prefetcher, "shutdown", shutdown)
+    monkeypatch.setattr(cache.tiers["nvme"], "load", slow_load)
     result: dict[str, object] = {}
     reader = threading.Thread(target=lambda: result.update(got=cache.get("k")))
     reader.start()
@@ -130,10 +133,10 @@ def test_an_unclosed_cache_releases_its_root_when_collected(tmp_path: Path) -> N
 
 
 def test_a_failed_open_releases_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: object) -> None:
+    def broken(self: object) -> list[object]:
         raise OSError(errno.EIO, "cannot list entries")
 
-    monkeypatch.setattr(tiercache.cache.TierCache, "_adopt_disk_entries", broken)
+    monkeypatch.setattr(NvmeTier, "scan", broken)
     with pytest.raises(OSError):
         tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme"))
     monkeypatch.undo()

@@ -77,7 +77,9 @@ def delay_reloads(cache: tiercache.TierCache) -> None:
 
 def test_the_host_tier_is_one_pinned_pool(make_cache: CacheFactory) -> None:
     cache = make_cache(policy(tiers={"hbm": {"capacity": 64 * KiB}}))
-    assert cache._host.pool.pinned  # (is_pinned() looks at the storage's start, which lies before the region)
+    assert (
+        cache.stats().tiers["host"].mode == "pinned"
+    )  # (is_pinned() looks at the storage's start, which lies before the region)
     cache.put("a", on_cuda(kv(1)))
     cache.put("b", on_cuda(kv(2)))  # demotes a into the pool
     assert_same(cache.get("a"), kv(1))

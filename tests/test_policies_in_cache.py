@@ -155,7 +155,7 @@ def test_a_failed_write_through_keeps_the_old_version(
     def disk_full(*args: object, **kwargs: object) -> None:
         raise StorageError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache._nvme.io, "write_file", disk_full)
+    monkeypatch.setattr(cache.tiers["nvme"].io, "write_file", disk_full)
     with pytest.raises(StorageError):
         cache.put("k", kv(2), write_through=True)
     assert_same(cache.get("k"), kv(1))

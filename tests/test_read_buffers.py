@@ -173,14 +173,14 @@ def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path, monkeypatc
         try:
             with pytest.raises(tiercache.StorageError, match="injected"):
                 cache.get("e")
-            assert cache._nvme.layout.buffers.idle_bytes >= 8 << 20
-            cache._nvme.layout.buffers.close()  # start again from nothing idle
-            cache._nvme.layout.buffers = HostBuffers()
+            assert cache.tiers["nvme"].layout.buffers.idle_bytes >= 8 << 20
+            cache.tiers["nvme"].layout.buffers.close()  # start again from nothing idle
+            cache.tiers["nvme"].layout.buffers = HostBuffers()
             handle = cache.prefetch("e")
             with pytest.raises(tiercache.StorageError, match="injected"):
                 handle.wait()
             del handle  # the handle's future keeps the error, whose traceback keeps the frames: no buffers in them
-            assert cache._nvme.layout.buffers.idle_bytes >= 8 << 20
+            assert cache.tiers["nvme"].layout.buffers.idle_bytes >= 8 << 20
         finally:
             gc.enable()
 

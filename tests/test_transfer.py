@@ -253,11 +253,12 @@ def test_stream_keeps_lookahead_tensors_in_flight(make_cache: CacheFactory, work
     cache = make_cache(only_tier("host"))
     cache.put("model", layers(6))
     started: list[list[str]] = []
-    load = cache._host.load
-    cache._host.load = lambda entry, device, names=None, **kw: (
+    host = cache.tiers["host"]
+    load = host.load
+    host.load = lambda entry, device, names=None: (
         started.append(list(names or []))
         or load(  # type: ignore[method-assign]
-            entry, device, names, **kw
+            entry, device, names
         )
     )
     gate = gate_reloads(cache)
@@ -348,7 +349,7 @@ def test_a_failed_offload_leaves_nothing_behind(make_cache: CacheFactory) -> Non
         cache.put("kv", kv(1))
     offload.before_copy = None
     cache._transfers.deferred.settle_all()
-    assert "kv" not in cache and cache.stats().tiers["host"].used == 0 and cache._host.pool.used == 0
+    assert "kv" not in cache and cache.stats().tiers["host"].used == 0 and cache.tiers["host"].pool.used == 0
 
 
 def test_close_ends_a_half_read_stream(make_cache: CacheFactory) -> None:
@@ -365,7 +366,7 @@ def test_many_small_tensors_stay_in_the_pool(make_cache: CacheFactory) -> None:
     cache = make_cache(only_tier("host", capacity=1 << 20))
     for i in range(8):
         cache.put(f"e{i}", {f"t{j}": torch.full((16,), float(j)) for j in range(64)})  # 64 x 64 bytes
-    assert cache._host.pool.fallbacks == 0
+    assert cache.tiers["host"].pool.fallbacks == 0
 
 
 def test_done_is_true_for_a_prefetch_that_failed(make_cache: CacheFactory) -> None:
@@ -386,7 +387,9 @@ def test_an_entry_spread_over_a_fragmented_pool_round_trips(make_cache: CacheFac
     cache.delete("e2")  # two 64 KiB holes, not adjacent
     big = kv(9, 128 * KiB)
     assert cache.put("big", big) == "host"
-    assert cache._host.pool.free_runs == 0  # it took both holes
+    assert cache.tiers["host"].pool.free_runs == 0  # it took both holes
     assert_same(cache.get("big"), big)
     assert_same(dict(cache.stream("big", lookahead=1)), big)
-    assert_same(cache._host.read(cache._engine.records["big"].uid), big)  # the view a demotion writes to nvme
+    host = cache.tiers["host"]
+    (uid,) = [u for u in host if host.spec(u).key == "big"]
+    assert_same(host.load(uid, None).wait(), big)  # the views a demotion writes to nvme

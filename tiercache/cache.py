@@ -1,14 +1,14 @@
-"""TierCache: the front door. Checks input, runs the data path, and keeps the engine's bookkeeping under one lock.
+"""TierCache: the front door. Checks input, keeps the engine's bookkeeping under one lock, and delegates the data
+path to the tiers: every read is `tier.load(...)` -> a `Load`, whatever the tier.
 
-Disk reads and memory copies for `get`/`prefetch` run outside the lock; writes and demotions run under it.
-The bookkeeping itself (placement, eviction, promotion, accounting) lives in `engine.py`.
+Loads run outside the lock; writes and demotions run under it. The bookkeeping itself (placement, eviction,
+promotion, accounting) lives in `engine.py`; tensors, events and files live in the tiers.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import logging
 import shutil
 import tempfile
@@ -18,21 +18,21 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import torch
 
-from .engine import Decision, Engine, EntryInfo, PutHints, Record
+from .engine import Engine
 from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_tensors
 from .errors import CacheClosedError, EntryValueError, TierCacheError
 from .io.buffers import HostBuffers
-from .policy.costmodel import Profile, profile_for
-from .policy.schema import Policy, resolve_policy
+from .policy import Policy, Profile, load_policy
+from .records import Decision, EntryInfo, PutHints, Read
 from .stats import CacheStats, TierStats, TransferLog
-from .tiers import HostTier, MemoryTier, NvmeTier, Tier
-from .tiers.nvme.layout import StoredEntry
-from .transfer import Event, Transfers, all_of, consumer_stream
+from .tiers import DataPath, Load, Tier, open_tiers
+from .tiers.base import same_device
+from .transfer import Event, Transfers, consumer_stream
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -94,46 +94,31 @@ class TierCache:
         device: str | torch.device | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.policy: Policy = resolve_policy(policy)
+        self.policy: Policy
+        self.profile: Profile
+        self.policy, self.profile = load_policy(policy)
         self.device: torch.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" means the current device: name it
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.profile: Profile = profile_for(self.policy)
         self._temp_root = Path(tempfile.mkdtemp(prefix="tiercache-")) if root is None else None
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
-        budgets = self.policy.tiers
         self._log = TransferLog()
         # One pool of reused host memory for what lands in CPU memory: nvme reads and reloads from the host tier.
         # Shared, the memory one pathway gave back serves the other, and at most one pool's worth waits idle.
         self._landing = HostBuffers(max_idle=8)  # as many regions as two pools kept, in one pool's bytes
-        self._nvme = NvmeTier(self.root, budgets.nvme, self.device, self._landing)
         self._transfers = Transfers(self.device, self.policy.transfer.chunk_size, self._landing)
+        path = DataPath(self.device, self._transfers, self._landing, self.root, self._log.record)
         try:
-            self._host = HostTier(
-                budgets.host.capacity,
-                pin=budgets.host.pinned and self.device.type == "cuda",  # pinning serves DMA to the device only
-                transfers=self._transfers,
-                on_copy=self._log.record,
-            )
+            self._tiers: dict[str, Tier] = open_tiers(self.policy.tiers, path)
         except BaseException:
             self._transfers.close()
-            self._nvme.close()
             raise
+        self._engine = Engine(
+            self.policy, self._tiers, self.profile, clock=time.perf_counter if clock is None else clock
+        )
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="tiercache-prefetch")
         self._finalizer = weakref.finalize(
-            self, _shut_down, self._nvme, self._host, self._transfers, self._prefetcher, self._temp_root
-        )
-        tiers: dict[str, Tier] = {
-            "hbm": MemoryTier("hbm", budgets.hbm.capacity, self.device),
-            "host": self._host,
-            "nvme": self._nvme,
-        }
-        self._engine = Engine(
-            self.policy,
-            tiers,
-            self.profile,
-            clock=time.perf_counter if clock is None else clock,
-            on_transfer=self._record_transfer,
+            self, _shut_down, self._engine, self._transfers, self._prefetcher, self._temp_root
         )
         self._lock = threading.RLock()
         self._active_reads = 0
@@ -141,7 +126,7 @@ class TierCache:
         self._idle = threading.Condition(self._lock)
         self._closed = False
         try:
-            self._adopt_disk_entries()
+            self._adopt_found()
         except BaseException:
             self._finalizer()
             raise
@@ -181,10 +166,7 @@ class TierCache:
         spec = EntrySpec.of(key, data)
         with self._lock:
             self._check_open()
-            tier = self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
-            if tier == "hbm":  # its tensors hold their values once the caller's queued work is done
-                self._engine.records[key].ready = consumer_stream(self.device).record()
-            return tier
+            return self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
 
     def get(self, key: str, device: str | torch.device | None = None, *, as_: str = "torch") -> Tensors:
         """The entry's tensors on `device` (default: the compute device), bit-exact. A miss raises KeyError.
@@ -197,8 +179,8 @@ class TierCache:
         """
         convert_tensors({}, as_)  # refuse an unknown as_ before anything moves
         target = self._target(device)
-        record, tier, held = self._begin_read(key)
-        tensors, ready = self._load(record, tier, held, target)
+        read = self._begin_read(key)
+        tensors, ready = self._finish(read, self._start(read, target), target)
         self._transfers.deliver(tensors.values(), ready, consumer_stream(target))
         return convert_tensors(tensors, as_)
 
@@ -209,27 +191,20 @@ class TierCache:
         A miss raises KeyError here, at once. The entry cannot be evicted or freed until the load completes.
         """
         target = self._target(device)
-        record, tier, held = self._begin_read(key)
-        if tier != "nvme":  # memory tiers only enqueue copies on a copy stream: no thread needed to start them
-            future: Future[tuple[Tensors, Event]] = Future()
+        read = self._begin_read(key)
+        load = self._start(read, target)  # copies enqueued or reads queued here, on this thread's warm memory
+        future: Future[tuple[Tensors, Event]] = Future()
+        if load.landed():  # nothing left for a host thread to wait for: no hand-off
             try:
-                future.set_result(self._load(record, tier, held, target))
+                future.set_result(self._finish(read, load, target))
             except BaseException as exc:  # noqa: BLE001 - handed to wait(), as a background load's error is
                 future.set_exception(exc)
             return PrefetchHandle(key, future, target, self._transfers)
-        # nvme: buffers are allocated and reads queued here (this thread's warm memory, no hand-off before the
-        # disk starts); a prefetch thread waits for them, checks them and promotes.
         try:
-            landing = self._nvme.start_entry_read(record.uid, target)
-        except BaseException:
-            self._end_read(record)
-            raise
-        try:
-            future = self._prefetcher.submit(self._load, record, tier, held, target, landing)
+            future = self._prefetcher.submit(self._finish, read, load, target)
         except RuntimeError:
-            with contextlib.suppress(BaseException):
-                landing()  # the reads started must end (their files closed) before the entry is released
-            self._end_read(record)
+            load.settle()  # the reads started must end (their files closed) before the entry is released
+            self._end_read(read)
             raise CacheClosedError("prefetch() on a closed TierCache") from None
         return PrefetchHandle(key, future, target, self._transfers)
 
@@ -250,6 +225,12 @@ class TierCache:
         iterator = self._stream(key, target, lookahead, stream)
         self._open_streams.add(iterator)
         return iterator
+
+    @property
+    def tiers(self) -> Mapping[str, Tier]:
+        """The cache's tiers by name, fastest first, for inspection (`describe()`, budgets) and contract tests;
+        entries are put, read and deleted through the cache, never through these."""
+        return MappingProxyType(self._tiers)
 
     def tier_of(self, key: str) -> str:
         """The fastest tier holding the entry: "hbm", "host" or "nvme"."""
@@ -295,68 +276,47 @@ class TierCache:
 
     def keys(self) -> list[str]:
         with self._lock:
-            return list(self._engine.records)
+            return self._engine.keys()
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
-            return isinstance(key, str) and key in self._engine.records
+            return isinstance(key, str) and key in self._engine
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._engine.records)
+            return len(self._engine)
 
     def stats(self) -> CacheStats:
         self._transfers.deferred.collect()  # copies done since the last transfer: their figures join the log
         with self._lock:
-            engine = self._engine
-            tiers = {
-                name: TierStats(
-                    name=name,
-                    capacity=tier.capacity,
-                    used=tier.used,
-                    entries=len(tier),
-                    pinned=sum(1 for uid in tier if engine.by_uid[uid].pins),
-                    hits=engine.hits[name],
-                )
-                for name, tier in engine.tiers.items()
-            }
-            notes = [f"cost model: {self.profile.describe()}"]
-            pool = self._host.pool
-            notes.append(
-                f"host pool: {format_size(pool.capacity)} "
-                + ("pinned" if pool.pinned else f"pageable because {pool.why_pageable}")
-                + (f"; {pool.fallbacks} entries stored in pageable memory outside it (full)" if pool.fallbacks else "")
-            )
-            landing = self._landing
-            notes.append(
-                f"host buffers for nvme reads and reloads: {landing.reused} reused, {landing.fresh} fresh; "
-                f"{format_size(landing.idle_bytes)} idle, kept for the next ones"
-            )
-            if self._nvme.io_mode == "buffered":
-                notes.append(f"nvme: buffered I/O because {self._nvme.io.why_buffered}")
-            direct = self._nvme.direct
-            if direct is None:
-                notes.append(f"nvme: no kvikio path to the device because {self._nvme.why_not_direct}")
-            else:
-                carried = ", ".join(f"{k} {format_size(v)}" for k, v in direct.bytes_by_backend().items()) or "n/a"
-                notes.append(
-                    f"nvme: kvikio in {direct.mode} mode (cuFile reports GDS "
-                    f"{'available' if direct.gds_available else 'unavailable'}); bytes by backend: {carried}"
-                )
-            return CacheStats(
-                policy=f"{self.policy.name} ({self.policy.source})",
-                device=str(self.device),
-                nvme_io=self._nvme.io_mode,
-                nvme_device_io=direct.mode if direct is not None else "none",
-                tiers=tiers,
-                pathways=self._log.snapshot(),
-                misses=engine.misses,
-                evicted=engine.evicted,
-                expired=engine.expired,
-                profile=self.profile.name,
-                profile_measured=self.profile.measured,
-                notes=notes,
-            )
+            usage = self._engine.usage()
+            states = {name: tier.describe() for name, tier in self._tiers.items()}
+            counters = self._engine.counters()
+        tiers = {
+            name: TierStats(name, u.capacity, u.used, u.entries, u.pinned, u.hits, states[name].mode)
+            for name, u in usage.items()
+        }
+        landing = self._landing
+        notes = [f"cost model: {self.profile.describe()}"]
+        notes += [note for state in states.values() for note in state.notes]
+        notes.append(
+            f"host buffers for nvme reads and reloads: {landing.reused} reused, {landing.fresh} fresh; "
+            f"{format_size(landing.idle_bytes)} idle, kept for the next ones"
+        )
+        return CacheStats(
+            policy=f"{self.policy.name} ({self.policy.source})",
+            device=str(self.device),
+            nvme_io=states["nvme"].mode or "none",
+            nvme_device_io=states["nvme"].device_mode or "none",
+            tiers=tiers,
+            pathways=self._log.snapshot(),
+            misses=counters.misses,
+            evicted=counters.evicted,
+            expired=counters.expired,
+            profile=self.profile.name,
+            profile_measured=self.profile.measured,
+            notes=notes,
+        )
 
     def close(self) -> None:
         """Wait for gets and prefetches in flight, free the memory tiers and release the root. Entries in nvme
@@ -373,11 +333,6 @@ class TierCache:
                 pass
         with self._lock:
             self._idle.wait_for(lambda: self._active_reads == 0)
-            for tier in self._engine.tiers.values():
-                if tier is not self._nvme:
-                    tier.close()
-            self._engine.records.clear()
-            self._engine.by_uid.clear()
         self._finalizer()
 
     def __enter__(self) -> TierCache:
@@ -395,150 +350,85 @@ class TierCache:
         )
 
     # ---- reads ------------------------------------------------------------------------------------------------
-    def _begin_read(self, key: str) -> tuple[Record, str, Tensors | None]:
+    def _begin_read(self, key: str) -> Read:
         self._check_open()
         check_key(key)
         with self._lock:
             self._check_open()
-            begun = self._engine.begin_read(key)
+            read = self._engine.begin_read(key)
             self._active_reads += 1
-            return begun
+            return read
 
-    def _load(
-        self,
-        record: Record,
-        tier: str,
-        held: Tensors | None,
-        target: torch.device,
-        landing: Callable[[], Tensors] | None = None,
-    ) -> tuple[Tensors, Event]:
-        """The data path of a read, outside the lock: start the copies to `target` (or collect the nvme reads
-        `landing` started), then promote. Returns the tensors and the event after which they hold their values."""
-        hit = tier == "hbm" and _same_device(target, self.device)
+    def _start(self, read: Read, target: torch.device, names: list[str] | None = None) -> Load:
+        """The tier's load, outside the lock; a load that fails to start ends the read."""
         try:
-            if hit:  # no transfer: the cached tensors themselves, once the copy that promoted them is done
-                tensors, ready = held or {}, record.ready or all_of(())
-            elif tier == "host":
-                tensors, ready = self._host.load(record.uid, target, dest=self._tier_name_of(target))
-            else:
-                start = time.perf_counter()
-                if held is not None:
-                    tensors = self._copy_from_hbm(record, held, target)
-                else:
-                    source = landing() if landing is not None else self._nvme.read(record.uid, target)
-                    tensors = {n: t.to(target) for n, t in source.items()}
-                self._record_transfer(tier, self._tier_name_of(target), record.spec.nbytes, time.perf_counter() - start)
-                ready = all_of(())
+            return read.tier.load(read.entry, target, names)
         except BaseException:
-            self._end_read(record)
+            self._end_read(read)
             raise
-        promote = not hit and _same_device(target, self.device)
-        self._end_read(record, (tier, tensors) if promote else None, ready)
-        return tensors, ready
+
+    def _finish(self, read: Read, load: Load, target: torch.device) -> tuple[Tensors, Event]:
+        """Wait for the load's host work (disk reads), then end the read, promoting the entry when it was loaded
+        to the compute device. Returns the tensors and the event after which they hold their values."""
+        try:
+            landed = load.result()
+        except BaseException:
+            self._end_read(read)
+            raise
+        self._end_read(read, landed if same_device(target, self.device) else None)
+        return landed
 
     def _stream(
         self, key: str, target: torch.device, lookahead: int, stream: Any
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        record, tier, held = self._begin_read(key)
+        read = self._begin_read(key)
         consumer = consumer_stream(target, stream)
-        names = [t.name for t in record.spec.tensors]
-        started: collections.deque[tuple[str, Callable[[], tuple[torch.Tensor, Event]]]] = collections.deque()
+        names = [t.name for t in read.spec.tensors]
+        started: collections.deque[tuple[str, Load]] = collections.deque()
         try:
             for index in range(len(names)):
                 while len(started) <= lookahead and index + len(started) < len(names):
-                    started.append(self._start_one(record, tier, held, target, index + len(started)))
-                name, land = started.popleft()
-                tensor, ready = land()
-                del land  # its buffer (a small tensor's padded one) must not outlive the tensor's delivery
+                    name = names[index + len(started)]
+                    started.append((name, read.tier.load(read.entry, target, [name])))
+                name, load = started.popleft()
+                loaded, ready = load.result()
+                tensor = loaded[name]
+                del load, loaded  # a small tensor's padded read buffer must not outlive the tensor's delivery
                 self._transfers.deliver([tensor], ready, consumer)
                 yield name, tensor
         finally:
-            for _, land in started:  # loads still in flight finish (files closed) before the entry is released
-                try:
-                    land()
-                except BaseException:  # noqa: BLE001 - the consumer stopped early; its error (if any) wins
-                    pass
-            self._end_read(record)
+            for _, load in started:  # loads still in flight finish (files closed) before the entry is released
+                load.settle()
+            self._end_read(read)
 
-    def _copy_from_hbm(self, record: Record, held: Tensors, target: torch.device) -> Tensors:
-        """Copies of hbm tensors on another device, made after the copy that filled them (a promotion) is done."""
-        if record.ready is not None:
-            consumer_stream(self.device).wait(record.ready)
-        return {n: t.to(target, copy=True) for n, t in held.items()}
-
-    def _start_one(
-        self, record: Record, tier: str, held: Tensors | None, target: torch.device, index: int
-    ) -> tuple[str, Callable[[], tuple[torch.Tensor, Event]]]:
-        """Start loading one tensor of an entry; returns its name and a call that waits for it to be loaded."""
-        name = record.spec.tensors[index].name
-        if tier == "host":
-            loaded, ready = self._host.load(record.uid, target, [name], dest=self._tier_name_of(target))
-            return name, lambda: (loaded[name], ready)
-        if held is not None:  # hbm
-            ready = record.ready or all_of(())
-            if _same_device(target, self.device):
-                return name, lambda: (held[name], ready)
-            tensor = self._copy_from_hbm(record, {name: held[name]}, target)[name]
-            return name, lambda: (tensor, all_of(()))
-        land = self._nvme.start_read(record.uid, index, target)
-
-        def landed() -> tuple[torch.Tensor, Event]:
-            start = time.perf_counter()
-            tensor = land().to(target)
-            self._record_transfer("nvme", self._tier_name_of(target), tensor.nbytes, time.perf_counter() - start)
-            return tensor, all_of(())
-
-        return name, landed
-
-    def _end_read(self, record: Record, promote: tuple[str, Tensors] | None = None, ready: Event | None = None) -> None:
+    def _end_read(self, read: Read, promote: tuple[Tensors, Event] | None = None) -> None:
         with self._lock:
             try:
-                if promote is not None:
-                    record.ready = ready
-                self._engine.end_read(record, None if self._closed else promote)
+                self._engine.end_read(read, None if self._closed else promote)
             except (TierCacheError, OSError) as exc:  # the read itself succeeded; moving others down did not
-                log.warning("tiercache: promoting %r after a read failed: %s", record.spec.key, exc)
+                log.warning("tiercache: promoting %r after a read failed: %s", read.key, exc)
             finally:
                 self._active_reads -= 1
                 if self._active_reads == 0:
                     self._idle.notify_all()
 
     # ---- small helpers ----------------------------------------------------------------------------------------
-    def _adopt_disk_entries(self) -> None:
-        """Index the entries a previous process left in nvme, newest first while they fit the budget. Entries
-        that do not fit stay on disk, unindexed, for a cache opened with a larger budget: never deleted here."""
-        budget = self.policy.tiers.nvme
-        room = self._nvme.capacity
-        keep: list[StoredEntry] = []
-        left: list[StoredEntry] = []
-        for stored in reversed(self._nvme.scan()):  # newest first
-            if budget.admits(stored.spec.nbytes) and stored.spec.nbytes <= room:
-                room -= stored.spec.nbytes
-                keep.append(stored)
-            else:
-                left.append(stored)
-        if left:
+    def _adopt_found(self) -> None:
+        """Index the entries a previous process left in persistent tiers, newest first while they fit the budget.
+        Entries that do not fit stay on disk, unindexed, for a cache opened with a larger budget: never deleted."""
+        for name, left in self._engine.adopt_found():
+            budget = self.policy.tiers[name]
             log.warning(
-                "tiercache: %d entries (%s) in %s exceed this policy's nvme budget (%s, %s) and were left on disk "
-                "unindexed; open the root with a larger tiers.nvme.capacity to use or delete them",
+                "tiercache: %d entries (%s) in %s exceed this policy's %s budget (%s, %s) and were left on disk "
+                "unindexed; open the root with a larger tiers.%s.capacity to use or delete them",
                 len(left),
-                format_size(sum(s.spec.nbytes for s in left)),
+                format_size(sum(f.spec.nbytes for f in left)),
                 self.root,
+                name,
                 format_size(budget.capacity),
                 self.policy.source,
+                name,
             )
-        for stored in reversed(keep):  # oldest first, so LRU order follows write time
-            self._engine.adopt(
-                stored.spec, "nvme", functools.partial(self._nvme.adopt, stored=stored), written=self._engine.clock()
-            )
-
-    def _record_transfer(self, source: str, dest: str, nbytes: int, seconds: float) -> None:
-        # nvme names its backend: reads to the compute device may go through kvikio, host memory through POSIX;
-        # a write is named by how the put that the engine just ran moved its bytes.
-        read_mode = self._nvme.mode_for(self.device) if dest == "hbm" else self._nvme.io_mode
-        names = {"host": self._host.label, "nvme": f"nvme({read_mode})"}
-        target = {"host": self._host.label, "nvme": f"nvme({self._nvme.last_write_mode})"}
-        self._log.record(f"{names.get(source, source)}->{target.get(dest, dest)}", nbytes, seconds)
 
     @contextlib.contextmanager
     def _checked(self, key: str) -> Iterator[None]:
@@ -561,30 +451,12 @@ class TierCache:
             return torch.device("cuda", torch.cuda.current_device())
         return target
 
-    def _tier_name_of(self, device: torch.device) -> str:
-        if _same_device(device, self.device):
-            return "hbm"
-        return "host" if device.type == "cpu" else str(device)
 
-
-def _shut_down(
-    nvme: NvmeTier, host: HostTier, transfers: Transfers, prefetcher: ThreadPoolExecutor, temp_root: Path | None
-) -> None:
-    """Release what outlives a cache's Python object: the prefetch threads, the copy streams and the host pool,
-    the root's lock, a temporary root."""
+def _shut_down(engine: Engine, transfers: Transfers, prefetcher: ThreadPoolExecutor, temp_root: Path | None) -> None:
+    """Release what outlives a cache's Python object: the prefetch threads, the tiers (the host pool, the root's
+    lock), the copy streams, a temporary root."""
     prefetcher.shutdown(wait=False)  # close() has already waited; the garbage collector must not block
-    host.close()
+    engine.close()
     transfers.close()
-    nvme.close()
     if temp_root is not None:
         shutil.rmtree(temp_root, ignore_errors=True)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type == "cuda":
-        index_a = a.index if a.index is not None else torch.cuda.current_device()
-        index_b = b.index if b.index is not None else torch.cuda.current_device()
-        return index_a == index_b
-    return True

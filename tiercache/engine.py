@@ -1,8 +1,13 @@
 """The engine: which entry lives in which tier, placement, eviction by demotion, promotion, expiry.
 
-It moves data only by handing it from tier to tier, so the same code runs the real cache (tiers holding
-tensors and files) and the trace simulator (tiers holding sizes only, data None). Not thread-safe: the
-caller holds one lock around every call.
+It moves data only through the Tier interface (put, load, delete), so the same code runs the real cache (tiers
+holding tensors and files) and the trace simulator (tiers holding sizes only). Not thread-safe: the caller holds
+one lock around every call. Nothing outside reads or edits its records: callers use the query methods (`info`,
+`keys`, `usage`, `counters`) and the read protocol (`begin_read` hands out a `Read`; `end_read` takes it back).
+
+What it holds: per entry, where it lives, its pins, readers, uses, priority, deadline and placement decision; per
+tier, the eviction order and the hit count; the miss, eviction and expiry counters. Data-path state (tensors,
+events, files) lives in the tiers; an event only passes through, from a load to the put that promotes it.
 
 Invariants:
 - an entry lives in one memory tier at most (hbm or host) and may also keep a copy in nvme: promotion out of
@@ -16,91 +21,31 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import cast
 
-from .entry import EntrySpec, Tensors, TensorSpec
+from . import messages
+from .entry import EntrySpec, Tensors
 from .errors import CapacityError, EntryNotFoundError, EntryValueError
 from .policy.costmodel import Profile
 from .policy.eviction import EvictionPolicy, Usage, make_eviction_policy
 from .policy.placement import Attempt, PlacementPolicy, Plan, make_placement_policy
 from .policy.schema import TIER_NAMES, Policy
-from .tiers import Tier
+from .records import Counters, Decision, EntryInfo, PutHints, Read, Record, TierUsage
+from .tiers.base import Found, Tier
 from .transfer import Event
-from .units import format_size
 
-Data = Tensors | None  # None in simulation: tiers account sizes only
-OnTransfer = Callable[[str, str, int, float], None]  # (source, destination, bytes, seconds spent)
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class PutHints:
-    """Optional hints a put may carry."""
-
-    deadline_ms: float | None = None  # the entry must be reloadable to hbm within this time
-    priority: int = 0  # may demote entries of this priority or lower to make room; protected from lower ones
-    write_through: bool | None = None  # also write to nvme at once (None: the policy's placement.write)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Why an entry was placed where it was."""
-
-    tier: str
-    reason: str
-    deadline_ms: float | None
-    priority: int
-    write_through: bool
-    reload_ms: dict[str, float]  # predicted reload to hbm from each tier that admits it
-
-
-@dataclass
-class Record:
-    uid: int
-    spec: EntrySpec
-    tiers: list[str] = field(default_factory=list)  # where it lives, fastest first
-    pins: int = 0
-    readers: int = 0  # reads and moves in progress: not evictable, storage kept if deleted
-    deleted: bool = False
-    uses: int = 1  # the put, then every get
-    last_used: float = 0.0
-    priority: int = 0
-    deadline_ms: float | None = None
-    decision: Decision | None = None
-    ready: Event | None = None  # data path: the event to wait on before using its hbm tensors
-
-    @property
-    def busy(self) -> bool:
-        return self.pins > 0 or self.readers > 0
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """Where an entry lives, what it holds, and why it was placed there."""
-
-    key: str
-    nbytes: int
-    tiers: tuple[str, ...]  # fastest first; tiers[0] is what tier_of() returns
-    pins: int
-    tensors: tuple[TensorSpec, ...]
-    uses: int
-    priority: int
-    decision: Decision | None
+Landed = tuple[Tensors, Event]  # a load's tensors and the event after which they hold their values
 
 
 class Engine:
-    def __init__(
-        self, policy: Policy, tiers: Mapping[str, Tier], profile: Profile, *, clock: Clock, on_transfer: OnTransfer
-    ) -> None:
+    def __init__(self, policy: Policy, tiers: Mapping[str, Tier], profile: Profile, *, clock: Clock) -> None:
         self.policy = policy
         self.tiers = dict(tiers)
         self.profile = profile
         self.clock = clock
-        self.on_transfer = on_transfer
-        # What a reload from each tier costs in the cost model: the host tier is pinned memory where CUDA works.
-        host = "host(pinned)" if self.tiers["host"].label == "host(pinned)" else "host(pageable)"
-        self.reload_pathway = {"host": f"{host}->hbm", "nvme": "nvme->hbm"}
+        # What a reload from each tier costs in the cost model (the host pool's mode is fixed at open).
+        self._reload_pathways = {name: tier.reload_pathway() for name, tier in self.tiers.items()}
         self.orders: dict[str, EvictionPolicy] = {t: make_eviction_policy(policy.eviction.rule) for t in TIER_NAMES}
         self.placement: PlacementPolicy = make_placement_policy(policy.placement, policy.tiers, self.reload_seconds)
         self.records: dict[str, Record] = {}
@@ -113,7 +58,8 @@ class Engine:
 
     # ---- the cost model -----------------------------------------------------------------------------------
     def reload_seconds(self, tier: str, nbytes: int) -> float:
-        return 0.0 if tier == "hbm" else self.profile.seconds(self.reload_pathway[tier], nbytes)
+        pathway = self._reload_pathways[tier]
+        return 0.0 if pathway is None else self.profile.seconds(pathway, nbytes)
 
     def _usage(self, record: Record, tier: str) -> Usage:
         """What eviction weighs: a victim of `tier` would next be reloaded from the tier below (or nvme)."""
@@ -122,9 +68,10 @@ class Engine:
         return Usage(record.spec.nbytes, record.uses, self.reload_seconds(source, record.spec.nbytes))
 
     # ---- entries --------------------------------------------------------------------------------------------
-    def put(self, spec: EntrySpec, data: Data, *, copy: bool, hints: PutHints = PutHints()) -> str:
+    def put(self, spec: EntrySpec, data: Tensors, *, copy: bool, hints: PutHints | None = None) -> str:
         """Place a new entry (or a new version of a key); returns its tier. Raises CapacityError, changing
         nothing, when no tier can take it."""
+        hints = hints or PutHints()
         self.expire()
         old = self.records.get(spec.key)
         plan = self.placement.place(spec.nbytes, self.free(), hints.deadline_ms)
@@ -157,13 +104,13 @@ class Engine:
             if through:  # the disk copy first: if it fails, the old version has lost nothing yet
                 if self._first_fit([nvme_copy], spec.nbytes, record.priority, sacrifice=old) != "nvme":
                     raise CapacityError(self._no_write_through(spec))
-                self._store(record, "nvme", data, copy=False, source="put")
+                self._store(record, "nvme", data, copy=False, source="put", after=None)
                 feasible = [a for a in feasible if a.tier != "nvme"] or [nvme_copy]
             tier = self._first_fit(feasible, spec.nbytes, record.priority, sacrifice=old)
             if tier is None:  # _can_make_room said otherwise; refuse rather than keep half an entry
                 raise CapacityError(self._tiers_full(spec, plan.attempts))
             if tier not in record.tiers:
-                self._store(record, tier, data, copy=copy, source="put")
+                self._store(record, tier, data, copy=copy, source="put", after=None)
         except BaseException:
             for tier_name in list(record.tiers):
                 self._drop(record, tier_name)
@@ -199,8 +146,8 @@ class Engine:
             reason += f"; {tier}'s predicted reload ({plan.reload_ms[tier]:.3g} ms) misses the deadline"
         return reason
 
-    def begin_read(self, key: str) -> tuple[Record, str, Data]:
-        """Count the hit, protect the entry from eviction and deletion; memory tiers hand over their tensors."""
+    def begin_read(self, key: str) -> Read:
+        """Count the hit and protect the entry from eviction and deletion until `end_read`."""
         self.expire()
         record = self.records.get(key)
         if record is None:
@@ -212,16 +159,18 @@ class Engine:
         record.last_used = self.clock()
         self.orders[tier].accessed(record.uid, self._usage(record, tier))
         record.readers += 1
-        return record, tier, self.tiers[tier].read(record.uid) if self.tiers[tier].keeps_tensors else None
+        return Read(key, record.uid, record.spec, self.tiers[tier])
 
-    def end_read(self, record: Record, promote: tuple[str, Data] | None = None) -> None:
-        """The read is over; free a deleted entry, or move the entry up (`promote` = (tier read from, data))."""
+    def end_read(self, read: Read, promote: Landed | None = None) -> None:
+        """The read is over; free a deleted entry, or move the entry up with `promote`: the tensors the read
+        loaded to the compute device and their event (see placement.promote_on_hit)."""
+        record = self.by_uid[read.entry]
         record.readers -= 1
         if record.deleted:
             if record.readers == 0:
                 self._release(record)
-        elif promote is not None and record.tiers and record.tiers[0] == promote[0]:
-            self._promote(record, *promote)
+        elif promote is not None and record.tiers and record.tiers[0] == read.tier.name:
+            self._promote(record, read.tier.name, *promote)
 
     def delete(self, key: str) -> None:
         self._remove(self.record(key))
@@ -247,14 +196,31 @@ class Engine:
             raise EntryNotFoundError(self._miss_message(key))
         return record
 
-    def adopt(self, spec: EntrySpec, tier: str, attach: Callable[[int], None], *, written: float) -> None:
-        """Index an entry a tier already holds (nvme entries found on disk); `attach(uid)` accounts it there."""
-        record = Record(uid=next(self._uids), spec=spec, last_used=written)
-        attach(record.uid)
-        record.tiers.append(tier)
-        self.orders[tier].inserted(record.uid, self._usage(record, tier))
-        self.records[spec.key] = record
-        self.by_uid[record.uid] = record
+    def adopt_found(self) -> list[tuple[str, list[Found]]]:
+        """Index the entries persistent tiers hold from an earlier process, newest first while they fit the tier's
+        budget; returns, per tier, those left unindexed (on disk, for a cache opened with a larger budget)."""
+        left_out: list[tuple[str, list[Found]]] = []
+        for name, tier in self.tiers.items():
+            budget = self.policy.tiers[name]
+            room = tier.free
+            keep: list[Found] = []
+            left: list[Found] = []
+            for found in reversed(tier.scan()):  # newest first
+                if budget.admits(found.spec.nbytes) and found.spec.nbytes <= room:
+                    room -= found.spec.nbytes
+                    keep.append(found)
+                else:
+                    left.append(found)
+            for found in reversed(keep):  # oldest first, so LRU order follows write time
+                record = Record(uid=next(self._uids), spec=found.spec, last_used=self.clock())
+                tier.adopt(record.uid, found)
+                record.tiers.append(name)
+                self.orders[name].inserted(record.uid, self._usage(record, name))
+                self.records[found.spec.key] = record
+                self.by_uid[record.uid] = record
+            if left:
+                left_out.append((name, left))
+        return left_out
 
     def expire(self) -> None:
         """Remove entries unused for longer than eviction.ttl_s (never pinned or busy ones)."""
@@ -269,8 +235,41 @@ class Engine:
     def free(self) -> dict[str, int]:
         return {name: tier.free for name, tier in self.tiers.items()}
 
+    # ---- queries and close ------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.records)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def usage(self) -> dict[str, TierUsage]:
+        """Per tier: its budget, bytes and entries held, entries pinned or in use, and hits."""
+        return {
+            name: TierUsage(
+                tier.capacity,
+                tier.used,
+                len(tier),
+                sum(1 for uid in tier if self.by_uid[uid].pins),
+                self.hits[name],
+            )
+            for name, tier in self.tiers.items()
+        }
+
+    def counters(self) -> Counters:
+        return Counters(self.misses, self.evicted, self.expired)
+
+    def close(self) -> None:
+        """Forget every entry and close every tier (persistent tiers keep their files). Idempotent."""
+        for tier in self.tiers.values():
+            tier.close()
+        self.records.clear()
+        self.by_uid.clear()
+
     # ---- placement, eviction, promotion ---------------------------------------------------------------------
-    def _promote(self, record: Record, current: str, data: Data) -> None:
+    def _promote(self, record: Record, current: str, data: Tensors, ready: Event) -> None:
         if record.readers > 0:  # another read still copies from the current tier: a later read promotes
             return
         attempts = self.placement.promote(record.spec.nbytes, current, self.free())
@@ -278,10 +277,9 @@ class Engine:
         try:
             target = self._first_fit(attempts, record.spec.nbytes, record.priority)
             if target is not None:
-                # The read logged the bytes it moved; a tier that copies again (the host pool) logs its own copy.
-                source = current if self.tiers[target].logs_transfers else None
-                self._store(record, target, data, copy=False, source=source)
-                if current != "nvme":  # memory tiers are exclusive; the nvme copy stays
+                # The tensors are on the compute device (the read landed them there), handed over without a copy.
+                self._store(record, target, data, copy=False, source="hbm", after=ready)
+                if not self.tiers[current].persistent:  # memory tiers are exclusive; a persistent copy stays
                     self._drop(record, current)
         finally:
             record.readers -= 1
@@ -364,7 +362,8 @@ class Engine:
             if attempts and not any(TIER_NAMES.index(t) > below for t in record.tiers):  # no copy below yet
                 target = self._first_fit(attempts, size, record.priority)
                 if target is not None:
-                    self._store(record, target, self.tiers[from_tier].read(record.uid), copy=False, source=from_tier)
+                    data, ready = self.tiers[from_tier].load(record.uid, None).result()
+                    self._store(record, target, data, copy=False, source=from_tier, after=ready)
             self._drop(record, from_tier, evicted=True)
         finally:
             record.readers -= 1
@@ -374,18 +373,11 @@ class Engine:
                 del self.records[record.spec.key]
             self.by_uid.pop(record.uid, None)
 
-    def _store(self, record: Record, tier_name: str, data: Data, *, copy: bool, source: str | None) -> None:
-        """Put the record's data in a tier and account it. `source` names the pathway (None: no data moved)."""
-        tier = self.tiers[tier_name]
-        start = self.clock()
-        if data is not None and tier.keeps_tensors:
-            if copy:
-                data = {n: t.to(tier.device, copy=True) for n, t in data.items()}
-            elif source is None and any(t.device != tier.device for t in data.values()):
-                source = "hbm" if tier_name == "host" else "host"  # a promotion that does move bytes
-        tier.put(record.uid, record.spec, data, source=source, after=record.ready)
-        if source is not None and not tier.logs_transfers:
-            self.on_transfer(source, tier_name, record.spec.nbytes, self.clock() - start)
+    def _store(
+        self, record: Record, tier_name: str, data: Tensors, *, copy: bool, source: str, after: Event | None
+    ) -> None:
+        """Put the record's data in a tier and account it; `source` names where the data comes from."""
+        self.tiers[tier_name].put(record.uid, record.spec, data, source=source, copy=copy, after=after)
         record.tiers.append(tier_name)
         record.tiers.sort(key=TIER_NAMES.index)
         self.orders[tier_name].inserted(record.uid, self._usage(record, tier_name))
@@ -424,40 +416,18 @@ class Engine:
 
     # ---- messages ---------------------------------------------------------------------------------------------
     def _miss_message(self, key: str) -> str:
-        return (
-            f"{key!r} is not in the cache (never put, deleted, expired, or evicted from the last tier); "
-            f"{len(self.records)} entries are cached. put() it again."
-        )
+        return messages.miss(key, len(self.records))
 
     def _no_tier_admits(self, spec: EntrySpec) -> str:
-        limits = "; ".join(
-            f"{t}: capacity {format_size(b.capacity)}"
-            + (f", max_entry {format_size(b.max_entry)}" if b.max_entry is not None else "")
-            for t in TIER_NAMES
-            for b in [self.policy.tiers[t]]
-        )
-        return (
-            f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and no tier admits "
-            f"it ({limits}). Raise tiers.nvme.capacity (or another tier's) in {self.policy.source}, or split the "
-            "entry. Nothing stored was changed."
-        )
+        return messages.no_tier_admits(spec, self.policy)
 
     def _tiers_full(self, spec: EntrySpec, attempts: list[Attempt]) -> str:
-        states = "; ".join(
-            f"{t}: {format_size(self.tiers[t].free)} free of {format_size(self.tiers[t].capacity)}, "
-            f"{sum(1 for u in self.tiers[t] if self.by_uid[u].busy)} pinned or in use"
+        states = [
+            (t, self.tiers[t].free, self.tiers[t].capacity, sum(1 for u in self.tiers[t] if self.by_uid[u].busy))
             for t in dict.fromkeys(a.tier for a in attempts)
-        )
-        return (
-            f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and the tiers that "
-            f"admit it cannot make room ({states}; entries of higher priority are not demoted for it). Unpin or "
-            f"delete entries, or raise capacities in {self.policy.source}. Nothing stored was changed."
-        )
+        ]
+        return messages.tiers_full(spec, states, self.policy.source)
 
     def _no_write_through(self, spec: EntrySpec) -> str:
         nvme = self.tiers["nvme"]
-        return (
-            f"put({spec.key!r}): write-through needs {format_size(spec.nbytes)} in nvme, which has "
-            f"{format_size(nvme.free)} free of {format_size(nvme.capacity)} and cannot make room. Raise "
-            f"tiers.nvme.capacity in {self.policy.source} or put without write-through. Nothing stored was changed."
-        )
+        return messages.no_write_through(spec, nvme.free, nvme.capacity, self.policy.source)

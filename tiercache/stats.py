@@ -6,12 +6,15 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .pathway import Pathway
+
 
 @dataclass(frozen=True)
 class PathwayStats:
-    """All transfers along one route, e.g. 'nvme(o_direct)->hbm' or 'hbm->host'."""
+    """All transfers along one route, e.g. 'nvme(o_direct)->hbm' or 'hbm->host(pinned)'."""
 
-    name: str
+    name: str  # str(pathway)
+    pathway: Pathway
     transfers: int
     bytes: int
     seconds: float
@@ -30,6 +33,7 @@ class TierStats:
     entries: int
     pinned: int
     hits: int
+    mode: str | None = None  # how it moves bytes to and from host memory: "pinned", "pageable", "o_direct", ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class CacheStats:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for name, p in self.pathways.items():
-            out["pathways"][name]["gbps"] = p.gbps
+            out["pathways"][name].update(pathway=name, gbps=p.gbps)
         return out
 
 
@@ -59,13 +63,14 @@ class TransferLog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._totals: dict[str, tuple[int, int, float]] = {}
+        self._totals: dict[Pathway, tuple[int, int, float]] = {}
 
-    def record(self, pathway: str, nbytes: int, seconds: float) -> None:
+    def record(self, pathway: Pathway, nbytes: int, seconds: float) -> None:
         with self._lock:
             count, total, secs = self._totals.get(pathway, (0, 0, 0.0))
             self._totals[pathway] = (count + 1, total + nbytes, secs + seconds)
 
     def snapshot(self) -> dict[str, PathwayStats]:
         with self._lock:
-            return {name: PathwayStats(name, c, b, s) for name, (c, b, s) in sorted(self._totals.items())}
+            totals = sorted(self._totals.items(), key=lambda item: str(item[0]))
+            return {str(p): PathwayStats(str(p), p, c, b, s) for p, (c, b, s) in totals}

@@ -21,20 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyError
+from ..pathway import Pathway
 from ..units import parse_size
 from .schema import Policy, looks_like_path, preset_files
 
-# Every route a transfer can take. "hbm" is the compute device; on a machine without CUDA it is RAM, and the
-# host pathways are memcpy.
-PATHWAYS: tuple[str, ...] = (
-    "host(pinned)->hbm",
-    "hbm->host(pinned)",
-    "host(pageable)->hbm",
-    "hbm->host(pageable)",
-    "nvme->hbm",
-    "hbm->nvme",
-    "nvme->host",
-    "host->nvme",
+# Every route a transfer can take, at the cost model's grain (Pathway.costed). "hbm" is the compute device; on a
+# machine without CUDA it is RAM, and the host pathways are memcpy.
+PATHWAYS: tuple[Pathway, ...] = (
+    Pathway("host", "hbm", "pinned"),
+    Pathway("hbm", "host", "pinned"),
+    Pathway("host", "hbm", "pageable"),
+    Pathway("hbm", "host", "pageable"),
+    Pathway("nvme", "hbm"),
+    Pathway("hbm", "nvme"),
+    Pathway("nvme", "host"),
+    Pathway("host", "nvme"),
 )
 
 
@@ -54,13 +55,20 @@ class Profile:
     name: str
     source: str
     measured: bool
-    pathways: Mapping[str, PathwayCost]
+    pathways: Mapping[Pathway, PathwayCost]
     description: str = ""
     path: str = "<built in>"
 
-    def seconds(self, pathway: str, nbytes: int) -> float:
-        """Predicted seconds to move `nbytes` along `pathway`."""
-        return self.pathways[pathway].seconds(nbytes)
+    def seconds(self, pathway: Pathway | str, nbytes: int) -> float:
+        """Predicted seconds to move `nbytes` along `pathway` (costed at the profile's grain); KeyError for a
+        pathway the cost model has no figure for (a put into hbm, a copy to another device)."""
+        if isinstance(pathway, str):
+            pathway = Pathway.parse(pathway)
+        return self.pathways[pathway.costed()].seconds(nbytes)
+
+    def covers(self, pathway: Pathway) -> bool:
+        """Whether the cost model has a figure for `pathway`."""
+        return pathway.costed() in self.pathways
 
     def describe(self) -> str:
         kind = "measured by tiercache calibrate" if self.measured else "preset figures, not measured on this machine"
@@ -73,16 +81,17 @@ class Profile:
             if key not in allowed:
                 raise PolicyError(f"{path}: unknown key '{key}'; allowed: {', '.join(sorted(allowed))}")
         table = data.get("pathways", {})
-        missing = [p for p in PATHWAYS if p not in table]
-        unknown = [p for p in table if p not in PATHWAYS]
+        names = [str(p) for p in PATHWAYS]
+        missing = [n for n in names if n not in table]
+        unknown = [n for n in table if n not in names]
         if missing or unknown:
             raise PolicyError(
-                f"{path}: [pathways] must give exactly {', '.join(PATHWAYS)}; "
+                f"{path}: [pathways] must give exactly {', '.join(names)}; "
                 f"missing {missing or 'none'}, unknown {unknown or 'none'}"
             )
-        costs: dict[str, PathwayCost] = {}
+        costs: dict[Pathway, PathwayCost] = {}
         for name in PATHWAYS:
-            entry = table[name]
+            entry = table[str(name)]
             where = f'{path}: pathways."{name}"'
             if not isinstance(entry, Mapping) or set(entry) - {"bandwidth", "latency_us"} or "bandwidth" not in entry:
                 raise PolicyError(f"{where}: expected a table with bandwidth (e.g. '14GB') and latency_us")

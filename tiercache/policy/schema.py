@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import PolicyError
 from ..units import SIZE_FORMS, parse_size
@@ -41,24 +41,26 @@ def _bool(*, default: bool, doc: str) -> Any:
     return field(default=default, metadata={"kind": "bool", "doc": doc})
 
 
-def _choice(*, default: str, choices: Callable[[], tuple[str, ...]], doc: str) -> Any:
-    return field(default=default, metadata={"kind": "choice", "choices": choices, "doc": doc})
+def _choice(*, default: str, doc: str) -> Any:
+    """A setting whose values are its `Literal` type's (the one list of them)."""
+    return field(default=default, metadata={"kind": "choice", "doc": doc})
 
 
 def _text(*, default: str, doc: str) -> Any:
     return field(default=default, metadata={"kind": "text", "doc": doc})
 
 
-def _eviction_rules() -> tuple[str, ...]:
-    from .eviction import EVICTION_RULES
+IoMode = Literal["auto", "o_direct", "buffered"]
+NvmeBackend = Literal["auto", "posix", "kvikio"]
+EvictionRule = Literal["lru", "lfu", "fifo", "gdsf"]  # policy/eviction.py registers one class for each
+PlacementRule = Literal["size"]  # policy/placement.py registers one class for each
+OnFull = Literal["demote", "next_tier"]
+WriteMode = Literal["back", "through"]
 
-    return tuple(EVICTION_RULES)
 
-
-def _placement_rules() -> tuple[str, ...]:
-    from .placement import PLACEMENT_RULES
-
-    return tuple(PLACEMENT_RULES)
+def choices(section: type, name: str) -> tuple[str, ...]:
+    """The values a choice setting allows: the arguments of its Literal type."""
+    return typing.get_args(typing.get_type_hints(section)[name])
 
 
 class _Section:
@@ -71,7 +73,11 @@ class _Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if "kind" in f.metadata:
+            if f.metadata.get("kind") == "choice":
+                allowed = typing.get_args(hints[f.name])
+                if value not in allowed:
+                    raise PolicyError(f"{f.name}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+            elif "kind" in f.metadata:
                 object.__setattr__(self, f.name, _check(f.metadata, value, f.name))
             elif f.name != "source" and not isinstance(value, hints[f.name]):
                 raise PolicyError(f"{f.name}: expected a {hints[f.name].__name__}, got {value!r}")
@@ -97,11 +103,6 @@ def _check(meta: Mapping[str, Any], value: Any, where: str) -> Any:
     if kind == "bool":
         if not isinstance(value, bool):
             raise PolicyError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if kind == "choice":
-        allowed = meta["choices"]()
-        if value not in allowed:
-            raise PolicyError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
     if not isinstance(value, str):
         raise PolicyError(f"{where}: expected a string, got {value!r}")
@@ -139,14 +140,12 @@ class HostBudget(TierBudget):
 class NvmeBudget(TierBudget):
     """The nvme tier: a budget plus how its files are read and written."""
 
-    io: str = _choice(
+    io: IoMode = _choice(
         default="auto",
-        choices=lambda: ("auto", "direct", "buffered"),
-        doc="'direct' (O_DIRECT), 'buffered' (page cache) or 'auto' (direct where the filesystem allows it)",
+        doc="'o_direct' (O_DIRECT), 'buffered' (page cache) or 'auto' (O_DIRECT where the filesystem allows it)",
     )
-    backend: str = _choice(
+    backend: NvmeBackend = _choice(
         default="auto",
-        choices=lambda: ("auto", "posix", "kvikio"),
         doc="'kvikio' (cuFile/GDS straight to and from GPU memory), 'posix' (threaded preadv/pwritev via host "
         "memory) or 'auto' (kvikio where CUDA and kvikio work, else posix)",
     )
@@ -176,9 +175,8 @@ class Tiers(_Section):
 
 @dataclass(frozen=True)
 class EvictionSettings(_Section):
-    rule: str = _choice(
+    rule: EvictionRule = _choice(
         default="lru",
-        choices=_eviction_rules,
         doc="which entries a full tier demotes first: 'lru', 'lfu', 'fifo' or 'gdsf' (reload cost x hits / size)",
     )
     ttl_s: float = _seconds(default=0.0, doc="entries not used for this many seconds expire; 0: never")
@@ -189,16 +187,14 @@ class EvictionSettings(_Section):
 
 @dataclass(frozen=True)
 class PlacementSettings(_Section):
-    rule: str = _choice(default="size", choices=_placement_rules, doc="how a new entry's tier is chosen")
-    on_full: str = _choice(
+    rule: PlacementRule = _choice(default="size", doc="how a new entry's tier is chosen")
+    on_full: OnFull = _choice(
         default="demote",
-        choices=lambda: ("demote", "next_tier"),
         doc="when the preferred tier is full: 'demote' its victims, or use the 'next_tier' down with free space",
     )
     promote_on_hit: bool = _bool(default=True, doc="move an entry up to its preferred tier when it is read")
-    write: str = _choice(
+    write: WriteMode = _choice(
         default="back",
-        choices=lambda: ("back", "through"),
         doc="'back': an entry reaches nvme when demoted; 'through': every put also writes it to nvme at once",
     )
 
@@ -218,7 +214,8 @@ class TransferSettings(_Section):
 
 @dataclass(frozen=True)
 class Policy(_Section):
-    """Everything a cache is configured by. Build with `Policy.load(path)`, `Policy.preset(name)` or `from_dict`."""
+    """Everything a cache is configured by. Build with `Policy.load(path)`, `Policy.preset(name)`, `from_dict` or
+    directly; every way runs the same checks. The profile it names is resolved by `load_policy`, once per open."""
 
     name: str = _text(default="custom", doc="a label shown in stats()")
     description: str = _text(default="", doc="the hardware this policy is for and where its figures come from")
@@ -238,11 +235,7 @@ class Policy(_Section):
             built = _build(cls(), data, "")
         except PolicyError as exc:
             raise PolicyError(f"{source}: {exc}") from None
-        policy = dataclasses.replace(built, source=source)
-        from .costmodel import profile_for  # the cost model reads profiles from the same preset folders
-
-        profile_for(policy)  # refuse a policy whose profile cannot be loaded, naming both files
-        return policy
+        return dataclasses.replace(built, source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:

@@ -1,17 +1,117 @@
-"""The Tier interface: a byte budget and a store of entries keyed by entry id. Tiers never pick victims."""
+"""The Tier interface: a byte budget and a store of entries keyed by entry id, with one verb each to store, to load
+to a device, and to delete. Tiers never pick victims: the engine does, and moves entries by these verbs alone.
+
+A load returns a `Load` (one noun, in the spirit of kvikio's IOFuture): `wait()` gives the tensors once they hold
+their values, `done()` says whether that would block, and `event` is what a consumer's stream waits on instead of
+blocking the host. Some loads finish on the calling thread (a copy enqueued on a copy stream); others have host work
+still to do (disk reads landing): `landed()` tells them apart, so a prefetch needs a thread only for those.
+"""
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from ..entry import EntrySpec, Tensors
 from ..errors import CapacityError
-from ..transfer import Event
+from ..io.buffers import HostBuffers
+from ..pathway import Pathway
+from ..policy.schema import TierBudget
+from ..transfer import Event, Transfers, all_of
 
 EntryId = int  # unique per stored version of an entry, so a replaced key never collides with itself
+OnTransfer = Callable[[Pathway, int, float], None]  # (pathway, bytes, seconds), once a transfer has completed
+Finish = Callable[[], tuple[Tensors, Event]]
+
+
+class Load:
+    """A load of an entry's tensors in flight. Either already landed (tensors and the event after which they hold
+    their values are known), or with host work left that `result()` runs on the thread that calls it first."""
+
+    def __init__(self, tensors: Tensors | None = None, event: Event | None = None, *, finish: Finish | None = None):
+        if (finish is None) == (tensors is None):
+            raise ValueError("a Load is either landed (tensors, event) or has a finish call, not both or neither")
+        self._finish = finish
+        self._outcome: tuple[Tensors, Event] | None = None if tensors is None else (tensors, event or all_of(()))
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def landed(self) -> bool:
+        """Whether no host work is left (the copies may still run on a stream: see `done()`)."""
+        return self._outcome is not None or self._error is not None
+
+    def result(self) -> tuple[Tensors, Event]:
+        """The tensors and the event after which they hold their values, once the host work is done (runs it)."""
+        with self._lock:
+            if self._outcome is None and self._error is None:
+                assert self._finish is not None
+                finish, self._finish = self._finish, None
+                try:
+                    self._outcome = finish()
+                except BaseException as exc:
+                    self._error = exc
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
+
+    @property
+    def event(self) -> Event:
+        """What a consumer's stream waits on before using the tensors (runs the host work first if left)."""
+        return self.result()[1]
+
+    def wait(self) -> Tensors:
+        """The tensors, the calling thread blocked until they hold their values."""
+        tensors, event = self.result()
+        event.synchronize()
+        return tensors
+
+    def done(self) -> bool:
+        """Whether wait() would return (or raise) without blocking."""
+        if self._error is not None:
+            return True
+        return self._outcome is not None and self._outcome[1].query()
+
+    def settle(self) -> None:
+        """End the load whatever happens (its files closed, its buffers released); its error, if any, is dropped:
+        for a consumer that stopped early, whose own error wins."""
+        try:
+            self.wait()
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+@dataclass
+class DataPath:
+    """What every tier of one cache shares: the compute device, its copy streams, host buffers that reads land in,
+    the root for tiers that keep files, and where completed transfers are logged."""
+
+    device: torch.device
+    transfers: Transfers | None = None
+    buffers: HostBuffers | None = None
+    root: Path | None = None
+    on_transfer: OnTransfer = field(default=lambda pathway, nbytes, seconds: None)
+
+    def endpoint(self, device: torch.device) -> str:
+        """A device as a pathway names it: "hbm" (the compute device), "host" (CPU memory) or the device itself."""
+        if same_device(device, self.device):
+            return "hbm"
+        return "host" if device.type == "cpu" else str(device)
+
+
+@dataclass(frozen=True)
+class TierState:
+    """How a tier describes itself for stats()."""
+
+    mode: str | None = None  # how it moves bytes to and from host memory (e.g. "pinned", "o_direct")
+    device_mode: str | None = None  # how it moves them to the compute device where that differs ("gds", "compat")
+    notes: tuple[str, ...] = ()  # lines for stats().notes: what it fell back to, and why
 
 
 class Tier(ABC):
@@ -19,14 +119,19 @@ class Tier(ABC):
     that would take it over `capacity` raises instead of storing (the cache makes room first)."""
 
     name: str
-    keeps_tensors: bool = False  # True: read() returns the tier's own tensors, cheap to hand over under a lock
-    logs_transfers: bool = False  # True: put() records its own transfer (it completes asynchronously)
+    persistent: ClassVar[bool] = False  # True: entries outlive the process (scan() finds them at the next open)
 
-    def __init__(self, name: str, capacity: int) -> None:
+    def __init__(self, name: str, capacity: int, path: DataPath) -> None:
         self.name = name
         self.capacity = capacity
+        self.path = path
         self.used = 0
         self._specs: dict[EntryId, EntrySpec] = {}
+
+    @classmethod
+    def open(cls, name: str, budget: TierBudget, path: DataPath) -> Tier:
+        """The tier a cache opens for `budget` (a tier's section of the policy). Tiers that need more override it."""
+        return cls(name, budget.capacity, path)
 
     @property
     def free(self) -> int:
@@ -59,37 +164,80 @@ class Tier(ABC):
         self.used -= spec.nbytes
         return spec
 
+    def _log(self, source: str, dest: str, nbytes: int, seconds: float, mode: str | None = None) -> None:
+        self.path.on_transfer(Pathway(source, dest, mode), nbytes, seconds)
+
     @property
-    def label(self) -> str:
-        """The tier as a pathway names it, e.g. "host(pinned)"."""
-        return self.name
+    def mode(self) -> str | None:
+        """How the tier moves bytes to and from host memory, as a pathway's mode (None: it has no such choice)."""
+        return None
+
+    def describe(self) -> TierState:
+        return TierState(self.mode)
+
+    def reload_pathway(self) -> Pathway | None:
+        """What bringing an entry from this tier back to the compute device costs in the cost model (None: free)."""
+        return Pathway(self.name, "hbm", self.mode).costed()
+
+    def scan(self) -> list[Found]:
+        """Entries this tier already holds when it opens (persistent tiers), oldest first; none by default."""
+        return []
+
+    def adopt(self, entry: EntryId, found: Found) -> None:
+        """Account an entry scan() found, under a new entry id."""
+        raise NotImplementedError(f"tier {self.name} finds no entries at open")
+
+    def discard(self, found: Found) -> None:
+        """Remove an entry scan() found and the cache did not adopt (never called on budget grounds alone)."""
+        raise NotImplementedError(f"tier {self.name} finds no entries at open")
 
     @abstractmethod
     def put(
-        self,
-        entry: EntryId,
-        spec: EntrySpec,
-        tensors: Tensors | None,
-        source: str | None = None,
-        after: Event | None = None,
+        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
     ) -> None:
-        """Store an entry. The tier may keep the given tensors (the caller hands them over). `source` names where
-        they come from, for tiers that log their own transfers; `after` is an event the tensors' values wait on
-        (a copy still filling them), which the tier must order its reads after."""
+        """Store an entry. `source` names where the tensors come from ("put": the caller; else a tier's name), for
+        the pathway logged. With `copy` False the tier may keep the given tensors. `after` is an event the
+        tensors' values wait on (a copy still filling them), which the tier orders its reads after."""
 
     @abstractmethod
-    def read(self, entry: EntryId) -> Tensors:
-        """The entry's tensors. Memory tiers return their own tensors (callers copy before handing them out)."""
+    def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
+        """Start loading the entry's tensors (or only those named, in the order given) to `device`; with device
+        None, as the tier holds them, for moving them to another tier (no copy where the tier can avoid one)."""
 
     @abstractmethod
     def delete(self, entry: EntryId) -> None:
-        """Drop an entry and release its bytes."""
-
-    @property
-    @abstractmethod
-    def device(self) -> torch.device:
-        """Where `read()` returns tensors."""
+        """Drop an entry and release its bytes (once no load in flight uses them)."""
 
     @abstractmethod
     def close(self) -> None:
-        """Release what the tier holds in memory (on-disk entries stay)."""
+        """Release what the tier holds in memory (persistent entries stay). Idempotent."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """An entry a persistent tier found at open: its spec, when it was written, and the tier's own handle."""
+
+    spec: EntrySpec
+    written_ns: int
+    handle: Any
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        index_a = a.index if a.index is not None else torch.cuda.current_device()
+        index_b = b.index if b.index is not None else torch.cuda.current_device()
+        return index_a == index_b
+    return True
+
+
+def select(spec: EntrySpec, names: Sequence[str] | None) -> list[int]:
+    """Indices of the tensors a load asks for: all of them in stored order, or the named ones in the order given."""
+    if names is None:
+        return list(range(len(spec.tensors)))
+    index = {t.name: i for i, t in enumerate(spec.tensors)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise KeyError(f"entry {spec.key!r} has no tensor named {', '.join(map(repr, missing))}")
+    return [index[n] for n in names]

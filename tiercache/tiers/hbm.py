@@ -1,48 +1,62 @@
-"""Memory tiers: `hbm` (the compute device) and `host` (CPU RAM). Entries are tensors held on the tier's device."""
+"""The hbm tier: entries as tensors held on the compute device (CPU memory on a machine without CUDA)."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Sequence
 
 import torch
 
 from ..entry import EntrySpec, Tensors
-from ..transfer import Event
-from .base import EntryId, Tier
+from ..transfer import Event, consumer_stream
+from .base import DataPath, EntryId, Load, Tier, same_device, select
 
 
-class MemoryTier(Tier):
-    keeps_tensors = True
+class HbmTier(Tier):
+    """Holds each entry's tensors with the event after which they hold their values (the caller's queued work for
+    a put, the copy that filled them for a promotion): loads to the compute device hand out the tensors themselves
+    with that event; loads elsewhere copy them after it."""
 
-    def __init__(self, name: str, capacity: int, device: torch.device) -> None:
-        super().__init__(name, capacity)
-        self._device = device
-        self._data: dict[EntryId, Tensors] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
+    def __init__(self, name: str, capacity: int, path: DataPath) -> None:
+        super().__init__(name, capacity, path)
+        self._data: dict[EntryId, tuple[Tensors, Event]] = {}
 
     def put(
-        self,
-        entry: EntryId,
-        spec: EntrySpec,
-        tensors: Tensors | None,
-        source: str | None = None,
-        after: Event | None = None,
+        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
     ) -> None:
-        if tensors is None:
-            raise ValueError(f"tier {self.name} stores tensors; got none for {spec.key!r}")
-        # Tensors already on this device are kept as handed over; others are copied here, before accounting,
-        # so that a failed copy (out of memory) leaves the tier as it was.
-        moved = {name: t.to(self._device) for name, t in tensors.items()}
+        device = self.path.device
+        stream = consumer_stream(device)
+        moves = copy or any(not same_device(t.device, device) for t in tensors.values())
+        if moves and after is not None:
+            stream.wait(after)  # the copies read values that another copy is still filling
+        start = time.perf_counter()
+        # Copied here, before accounting, so that a failed copy (out of memory) leaves the tier as it was.
+        held = {name: t.to(device, copy=copy) for name, t in tensors.items()}
         self._admit(entry, spec)
-        self._data[entry] = moved
+        # The values are there once the device's queued work is done (the caller's, or these copies).
+        self._data[entry] = (held, stream.record() if moves or after is None else after)
+        if moves:
+            self._log(source, self.name, spec.nbytes, time.perf_counter() - start)
 
-    def read(self, entry: EntryId) -> Tensors:
-        return dict(self._data[entry])
+    def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
+        held, ready = self._data[entry]
+        spec = self.spec(entry)
+        chosen = {spec.tensors[i].name: held[spec.tensors[i].name] for i in select(spec, names)}
+        if device is None or same_device(device, self.path.device):
+            return Load(chosen, ready)
+        consumer_stream(self.path.device).wait(ready)  # the copies come after whatever filled the tensors
+        start = time.perf_counter()
+        copies = {n: t.to(device, copy=True) for n, t in chosen.items()}
+        nbytes = sum(t.nbytes for t in copies.values())
+        self._log(self.name, self.path.endpoint(device), nbytes, time.perf_counter() - start)
+        return Load(copies)
 
     def delete(self, entry: EntryId) -> None:
         self._forget(entry)
         del self._data[entry]
+
+    def reload_pathway(self) -> None:
+        return None  # already there
 
     def close(self) -> None:
         for entry in list(self._data):

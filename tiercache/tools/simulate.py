@@ -26,26 +26,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..engine import Engine, PutHints
-from ..entry import EntrySpec, Tensors, TensorSpec
+import torch
+
+from ..engine import Engine
+from ..entry import EntrySpec, TensorSpec
 from ..errors import CapacityError, EntryNotFoundError, PolicyError, TierCacheError
-from ..policy.costmodel import Profile, profile_for
-from ..policy.schema import TIER_NAMES, Policy, resolve_policy
-from ..tiers import Tier
-from ..transfer import Event
+from ..pathway import Pathway
+from ..policy import load_policy
+from ..policy.costmodel import Profile
+from ..policy.schema import TIER_NAMES, Policy
+from ..records import PutHints
+from ..tiers import DataPath, SizeOnlyTier, Tier
 from ..units import format_size
 
-# The cost model's pathway for each move the engine reports, (source, destination); a put into hbm moves nothing.
-MOVE_PATHWAY: dict[tuple[str, str], str] = {
-    ("put", "host"): "hbm->host(pageable)",
-    ("put", "nvme"): "hbm->nvme",
-    ("hbm", "host"): "hbm->host(pageable)",
-    ("hbm", "nvme"): "hbm->nvme",
-    ("host", "nvme"): "host->nvme",
-    ("host", "hbm"): "host(pageable)->hbm",
-    ("nvme", "hbm"): "nvme->hbm",
-    ("nvme", "host"): "nvme->host",
-}
+SIMULATED_DEVICE = torch.device("meta")  # the simulated compute device: tensors of sizes, no data
 
 
 class TraceError(TierCacheError, ValueError):
@@ -102,34 +96,6 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>") -> list[Request]:
     return requests
 
 
-class SizeOnlyTier(Tier):
-    """A tier that accounts bytes and holds nothing: the simulator's tiers."""
-
-    def put(
-        self,
-        entry: int,
-        spec: EntrySpec,
-        tensors: Tensors | None,
-        source: str | None = None,
-        after: Event | None = None,
-    ) -> None:
-        self._admit(entry, spec)
-
-    def read(self, entry: int) -> Tensors:
-        return {}
-
-    def delete(self, entry: int) -> None:
-        self._forget(entry)
-
-    @property
-    def device(self):  # type: ignore[no-untyped-def]
-        raise TierCacheError("a simulated tier has no device")
-
-    def close(self) -> None:
-        self._specs.clear()
-        self.used = 0
-
-
 @dataclass
 class Outcome:
     """What one policy did with a trace."""
@@ -161,18 +127,19 @@ def replay(
 ) -> Outcome:
     """Run a trace through the engine with size-only tiers; transfer times are the cost model's predictions.
     `after_each(engine)` runs after every request (tests check invariants with it)."""
-    profile = profile or profile_for(policy)
+    profile = profile or load_policy(policy)[1]
     outcome = Outcome(label or f"{policy.name} / {policy.eviction.rule}")
     now = [0.0]
 
-    def moved(source: str, dest: str, nbytes: int, _measured: float) -> None:
-        pathway = MOVE_PATHWAY.get((source, dest))
-        if pathway is not None:
-            outcome.moved_bytes[pathway] = outcome.moved_bytes.get(pathway, 0) + nbytes
-            outcome.moved_seconds[pathway] = outcome.moved_seconds.get(pathway, 0.0) + profile.seconds(pathway, nbytes)
+    def moved(pathway: Pathway, nbytes: int, _measured: float) -> None:
+        if profile.covers(pathway):  # a put into hbm moves nothing the cost model charges
+            name = str(pathway.costed())
+            outcome.moved_bytes[name] = outcome.moved_bytes.get(name, 0) + nbytes
+            outcome.moved_seconds[name] = outcome.moved_seconds.get(name, 0.0) + profile.seconds(pathway, nbytes)
 
-    tiers = {t: SizeOnlyTier(t, policy.tiers[t].capacity) for t in TIER_NAMES}
-    engine = Engine(policy, tiers, profile, clock=lambda: now[0], on_transfer=moved)
+    path = DataPath(SIMULATED_DEVICE, on_transfer=moved)
+    tiers: dict[str, Tier] = {t: SizeOnlyTier(t, policy.tiers[t].capacity, path) for t in TIER_NAMES}
+    engine = Engine(policy, tiers, profile, clock=lambda: now[0])
 
     def put(request: Request) -> None:
         spec = EntrySpec(request.key, (TensorSpec("data", "uint8", (request.size or 0,)),))
@@ -184,15 +151,13 @@ def replay(
     def get(request: Request) -> None:
         outcome.gets += 1
         try:
-            record, tier, _ = engine.begin_read(request.key)
+            read = engine.begin_read(request.key)
         except EntryNotFoundError:
             outcome.misses += 1
             if request.size is not None:
                 put(request)
             return
-        if tier != "hbm":
-            moved(tier, "hbm", record.spec.nbytes, 0.0)
-        engine.end_read(record, (tier, {}))
+        engine.end_read(read, read.tier.load(read.entry, SIMULATED_DEVICE).result())
 
     for request in trace:
         now[0] = request.t
@@ -200,12 +165,12 @@ def replay(
             put(request)
         elif request.op == "get":
             get(request)
-        elif request.key in engine.records:
+        elif request.key in engine:
             engine.delete(request.key)
         if after_each is not None:
             after_each(engine)
-    outcome.hits = dict(engine.hits)
-    outcome.evicted = engine.evicted
+    outcome.hits = {name: usage.hits for name, usage in engine.usage().items()}
+    outcome.evicted = engine.counters().evicted
     return outcome
 
 
@@ -263,12 +228,11 @@ def simulate_report(
     """A Markdown report: every policy (and eviction rule) side by side, each level against Belady's MIN."""
     lines: list[str] = []
     for given in policies:
-        base = resolve_policy(given)
-        profile = profile_for(base)
+        base, profile = load_policy(given)
         outcomes = []
         for rule in rules or [base.eviction.rule]:
             try:
-                policy = replace(base, eviction=replace(base.eviction, rule=rule))
+                policy = replace(base, eviction=replace(base.eviction, rule=rule))  # type: ignore[arg-type]
             except PolicyError as exc:
                 raise PolicyError(f"--rules: {exc}") from None
             outcomes.append(replay(trace, policy, profile, label=rule))

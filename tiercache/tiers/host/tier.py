@@ -14,11 +14,11 @@ import torch
 
 from ...entry import EntrySpec, Tensors, as_bytes, from_bytes
 from ...io.aligned import round_up
+from ...policy.schema import HostBudget, TierBudget
 from ...transfer import Event, Stream, Transfers, all_of, consumer_stream
-from ..base import EntryId, Tier
+from ...units import format_size
+from ..base import DataPath, EntryId, Load, Tier, TierState, select
 from .pool import Extent, HostPool, pieces
-
-OnCopy = Callable[[str, int, float], None]  # (pathway, bytes, seconds), called when a copy has completed
 
 Home = list[Extent] | torch.Tensor  # an entry's bytes: extents of the pool, or pageable memory when the pool is full
 ALIGN = 64  # each tensor starts this aligned in its entry's bytes: any dtype can view it; a cache line
@@ -47,37 +47,39 @@ class HostTier(Tier):
     """An entry lives in one run of the pool (several extents where the pool is fragmented), its tensors at
     64-byte offsets: a whole-entry reload is one copy (in `transfer.chunk_size` pieces), not one per tensor."""
 
-    keeps_tensors = False
-    logs_transfers = True
-
-    def __init__(self, capacity: int, *, pin: bool, transfers: Transfers, on_copy: OnCopy) -> None:
-        super().__init__("host", capacity)
-        self.transfers = transfers
-        self.pool = HostPool(capacity, pin=pin, deferred=transfers.deferred)
-        self._on_copy = on_copy
+    def __init__(self, name: str, capacity: int, path: DataPath, *, pin: bool) -> None:
+        super().__init__(name, capacity, path)
+        if path.transfers is None:
+            raise ValueError("the host tier copies on the cache's copy streams: DataPath.transfers is required")
+        self.transfers: Transfers = path.transfers
+        self.pool = HostPool(capacity, pin=pin, deferred=self.transfers.deferred)
         self._held: dict[EntryId, _Held] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
+    @classmethod
+    def open(cls, name: str, budget: TierBudget, path: DataPath) -> HostTier:
+        pinned = isinstance(budget, HostBudget) and budget.pinned
+        # Pinning serves DMA to the device only.
+        return cls(name, budget.capacity, path, pin=pinned and path.device.type == "cuda")
 
     @property
-    def label(self) -> str:
-        return f"host({'pinned' if self.pool.pinned else 'pageable'})"
+    def mode(self) -> str:
+        return "pinned" if self.pool.pinned else "pageable"
+
+    def describe(self) -> TierState:
+        pool = self.pool
+        note = f"host pool: {format_size(pool.capacity)} " + (
+            "pinned" if pool.pinned else f"pageable because {pool.why_pageable}"
+        )
+        if pool.fallbacks:
+            note += f"; {pool.fallbacks} entries stored in pageable memory outside it (full)"
+        return TierState(mode=self.mode, notes=(note,))
 
     # ---- offload ----------------------------------------------------------------------------------------------
     def put(
-        self,
-        entry: EntryId,
-        spec: EntrySpec,
-        tensors: Tensors | None,
-        source: str | None = None,
-        after: Event | None = None,
+        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
     ) -> None:
         """Offload: copy the tensors into the pool on the offload stream, after the work that produced them (the
         producers' current streams, and `after`: the copy that filled them, for tensors the cache promoted)."""
-        if tensors is None:
-            raise ValueError(f"tier host stores tensors; got none for {spec.key!r}")
         self._admit(entry, spec)
         offsets, span = entry_layout(spec)
         home: Home | None = None
@@ -105,7 +107,7 @@ class HostTier(Tier):
         self._held[entry] = _Held(spec, home, offsets, span, ready)
         # Sources stay allocated until copied: CUDA tensors through the allocator, others held until then.
         self.transfers.deferred.after(ready, _keep(*stream.uses(tensors.values())))
-        self._log_when_done(f"{source or 'hbm'}->{self.label}", spec.nbytes, start, ready)
+        self._log_when_done(source, self.name, spec.nbytes, start, ready)
         if source == "put":  # the caller's tensors: its later work (which may overwrite them) comes after the copy
             try:
                 for device in producers:
@@ -128,13 +130,13 @@ class HostTier(Tier):
         return [(at, region[offset : offset + n]) for at, offset, n in pieces(home, nbytes, start)]
 
     # ---- reload -----------------------------------------------------------------------------------------------
-    def load(
-        self, entry: EntryId, device: torch.device, names: Sequence[str] | None = None, *, dest: str = "hbm"
-    ) -> tuple[Tensors, Event]:
-        """Start copying the entry's tensors (or those named) to `device`; returns them and the event after which
-        they hold their values. Consumers wait on the event before use (`Stream.wait`, or `event.synchronize()`).
-        `dest` names the destination in the pathway logged."""
+    def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
+        """Enqueue copies of the entry's tensors (or those named) to `device` on the reload stream, after the
+        offload that filled them; the Load has landed at once (its event marks the copies). With device None: views
+        of the pool where a tensor lies in one extent, copies where it spans several, after that offload."""
         held = self._held[entry]
+        if device is None:
+            return Load(self._views(held, names), held.ready)
         held.reads = [e for e in held.reads if not e.query()]
         stream = self.transfers.reload_stream(device)
         out: Tensors = {}
@@ -145,27 +147,25 @@ class HostTier(Tier):
             for tspec, offset in zip(held.spec.tensors, held.offsets, strict=True):
                 out[tspec.name] = from_bytes(raw[offset:], tspec)
         else:
-            wanted = set(names)
-            for tspec, offset in zip(held.spec.tensors, held.offsets, strict=True):
-                if tspec.name in wanted:
-                    raw = stream.empty(max(tspec.nbytes, 1), device)
-                    copies += [(raw[at : at + s.numel()], s) for at, s in self._range(held.home, offset, tspec.nbytes)]
-                    out[tspec.name] = from_bytes(raw, tspec)
+            for index in select(held.spec, names):
+                tspec, offset = held.spec.tensors[index], held.offsets[index]
+                raw = stream.empty(max(tspec.nbytes, 1), device)
+                copies += [(raw[at : at + s.numel()], s) for at, s in self._range(held.home, offset, tspec.nbytes)]
+                out[tspec.name] = from_bytes(raw, tspec)
         start = stream.record()  # before the wait: a failed offload's error reaches `done`, not `start`
         stream.wait(held.ready)
         self.transfers.copy(stream, copies)
         done = stream.record()
         held.reads.append(done)
-        self._log_when_done(f"{self.label}->{dest}", sum(t.nbytes for t in out.values()), start, done)
-        return out, done
+        nbytes = sum(t.nbytes for t in out.values())
+        self._log_when_done(self.name, self.path.endpoint(device), nbytes, start, done)
+        return Load(out, done)
 
-    def read(self, entry: EntryId) -> Tensors:
-        """The entry's tensors in host memory, for the host thread (a demotion to nvme): views of the pool where a
-        tensor lies in one extent, copies where it spans several. Waits for the offload that filled them."""
-        held = self._held[entry]
-        held.ready.synchronize()
+    def _views(self, held: _Held, names: Sequence[str] | None) -> Tensors:
+        held.ready.synchronize()  # the views are read by the host thread (a demotion to nvme)
         out: Tensors = {}
-        for tspec, offset in zip(held.spec.tensors, held.offsets, strict=True):
+        for index in select(held.spec, names):
+            tspec, offset = held.spec.tensors[index], held.offsets[index]
             parts = [view for _, view in self._range(held.home, offset, tspec.nbytes)]
             if not parts:
                 out[tspec.name] = torch.empty(tspec.shape, dtype=tspec.torch_dtype)
@@ -192,8 +192,9 @@ class HostTier(Tier):
             self.delete(entry)
         self.pool.close()
 
-    def _log_when_done(self, pathway: str, nbytes: int, start: Event, end: Event) -> None:
-        self.transfers.deferred.after(end, lambda: self._on_copy(pathway, nbytes, end.seconds_since(start)))
+    def _log_when_done(self, source: str, dest: str, nbytes: int, start: Event, end: Event) -> None:
+        mode = None if "nvme" in (source, dest) else self.mode  # between host and nvme the mode is nvme's
+        self.transfers.deferred.after(end, lambda: self._log(source, dest, nbytes, end.seconds_since(start), mode))
 
 
 def _keep(*objects: object) -> Callable[[], None]:

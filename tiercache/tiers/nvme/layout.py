@@ -1,111 +1,66 @@
-"""The nvme tier's on-disk format: one zarr v3 group per entry, written atomically, checksummed, re-indexed on open.
-
-    ROOT/.lock                       held (flock) by the one cache that has ROOT open
-    ROOT/entries/zarr.json           a zarr group whose members are the entries
-    ROOT/entries/<H>-<U>/zarr.json   an entry: a zarr group; attributes["tiercache"] is its manifest
-    ROOT/entries/<H>-<U>/t<i>/...    tensor i: a zarr array, one chunk, codecs bytes(little) + crc32c
-    ROOT/tmp/, ROOT/trash/           entries being written / being removed; emptied on open
-
-H hashes the key (keys are attributes, never file names, so no key can reach outside ROOT); U is unique per write,
-so a new version of a key never collides with an old one still being read. A chunk file holds the tensor's raw
-little-endian bytes followed by their CRC32C, exactly what zarr's crc32c codec writes and checks, so zarr-python
-reads every entry back by itself. bfloat16 and float8 are stored as same-width unsigned integers with the real
-dtype in the attributes. Every chunk is written, even when it equals the fill value.
-"""
+"""Reading and writing the nvme tier's entries (the format is format.py's): atomic writes under tmp/, every file's
+pieces read and checksummed in parallel by the I/O backend, removal through trash/, the index rebuilt on open."""
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import hashlib
-import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
 from ...entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
-from ...errors import CorruptEntryError, RootInUseError
+from ...errors import CorruptEntryError
 from ...io import FileRead, PendingRead, PosixIO, buffer_of, round_up
 from ...io.buffers import HostBuffers
 from ...io.checksum import crc32c
 from ...io.device_io import KvikioIO
+from .format import (
+    CHECKSUM_BYTES,
+    StoredEntry,
+    array_metadata,
+    chunk_path,
+    fsync_path,
+    group_metadata,
+    key_hash,
+    lock_root,
+    parents_between,
+    parse_group,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tiercache-entry"
-FORMAT_VERSION = 1
-CHECKSUM_BYTES = 4
 COMPACT_BELOW = 256 << 10  # tensors read back smaller than this are copied out of their padded I/O buffers (their
 # padding, at most 4 KiB a tensor, would otherwise add more than 1.6% to what a memory tier holds)
-
-# tiercache dtype -> (zarr v3 data_type, fill_value). Types zarr lacks are stored as same-width unsigned views.
-ZARR_TYPES: dict[str, tuple[str, Any]] = {
-    "bool": ("bool", False),
-    **{t: (t, 0) for t in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")},
-    **{t: (t, 0.0) for t in ("float16", "float32", "float64")},
-    "bfloat16": ("uint16", 0),
-    "float8_e4m3fn": ("uint8", 0),
-    "float8_e5m2": ("uint8", 0),
-    "complex64": ("complex64", [0.0, 0.0]),
-    "complex128": ("complex128", [0.0, 0.0]),
-}
-
-
-@dataclass(frozen=True)
-class StoredEntry:
-    """An entry as it lies on disk."""
-
-    spec: EntrySpec
-    path: Path
-    checksums: tuple[int | None, ...]  # per tensor; None for an empty tensor (no chunk file)
-    written_ns: int
-
-    def chunk_path(self, index: int) -> Path:
-        return Path(self.chunk_files[index])
-
-    @functools.cached_property
-    def chunk_files(self) -> tuple[str, ...]:
-        """Every tensor's chunk file, as the strings os.open takes (built once: pathlib is slow on a hot path)."""
-        return tuple(str(chunk_path(self.path / f"t{i}", len(t.shape))) for i, t in enumerate(self.spec.tensors))
-
-
-def chunk_path(array_dir: Path, ndim: int) -> Path:
-    """zarr v3 default chunk key encoding ("/"): "c" for 0-d, "c/0/0/..." for the single chunk of an n-d array."""
-    return array_dir.joinpath("c", *(["0"] * ndim))
-
-
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class DiskLayout:
     """Reads and writes entries under one root directory, which it holds locked while open."""
 
     def __init__(
-        self, root: Path, io: PosixIO, direct: KvikioIO | None = None, buffers: HostBuffers | None = None
+        self, root: Path, io: PosixIO, device_io: KvikioIO | None = None, buffers: HostBuffers | None = None
     ) -> None:
-        """`io` moves host memory; `direct`, where given, moves tensors on `direct.device` without the host. Reads
+        """`io` moves host memory; `device_io`, where given, moves tensors on `device_io.device` without the host. Reads
         land in `buffers` (a pool of this layout's own unless given: a cache shares one with its reloads)."""
         self.root = root
         self.io = io
-        self.direct = direct
+        self.device_io = device_io
         self.entries_dir = root / "entries"
         self.tmp_dir = root / "tmp"
         self.trash_dir = root / "trash"
         for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = _lock_root(root)
+        self._lock_fd: int | None = lock_root(root)
         if not (self.entries_dir / "zarr.json").exists():
-            _write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+            write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
         # Host memory that reads land in, reused once no tensor uses it.
         self.buffers = buffers if buffers is not None else HostBuffers()
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
@@ -140,13 +95,13 @@ class DiskLayout:
             results = [job.result() for job in jobs]
             checksums = [checksum for checksum, _ in results]
             written_ns = time.time_ns()
-            _write_json(staging / "zarr.json", _group_metadata(spec, checksums, written_ns), sync=False)
+            write_json(staging / "zarr.json", group_metadata(spec, checksums, written_ns), sync=False)
             # Data files were fsynced as written; make every new name durable before the rename publishes them.
             created = [staging, staging / "zarr.json", *(path for _, paths in results for path in paths)]
-            list(self._files.map(_fsync_path, created))
+            list(self._files.map(fsync_path, created))
             final = self.entries_dir / name
             os.rename(staging, final)
-            _fsync_path(self.entries_dir)
+            fsync_path(self.entries_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -157,29 +112,24 @@ class DiskLayout:
     ) -> tuple[int | None, list[Path]]:
         """Write one tensor's zarr array; returns its checksum and the paths it created (to fsync)."""
         array_dir.mkdir()
-        _write_json(array_dir / "zarr.json", _array_metadata(spec, index), sync=False)
+        write_json(array_dir / "zarr.json", array_metadata(spec, index), sync=False)
         created = [array_dir, array_dir / "zarr.json"]
         if spec.nbytes == 0:  # an empty array has no chunks in zarr
             return None, created
-        direct = self._serves(tensor.device)
-        raw = as_bytes(tensor if direct or tensor.device.type == "cpu" else tensor.cpu())
-        checksum = self.direct.checksum(raw) if direct and self.direct is not None else crc32c(raw)
+        on_device = self._serves(tensor.device)
+        raw = as_bytes(tensor if on_device or tensor.device.type == "cpu" else tensor.cpu())
+        checksum = self.device_io.checksum(raw) if on_device and self.device_io is not None else crc32c(raw)
         chunk = chunk_path(array_dir, len(spec.shape))
         chunk.parent.mkdir(parents=True, exist_ok=True)
-        created += _parents_between(chunk, array_dir)
-        backend = self.direct if direct and self.direct is not None else self.io
+        created += parents_between(chunk, array_dir)
+        backend = self.device_io if on_device and self.device_io is not None else self.io
         backend.write_file(chunk, raw, trailer=checksum.to_bytes(CHECKSUM_BYTES, "little"))
         return checksum, created
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def _serves(self, device: torch.device) -> bool:
-        """Whether the direct backend moves data to and from `device` (kvikio, for the compute device)."""
-        return self.direct is not None and device == self.direct.device
-
-    def read(self, stored: StoredEntry, verify: bool, device: torch.device | None = None) -> Tensors:
-        """The entry's tensors in CPU memory (page-aligned buffers), every chunk checked against its CRC32C; or,
-        where the direct backend serves `device`, read straight into that device's memory."""
-        return self.start_entry_read(stored, verify, device)()
+        """Whether the device I/O backend moves data to and from `device` (kvikio, for the compute device)."""
+        return self.device_io is not None and device == self.device_io.device
 
     def start_entry_read(
         self, stored: StoredEntry, verify: bool, device: torch.device | None = None
@@ -191,7 +141,7 @@ class DiskLayout:
         read a file also checksum it, so files are verified in parallel while others are still being read.
         """
         if device is not None and self._serves(device):
-            return self._start_direct(stored, verify, device)
+            return self._start_device_read(stored, verify, device)
         # Few, page-aligned regions, each file at a 4 KiB boundary: huge pages for entries of many small tensors
         # too (first-touch faults cost as much as the read on some VMs). Tensors kept as views share one region;
         # tensors copied out (small ones) read into another, dropped once they are copied.
@@ -251,26 +201,41 @@ class DiskLayout:
     def start_read(
         self, stored: StoredEntry, index: int, verify: bool, device: torch.device | None = None
     ) -> Callable[[], torch.Tensor]:
-        """Start reading one tensor into a buffer of its own (on `device` where the direct backend serves it);
+        """Start reading one tensor into a buffer of its own (on `device` where the device I/O backend serves it);
         the returned call waits for it, checks it and returns it (layerwise streaming reads an entry this way, a
         few tensors ahead of its consumer)."""
         tspec = stored.spec.tensors[index]
         if tspec.nbytes == 0:
             return lambda: torch.empty(tspec.shape, dtype=tspec.torch_dtype, device=device)
-        if device is not None and self._serves(device) and self.direct is not None:
-            buffer = self.direct.empty(round_up(tspec.nbytes + CHECKSUM_BYTES))
-            finish = self.direct.read_file(stored.chunk_files[index], buffer, tspec.nbytes + CHECKSUM_BYTES)
-            return functools.partial(self._landed_direct, stored, index, buffer, finish, verify)
+        if device is not None and self._serves(device) and self.device_io is not None:
+            buffer = self.device_io.empty(round_up(tspec.nbytes + CHECKSUM_BYTES))
+            finish = self.device_io.read_file(stored.chunk_files[index], buffer, tspec.nbytes + CHECKSUM_BYTES)
+            return functools.partial(self._landed_device, stored, index, buffer, finish, verify)
         buffer = self.buffers.empty(tspec.nbytes + CHECKSUM_BYTES)
         (job,) = self.io.read_files([self._file_read(stored, index, buffer, verify)])
         return functools.partial(self._settle, stored, index, buffer, job, verify)
 
-    def _start_direct(self, stored: StoredEntry, verify: bool, device: torch.device) -> Callable[[], Tensors]:
+    def start_reads(
+        self, stored: StoredEntry, indices: Sequence[int], verify: bool, device: torch.device | None = None
+    ) -> Callable[[], Tensors]:
+        """Start reading the tensors at `indices`, each into a buffer of its own (start_read); the returned call
+        waits for them all, every file settled before the first error is raised."""
+        landing: list[Landing] = []
+        try:
+            for index in indices:
+                landing.append(self.start_read(stored, index, verify, device))
+        except BaseException:
+            _settle_all(landing)
+            raise
+        names = [stored.spec.tensors[i].name for i in indices]
+        return lambda: dict(zip(names, _call_every(landing), strict=True))
+
+    def _start_device_read(self, stored: StoredEntry, verify: bool, device: torch.device) -> Callable[[], Tensors]:
         """Every file of the entry read at once by kvikio into one device region (each file at a 4 KiB offset, as
         GDS wants), then checked on the device."""
-        assert self.direct is not None
+        assert self.device_io is not None
         spans = [round_up(t.nbytes + CHECKSUM_BYTES) if t.nbytes else 0 for t in stored.spec.tensors]
-        region = self.direct.empty(sum(spans))
+        region = self.device_io.empty(sum(spans))
         landing: list[Landing] = []
         offset = 0
         try:
@@ -280,14 +245,14 @@ class DiskLayout:
                 if tspec.nbytes == 0:
                     landing.append(functools.partial(torch.empty, tspec.shape, dtype=tspec.torch_dtype, device=device))
                     continue
-                finish = self.direct.read_file(stored.chunk_files[index], buffer, tspec.nbytes + CHECKSUM_BYTES)
-                landing.append(functools.partial(self._landed_direct, stored, index, buffer, finish, verify))
+                finish = self.device_io.read_file(stored.chunk_files[index], buffer, tspec.nbytes + CHECKSUM_BYTES)
+                landing.append(functools.partial(self._landed_device, stored, index, buffer, finish, verify))
         except BaseException:
             _settle_all(landing)
             raise
         return functools.partial(_collect, stored, landing)
 
-    def _landed_direct(
+    def _landed_device(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, finish: Callable[[], None], verify: bool
     ) -> torch.Tensor:
         """Wait for kvikio's read, then check it and view or copy the tensor out on the backend's own stream,
@@ -295,11 +260,11 @@ class DiskLayout:
         kvikio's next read, which no stream orders, may land in it), and its stored CRC is read without waiting
         for the caller's stream."""
         finish()
-        assert self.direct is not None
-        with self.direct.own_stream():
+        assert self.device_io is not None
+        with self.device_io.own_stream():
             if verify:
                 nbytes = stored.spec.tensors[index].nbytes
-                self._verify(stored, index, self.direct.checksum(buffer[:nbytes]), _stored_crc(buffer, nbytes))
+                self._verify(stored, index, self.device_io.checksum(buffer[:nbytes]), _stored_crc(buffer, nbytes))
             return self._tensor(stored, index, buffer)
 
     def _file_read(self, stored: StoredEntry, index: int, buffer: torch.Tensor, verify: bool) -> FileRead:
@@ -340,7 +305,7 @@ class DiskLayout:
             os.rename(stored.path, target)
         except FileNotFoundError:
             return
-        _fsync_path(self.entries_dir)  # the removal is durable before the files go
+        fsync_path(self.entries_dir)  # the removal is durable before the files go
         shutil.rmtree(target, ignore_errors=True)
 
     def scan(self) -> list[StoredEntry]:
@@ -353,7 +318,7 @@ class DiskLayout:
         newest: dict[str, StoredEntry] = {}
         for path in sorted(p for p in self.entries_dir.iterdir() if p.is_dir()):
             try:
-                stored = _parse_group(path)
+                stored = parse_group(path)
             except (OSError, ValueError, KeyError, TypeError) as exc:  # never delete what we cannot read
                 log.warning(
                     "tiercache: skipping unreadable entry %s (left on disk; delete it to reclaim): %s", path, exc
@@ -412,102 +377,3 @@ def _call_every(calls: Iterable[Callable[[], T]]) -> list[T]:
         finally:  # no frame -> exception -> traceback -> frame cycle keeping buffers alive until the GC runs
             first_error = None
     return results
-
-
-def _group_metadata(spec: EntrySpec, checksums: list[int | None], written_ns: int) -> dict[str, Any]:
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "key": spec.key,
-        "nbytes": spec.nbytes,
-        "written_ns": written_ns,
-        "tensors": [
-            {
-                "name": t.name,
-                "array": f"t{i}",
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "nbytes": t.nbytes,
-                "crc32c": c,
-            }
-            for i, (t, c) in enumerate(zip(spec.tensors, checksums, strict=True))
-        ],
-    }
-    return {"zarr_format": 3, "node_type": "group", "attributes": {"tiercache": manifest}}
-
-
-def _array_metadata(spec: TensorSpec, index: int) -> dict[str, Any]:
-    data_type, fill_value = ZARR_TYPES[spec.dtype]
-    bytes_codec: dict[str, Any] = {"name": "bytes"}
-    if spec.itemsize > 1:
-        bytes_codec["configuration"] = {"endian": "little"}
-    return {
-        "zarr_format": 3,
-        "node_type": "array",
-        "shape": list(spec.shape),
-        "data_type": data_type,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(d, 1) for d in spec.shape]}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": fill_value,
-        "codecs": [bytes_codec, {"name": "crc32c"}],
-        "attributes": {"tiercache": {"name": spec.name, "dtype": spec.dtype, "index": index}},
-        "storage_transformers": [],
-    }
-
-
-def _parse_group(path: Path) -> StoredEntry:
-    meta = json.loads((path / "zarr.json").read_text())
-    manifest = meta["attributes"]["tiercache"]
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} manifest")
-    tensors = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in manifest["tensors"])
-    for t in tensors:
-        if t.dtype not in ZARR_TYPES or any(not isinstance(d, int) or d < 0 for d in t.shape):
-            raise ValueError(f"bad tensor spec {t}")
-    spec = EntrySpec(key=manifest["key"], tensors=tensors)
-    if spec.nbytes != manifest["nbytes"]:
-        raise ValueError(f"manifest nbytes {manifest['nbytes']} != sum of its tensors {spec.nbytes}")
-    checksums = tuple(t["crc32c"] for t in manifest["tensors"])
-    for t, checksum in zip(tensors, checksums, strict=True):
-        if not (checksum is None if t.nbytes == 0 else isinstance(checksum, int) and 0 <= checksum < 2**32):
-            raise ValueError(f"tensor {t.name!r} has checksum {checksum!r}")
-    return StoredEntry(spec=spec, path=path, checksums=checksums, written_ns=int(manifest["written_ns"]))
-
-
-def _parents_between(path: Path, top: Path) -> list[Path]:
-    """Directories from `top`'s child down to `path`'s parent (the ones a mkdir(parents=True) may have created)."""
-    chain: list[Path] = []
-    parent = path.parent
-    while parent != top:
-        chain.append(parent)
-        parent = parent.parent
-    return chain
-
-
-def _write_json(path: Path, data: dict[str, Any], sync: bool = True) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lock_root(root: Path) -> int:
-    fd = os.open(root / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RootInUseError(
-            f"{root} is already open by another TierCache (this process or another); "
-            "close that cache first, or give this one a different root="
-        ) from None
-    return fd

@@ -1,8 +1,9 @@
-"""The nvme tier: entries as zarr v3 groups under a root directory, read and written by an I/O backend."""
+"""The nvme tier: entries as zarr v3 groups under the cache's root, read and written by an I/O backend."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -10,91 +11,114 @@ import torch
 from ...entry import EntrySpec, Tensors
 from ...errors import StorageError
 from ...io import PosixIO
-from ...io.buffers import HostBuffers
 from ...io.device_io import KvikioIO, why_not_kvikio
-from ...policy.schema import NvmeBudget
-from ...transfer import Event
-from ..base import EntryId, Tier
-from .layout import DiskLayout, StoredEntry
+from ...policy.schema import NvmeBudget, TierBudget
+from ...transfer import Event, all_of
+from ..base import DataPath, EntryId, Found, Load, Tier, TierState, select
+from .format import StoredEntry
+from .layout import DiskLayout
 
 
 class NvmeTier(Tier):
     """Host memory moves through the POSIX backend; tensors on the compute device through kvikio where it works
-    (`direct`), without a stop in host memory."""
+    (`device_io`), without a stop in host memory."""
 
-    def __init__(
-        self, root: Path, budget: NvmeBudget, device: torch.device, buffers: HostBuffers | None = None
-    ) -> None:
-        super().__init__("nvme", budget.capacity)
+    persistent = True
+
+    def __init__(self, name: str, budget: NvmeBudget, path: DataPath) -> None:
+        super().__init__(name, budget.capacity, path)
+        if path.root is None:
+            raise ValueError("the nvme tier keeps files: DataPath.root is required")
+        root = path.root
         root.mkdir(parents=True, exist_ok=True)
         self.verify = budget.verify_checksums
         self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io)
         try:
-            self.direct, self.why_not_direct = _open_direct(root, budget, device)
-            self.layout = DiskLayout(root, self.io, self.direct, buffers)
+            self.device_io, self.why_not_device_io = _open_device_io(root, budget, path.device)
+            self.layout = DiskLayout(root, self.io, self.device_io, path.buffers)
         except BaseException:
             self.io.close()
             raise
-        self.last_write_mode = self.io.mode  # how the latest put moved its bytes, for the pathway's name
         self._stored: dict[EntryId, StoredEntry] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
+    @classmethod
+    def open(cls, name: str, budget: TierBudget, path: DataPath) -> NvmeTier:
+        return cls(name, budget if isinstance(budget, NvmeBudget) else NvmeBudget(capacity=budget.capacity), path)
 
     @property
-    def io_mode(self) -> str:
+    def mode(self) -> str:
+        """How host memory moves to and from the files: "o_direct" or "buffered"."""
         return self.io.mode
 
-    def mode_for(self, device: torch.device) -> str:
+    def mode_for(self, device: torch.device | None) -> str:
         """How a transfer to or from `device` runs: "gds" / "compat" (kvikio) or "o_direct" / "buffered" (POSIX)."""
-        return self.direct.mode if self.direct is not None and device == self.direct.device else self.io.mode
+        if self.device_io is not None and device == self.device_io.device:
+            return self.device_io.mode
+        return self.io.mode
 
-    def scan(self) -> list[StoredEntry]:
-        """Entries found on disk, oldest first; the caller adopts those it keeps."""
-        return self.layout.scan()
+    def describe(self) -> TierState:
+        notes = []
+        if self.io.mode == "buffered":
+            notes.append(f"nvme: buffered I/O because {self.io.why_buffered}")
+        if self.device_io is None:
+            notes.append(f"nvme: no kvikio path to the device because {self.why_not_device_io}")
+        else:
+            carried = self.device_io.bytes_by_backend().items()
+            notes.append(
+                f"nvme: kvikio in {self.device_io.mode} mode (cuFile reports GDS "
+                f"{'available' if self.device_io.gds_available else 'unavailable'}); bytes by backend: "
+                + (", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in carried) or "n/a")
+            )
+        return TierState(self.io.mode, self.device_io.mode if self.device_io is not None else None, tuple(notes))
 
-    def adopt(self, entry: EntryId, stored: StoredEntry) -> None:
-        """Account an entry that is already on disk."""
-        self._admit(entry, stored.spec)
-        self._stored[entry] = stored
+    # ---- entries found on disk --------------------------------------------------------------------------------
+    def scan(self) -> list[Found]:
+        return [Found(s.spec, s.written_ns, s) for s in self.layout.scan()]
 
-    def discard(self, stored: StoredEntry) -> None:
-        """Remove an on-disk entry that was never adopted."""
-        self.layout.remove(stored)
+    def adopt(self, entry: EntryId, found: Found) -> None:
+        self._admit(entry, found.spec)
+        self._stored[entry] = found.handle
 
+    def discard(self, found: Found) -> None:
+        self.layout.remove(found.handle)
+
+    # ---- the verbs --------------------------------------------------------------------------------------------
     def put(
-        self,
-        entry: EntryId,
-        spec: EntrySpec,
-        tensors: Tensors | None,
-        source: str | None = None,
-        after: Event | None = None,
+        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
     ) -> None:
-        if tensors is None:
-            raise ValueError(f"tier nvme stores tensors; got none for {spec.key!r}")
         if after is not None:  # tensors a copy is still filling (an entry promoted moments ago)
             after.synchronize()
         self._admit(entry, spec)
         devices = {t.device for t in tensors.values()}
-        self.last_write_mode = self.mode_for(devices.pop()) if len(devices) == 1 else self.io.mode
+        mode = self.mode_for(devices.pop()) if len(devices) == 1 else self.io.mode
+        start = time.perf_counter()
         try:
             self._stored[entry] = self.layout.write(spec, [tensors[t.name] for t in spec.tensors])
         except BaseException:
             self._forget(entry)
             raise
+        self._log(source, self.name, spec.nbytes, time.perf_counter() - start, mode)
 
-    def read(self, entry: EntryId, device: torch.device | None = None) -> Tensors:
-        """The entry's tensors: on `device` where kvikio serves it, else in host memory."""
-        return self.layout.read(self._stored[entry], verify=self.verify, device=device)
+    def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
+        """Queue the reads now, on the calling thread (its warm memory; no hand-off before the disk starts); the
+        Load's host work waits for them, checks them and moves them to `device` where kvikio did not read there."""
+        stored = self._stored[entry]
+        start = time.perf_counter()
+        if names is None:
+            landing: Callable[[], Tensors] = self.layout.start_entry_read(stored, self.verify, device)
+        else:
+            landing = self.layout.start_reads(stored, select(stored.spec, names), self.verify, device)
+        dest = self.path.endpoint(device) if device is not None else "host"
+        mode = self.mode_for(device)
 
-    def start_entry_read(self, entry: EntryId, device: torch.device | None = None) -> Callable[[], Tensors]:
-        """Queue the reads of a whole entry now; the returned call waits for its tensors (DiskLayout)."""
-        return self.layout.start_entry_read(self._stored[entry], verify=self.verify, device=device)
+        def finish() -> tuple[Tensors, Event]:
+            tensors = landing()
+            if device is not None:
+                tensors = {n: t.to(device) for n, t in tensors.items()}
+            self._log(self.name, dest, sum(t.nbytes for t in tensors.values()), time.perf_counter() - start, mode)
+            return tensors, all_of(())
 
-    def start_read(self, entry: EntryId, index: int, device: torch.device | None = None) -> Callable[[], torch.Tensor]:
-        """Start reading one tensor of an entry; the returned call waits for it (see DiskLayout.start_read)."""
-        return self.layout.start_read(self._stored[entry], index, verify=self.verify, device=device)
+        return Load(finish=finish)
 
     def stored(self, entry: EntryId) -> StoredEntry:
         return self._stored[entry]
@@ -111,7 +135,7 @@ class NvmeTier(Tier):
         self.io.close()
 
 
-def _open_direct(root: Path, budget: NvmeBudget, device: torch.device) -> tuple[KvikioIO | None, str | None]:
+def _open_device_io(root: Path, budget: NvmeBudget, device: torch.device) -> tuple[KvikioIO | None, str | None]:
     """The kvikio backend for `device` when the policy allows it and it works here; else None and the reason."""
     if budget.backend == "posix":
         return None, "tiers.nvme.backend is 'posix' in the policy"

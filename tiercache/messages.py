@@ -1,0 +1,49 @@
+"""The words of the engine's refusals: what was asked, what stood in the way, and what to do."""
+
+from __future__ import annotations
+
+from .entry import EntrySpec
+from .policy.schema import TIER_NAMES, Policy
+from .units import format_size
+
+
+def miss(key: str, cached: int) -> str:
+    return (
+        f"{key!r} is not in the cache (never put, deleted, expired, or evicted from the last tier); "
+        f"{cached} entries are cached. put() it again."
+    )
+
+
+def no_tier_admits(spec: EntrySpec, policy: Policy) -> str:
+    limits = "; ".join(
+        f"{t}: capacity {format_size(b.capacity)}"
+        + (f", max_entry {format_size(b.max_entry)}" if b.max_entry is not None else "")
+        for t in TIER_NAMES
+        for b in [policy.tiers[t]]
+    )
+    return (
+        f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and no tier admits "
+        f"it ({limits}). Raise tiers.nvme.capacity (or another tier's) in {policy.source}, or split the "
+        "entry. Nothing stored was changed."
+    )
+
+
+def tiers_full(spec: EntrySpec, states: list[tuple[str, int, int, int]], source: str) -> str:
+    """`states`: (tier, free bytes, capacity, entries pinned or in use) of each tier that admits the entry."""
+    described = "; ".join(
+        f"{t}: {format_size(free)} free of {format_size(capacity)}, {busy} pinned or in use"
+        for t, free, capacity, busy in states
+    )
+    return (
+        f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and the tiers that "
+        f"admit it cannot make room ({described}; entries of higher priority are not demoted for it). Unpin or "
+        f"delete entries, or raise capacities in {source}. Nothing stored was changed."
+    )
+
+
+def no_write_through(spec: EntrySpec, free: int, capacity: int, source: str) -> str:
+    return (
+        f"put({spec.key!r}): write-through needs {format_size(spec.nbytes)} in nvme, which has "
+        f"{format_size(free)} free of {format_size(capacity)} and cannot make room. Raise "
+        f"tiers.nvme.capacity in {source} or put without write-through. Nothing stored was changed."
+    )

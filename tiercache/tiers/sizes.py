@@ -1,0 +1,53 @@
+"""The simulator's tier: it accounts bytes and holds nothing, and logs the transfers a real tier would make."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..entry import EntrySpec, Tensors
+from ..pathway import Pathway
+from ..transfer import Event
+from .base import DataPath, EntryId, Load, Tier, select
+
+# The mode the cost model charges each simulated tier's reloads at: the host pool as if pageable (no CUDA assumed).
+SIMULATED_MODES = {"host": "pageable"}
+
+
+class SizeOnlyTier(Tier):
+    def __init__(self, name: str, capacity: int, path: DataPath) -> None:
+        super().__init__(name, capacity, path)
+
+    @property
+    def mode(self) -> str | None:
+        return SIMULATED_MODES.get(self.name)
+
+    def reload_pathway(self) -> Pathway | None:
+        return None if self.name == "hbm" else super().reload_pathway()  # the simulated compute device itself
+
+    def put(
+        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
+    ) -> None:
+        self._admit(entry, spec)
+        if source != self.name:
+            self._log(source, self.name, spec.nbytes, 0.0, self._mode_between(source, self.name))
+
+    def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
+        spec = self.spec(entry)
+        nbytes = sum(spec.tensors[i].nbytes for i in select(spec, names))
+        if device is not None and self.name != "hbm":
+            self._log(self.name, self.path.endpoint(device), nbytes, 0.0, self._mode_between(self.name, "hbm"))
+        return Load({})
+
+    @staticmethod
+    def _mode_between(source: str, dest: str) -> str | None:
+        """A pathway's mode as the cost model charges it: the host pool's, where host is an end and nvme is not."""
+        return SIMULATED_MODES["host"] if "host" in (source, dest) and "nvme" not in (source, dest) else None
+
+    def delete(self, entry: EntryId) -> None:
+        self._forget(entry)
+
+    def close(self) -> None:
+        self._specs.clear()
+        self.used = 0
