@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from . import messages
 from .engine import Engine
 from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_tensors
 from .errors import CacheClosedError, EntryValueError, TierCacheError
 from .io.buffers import HostBuffers
 from .policy import Policy, Profile, load_policy
+from .prefetch import PrefetchHandle
 from .records import Decision, EntryInfo, PutHints, Read
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import DataPath, Load, Tier, open_tiers
@@ -45,33 +47,6 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-class PrefetchHandle:
-    """A load running in the background. `wait()` returns the tensors, or raises what the load raised."""
-
-    def __init__(self, key: str, future: Future[tuple[Tensors, Event]], device: torch.device, transfers: Transfers):
-        self.key = key
-        self.device = device
-        self._future = future
-        self._transfers = transfers
-
-    def done(self) -> bool:
-        """Whether wait() would return (or raise) without waiting."""
-        if not self._future.done():
-            return False
-        return self._future.exception() is not None or self._future.result()[1].query()
-
-    def wait(self, timeout: float | None = None, *, stream: Any = None) -> Tensors:
-        """The tensors. Without `stream`, the calling thread blocks until they hold their values. With `stream` (a
-        torch.cuda.Stream, or a tiercache Stream), that stream is made to wait for the copies instead and the host
-        does not block on them (only on the load having been started, e.g. its nvme read): use the tensors on
-        that stream. `timeout` bounds the wait for the load to start, in seconds."""
-        tensors, ready = self._future.result(timeout)
-        if stream is None:
-            ready.synchronize()
-        self._transfers.deliver(tensors.values(), ready, consumer_stream(self.device, stream))
-        return tensors
 
 
 class TierCache:
@@ -243,22 +218,7 @@ class TierCache:
 
     def explain(self, key: str) -> str:
         """Why the entry is where it is, in words: the placement decision, its reason, the predicted reloads."""
-        info = self.info(key)
-        d = info.decision
-        times = "time" if info.uses == 1 else "times"
-        lines = [f"{key!r}: {format_size(info.nbytes)} in {', '.join(info.tiers)}; used {info.uses} {times}"]
-        if d is None:
-            lines.append("found on disk when the cache opened (no placement decision recorded)")
-        else:
-            lines.append(f"placed in {d.reason}")
-            hints = [f"deadline {d.deadline_ms:g} ms" if d.deadline_ms is not None else "no deadline"]
-            hints += [f"priority {d.priority}", "written through to nvme" if d.write_through else "write-back"]
-            lines.append(", ".join(hints))
-            lines.append("predicted reload: " + ", ".join(f"{t} {ms:.3g} ms" for t, ms in d.reload_ms.items()))
-            if d.tier != info.tiers[0]:
-                lines.append(f"since moved to {info.tiers[0]} (promoted on a read, or demoted by eviction)")
-        lines.append(f"cost model: {self.profile.describe()}")
-        return "\n".join(lines)
+        return messages.explain(key, self.info(key), self.profile)
 
     def delete(self, key: str) -> None:
         """Remove an entry from every tier (pinned or not). A miss raises KeyError."""

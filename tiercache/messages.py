@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .entry import EntrySpec
+from .policy.costmodel import Profile
 from .policy.schema import TIER_NAMES, Policy
+from .records import EntryInfo
 from .units import format_size
 
 
@@ -47,3 +49,22 @@ def no_write_through(spec: EntrySpec, free: int, capacity: int, source: str) -> 
         f"{format_size(free)} free of {format_size(capacity)} and cannot make room. Raise "
         f"tiers.nvme.capacity in {source} or put without write-through. Nothing stored was changed."
     )
+
+
+def explain(key: str, info: EntryInfo, profile: Profile) -> str:
+    """Why an entry is where it is: the placement decision, its reason, the predicted reloads."""
+    d = info.decision
+    times = "time" if info.uses == 1 else "times"
+    lines = [f"{key!r}: {format_size(info.nbytes)} in {', '.join(info.tiers)}; used {info.uses} {times}"]
+    if d is None:
+        lines.append("found on disk when the cache opened (no placement decision recorded)")
+    else:
+        lines.append(f"placed in {d.reason}")
+        hints = [f"deadline {d.deadline_ms:g} ms" if d.deadline_ms is not None else "no deadline"]
+        hints += [f"priority {d.priority}", "written through to nvme" if d.write_through else "write-back"]
+        lines.append(", ".join(hints))
+        lines.append("predicted reload: " + ", ".join(f"{t} {ms:.3g} ms" for t, ms in d.reload_ms.items()))
+        if d.tier != info.tiers[0]:
+            lines.append(f"since moved to {info.tiers[0]} (promoted on a read, or demoted by eviction)")
+    lines.append(f"cost model: {profile.describe()}")
+    return "\n".join(lines)
