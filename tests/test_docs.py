@@ -41,6 +41,15 @@ def test_the_readme_is_short() -> None:
     )
 
 
+def test_the_readme_cpu_quick_start_runs(tmp_path: Path) -> None:
+    snippet = _python_block((ROOT / "README.md").read_text(), "## Quick start: CPU")
+    assert 'root="/tmp/tc"' in snippet
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(snippet.replace('root="/tmp/tc"', f"root={str(tmp_path / 'tc')!r}"), {})
+    lines = printed.getvalue().splitlines()
+    assert lines[0] == "hbm" and lines[-2:] == ["nvme", "False"], lines
+
+
 def test_no_tracked_file_refers_outside_the_repository() -> None:
     try:
         listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
