@@ -31,7 +31,7 @@ PANEL_TITLES = {
     "memory": "memory tiers: put and get through hbm and the host pool (hbm is host memory in these rows)",
     "nvme": "nvme tier: put, and get read cold (page cache dropped) into host memory",
     "gpu": "GPU (bench/cuda.py): host pool <-> CUDA device, and nvme <-> device through kvikio",
-    "workloads": "DESIGN.md's workloads read cold from nvme (scaled to the run's cap)",
+    "workloads": "the diffusion K/V workloads read cold from nvme (scaled to the run's cap)",
 }
 SeriesKey = tuple[Pathway, bool | None, str]  # (pathway, crc32c checked, baseline)
 

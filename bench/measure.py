@@ -34,7 +34,7 @@ class Row:
     target: float | None = None  # the least acceptable ratio, where the project states one
     pathway: Pathway | None = None  # the tiercache pathway timed; None where no data moves (a hit in hbm)
     # Which benchmark made it: "tiers" (hbm is host memory), "gpu" (bench/cuda.py, hbm is a CUDA device),
-    # "peers" (tiercache beside other libraries), "workloads" (DESIGN.md's entries). Charts and the seed table
+    # "peers" (tiercache beside other libraries), "workloads" (bench/workloads.py's entries). Charts and the seed table
     # pick rows by suite and pathway.
     suite: str = "tiers"
     checksums: bool | None = None  # an nvme read: whether crc32c was checked; None where that does not apply

@@ -15,8 +15,8 @@ kvikio, each beside cudaMemcpyAsync / .to() / raw kvikio, for BENCH_GPU_SIZES.
 
 Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB,1GiB"  BENCH_GPU_SIZES="64MiB,256MiB,1GiB,4GiB,16GiB"
 BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
-BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)  BENCH_WORKLOAD_CAP=64MiB (DESIGN.md's
-workloads are scaled down in tokens to at most this many bytes)
+BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)  BENCH_WORKLOAD_CAP=64MiB (the
+workloads of bench/workloads.py are scaled down in tokens to at most this many bytes)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The diffusion workloads of DESIGN.md section 6 (bf16 K and V per layer), scaled in tokens to fit this
+"""The K/V entries of the diffusion models this cache serves (bf16 K and V per layer, listed below), scaled in tokens to fit this
 machine and labelled with the scale: put to nvme and read back cold, beside a raw O_DIRECT read."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tiercache.pathway import Pathway
 from .measure import Row, chunk_files, drop_page_caches, forcing_policy, raw_direct_read, row, side_by_side
 
 HEAD_DIM = 128
-# name: (layers, tokens, heads) as in DESIGN.md section 6
+# name: (layers, tokens, heads) of each model's attention at its usual resolution and prompt length
 WORKLOADS: dict[str, tuple[int, int, int]] = {
     "wan13b-text-kv": (30, 512, 12),
     "wan14b-clip-kv": (40, 257, 40),

@@ -8,7 +8,7 @@ and at each of 20 steps (0.46 s a block) reads both contexts and streams the 57 
 serving.jsonl: a many-prompt serving mix. 60 prompts with Zipf(1.1) popularity, 600 requests 0.5 s apart.
 Each request reads its prompt's text K/V (one of the three context sizes, recomputed and re-put on a miss)
 and its frame-0 K/V (1.28 GB, likewise), then puts a per-request 64 MB latent read back once two steps later.
-Sizes are the bf16 workloads of DESIGN.md section 6, unscaled.
+Sizes are the bf16 workloads of bench/workloads.py, unscaled.
 """
 
 from __future__ import annotations
