@@ -1,5 +1,5 @@
-"""The K/V entries of the diffusion models this cache serves (bf16 K and V per layer, listed below), scaled in tokens to fit this
-machine and labelled with the scale: put to nvme and read back cold, beside a raw O_DIRECT read."""
+"""The K/V entries of the diffusion models this cache serves (bf16 K and V per layer, listed below), scaled in
+tokens to fit this machine and labelled with the scale: put to nvme and read back cold, beside a raw O_DIRECT read."""
 
 from __future__ import annotations
 
