@@ -75,7 +75,7 @@ def latency_chart(rows: list[Row], out: Path) -> Chart:
     try:
         plt = pyplot()
     except ImportError:
-        why = "latency_chart.png not written: matplotlib is not installed (pip install 'tiercache[plot]')"
+        why = "latency_chart.png not written: matplotlib is not installed (pip install 'tiercache-gpu[plot]')"
         return Chart(None, notes=[why])
     panels = panel_rows(rows)
     chart = Chart(out)

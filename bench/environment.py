@@ -72,7 +72,7 @@ def kvikio_state() -> str:
         gds = kvikio.cufile_driver.get("is_gds_available")
     except (RuntimeError, KeyError):
         gds = False
-    # The cache's rule (tiercache/io/kvikio.py): without the GDS driver, cuFile runs in its own compat mode even
+    # The cache's rule (tiercache/io/device_io.py): without the GDS driver, cuFile runs in its own compat mode even
     # where kvikio does not prefer compat.
     mode = "gds" if gds and not kvikio.defaults.is_compat_mode_preferred() else "compat"
     return f"{kvikio.__version__}, mode {mode}, GDS driver {'available' if gds else 'unavailable'}"

@@ -76,7 +76,7 @@ def gpu_rows() -> list[Row]:
 
 @pytest.fixture(autouse=True)
 def _matplotlib() -> None:
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'tiercache[plot]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'tiercache-gpu[plot]')")
 
 
 def test_every_family_gets_its_panel(tmp_path: Path) -> None:

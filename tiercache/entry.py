@@ -178,7 +178,7 @@ def convert_tensors(tensors: Tensors, as_: str) -> dict[str, Any]:
     try:
         import cupy  # noqa: PLC0415 - optional: only CUDA machines have it
     except ImportError:
-        raise EntryValueError("as_='cupy' needs cupy: pip install 'tiercache[cuda]'") from None
+        raise EntryValueError("as_='cupy' needs cupy: pip install 'tiercache-gpu[cuda13]' (or [cuda12])") from None
     bad = [n for n, t in tensors.items() if not t.is_cuda]
     if bad:
         raise EntryValueError(f"as_='cupy' returns GPU arrays; tensor {bad[0]!r} is on {tensors[bad[0]].device}")

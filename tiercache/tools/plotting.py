@@ -1,4 +1,4 @@
-"""Latency-against-size charts (matplotlib, an optional dependency: `pip install 'tiercache[plot]'`)."""
+"""Latency-against-size charts (matplotlib, an optional dependency: `pip install 'tiercache-gpu[plot]'`)."""
 
 from __future__ import annotations
 
