@@ -2,8 +2,8 @@
 # What a session lent a GPU machine runs there, in one call of at most 10 minutes: install the wheels carried in
 # .whl/ (`make gpu-wheels` fetches them here), the GPU tests, then `make bench` at sizes that fit the call. Every
 # output goes to $OUT (the folder that comes back) or bench/out/gpu; commit the curated result under
-# bench/results/<card>/<date>/ (the card named). Settings: BENCH_GPU_SIZES (default 64MiB,256MiB,1GiB; run 4GiB / 16GiB in calls of their
-# own), BENCH_SIZES (the CPU rows, default 64MiB,256MiB; empty: none), SKIP_TESTS=1, TEST_LIMIT / BENCH_LIMIT
+# bench/results/<card>/<date>/. Settings: BENCH_GPU_SIZES (default 64MiB,256MiB,1GiB; run 4GiB / 16GiB in calls
+# of their own), BENCH_SIZES (the CPU rows, default 64MiB,256MiB; empty: none), SKIP_TESTS=1, TEST_LIMIT / BENCH_LIMIT
 # (seconds). Exits non-zero when the tests or the bench failed or ran out of time.
 set -u
 out=${OUT:-bench/out/gpu}
