@@ -1,4 +1,5 @@
-"""Shared fixtures: caches that close themselves, registries to parametrise contracts over, the gpu skip."""
+"""Shared fixtures: caches that close themselves, registries to parametrise contracts over, the gpu skip, and the
+O_DIRECT skip (tests marked `direct_io` need a filesystem that allows it where the tests write their files)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,43 @@ import torch
 from helpers import policy
 
 import tiercache
+from tiercache.io.posix import probe_direct_io
 from tiercache.policy.schema import TIER_NAMES
 
 CUDA_REASON = "needs CUDA: torch.cuda.is_available() is False on this machine (run `make test-gpu` on a GPU host)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "direct_io: needs O_DIRECT where the tests write (skipped with the reason where it is refused)"
+    )
+
+
+@pytest.fixture(scope="session")
+def direct_io_reason(tmp_path_factory: pytest.TempPathFactory) -> str | None:
+    """None where O_DIRECT works in the directory every tmp_path lies under, else why not and how to run there."""
+    base = tmp_path_factory.getbasetemp()
+    why = probe_direct_io(base)
+    if why is None:
+        return None
+    return (
+        f"needs O_DIRECT, not usable in {base}: {why}; run the tests on a filesystem that allows it "
+        "(ext4, xfs): pytest --basetemp=/path/on/ext4/tiercache-tests"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_direct_io(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("direct_io") is not None:
+        reason = request.getfixturevalue("direct_io_reason")
+        if reason is not None:
+            pytest.skip(reason)
+
+
+@pytest.fixture
+def nvme_mode(direct_io_reason: str | None) -> str:
+    """The mode the nvme tier picks under io = "auto" in tmp_path, as pathways name it: O_DIRECT where it works."""
+    return "o_direct" if direct_io_reason is None else "buffered"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
