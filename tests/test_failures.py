@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CacheFactory
+from faults import FailingClose, FailingFsync, FillingDisk, UnlistableDisk
 from helpers import assert_same, kv, only_tier
 
 import tiercache
 from tiercache import CacheClosedError, Policy, StorageError
-from tiercache.io import posix
+from tiercache.io import FileOps
 from tiercache.io.posix import PosixIO
-from tiercache.tiers import Load, NvmeTier
+from tiercache.tiers import Load
 
 
 def uint8s(n: int) -> dict[str, torch.Tensor]:
@@ -42,22 +43,43 @@ def test_a_put_moves_nothing_in_a_tier_it_cannot_use(tmp_path: Path) -> None:
         assert cache.stats().evicted == 0
 
 
-def test_a_failed_replacement_keeps_the_old_version(make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = make_cache(only_tier("nvme"))
+@pytest.mark.parametrize("fills_after", [0, 3, 6])  # of the entry's 7 writes: a tensor's metadata, one in the middle,
+# the entry's own metadata last
+def test_a_failed_replacement_keeps_the_old_version(make_cache: CacheFactory, fills_after: int) -> None:
+    disk = FillingDisk()
+    cache = make_cache(only_tier("nvme"), files=disk)
     cache.put("k", kv(1))
-
-    def disk_full(*args: object, **kwargs: object) -> None:
-        raise StorageError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(cache.tiers["nvme"].io, "write_file", disk_full)
-    with pytest.raises(StorageError):
+    disk.fill(after=fills_after)
+    with pytest.raises(StorageError, match="No space left on device"):
         cache.put("k", kv(2))
+    assert disk.refused >= 1
     assert_same(cache.get("k"), kv(1))
     assert cache.stats().tiers["nvme"].used == 64 * 1024
-    monkeypatch.undo()
+    assert not list((cache.root / "tmp").iterdir())  # the half-written version is gone
+    disk.free()
     cache.put("k", kv(3))
     assert_same(cache.get("k"), kv(3))
     assert len(list((cache.root / "entries").glob("*/zarr.json"))) == 1  # the old version's files are gone
+
+
+@pytest.mark.parametrize("faulty", [FailingFsync, FailingClose])
+def test_a_write_the_disk_did_not_make_durable_fails_the_put_and_keeps_the_old_version(
+    make_cache: CacheFactory, faulty: type[FailingFsync | FailingClose]
+) -> None:
+    """EIO from fsync (the writes were lost) or from close (a deferred write error): a StorageError, never an
+    entry that may not be there after a crash."""
+    disk = faulty()
+    cache = make_cache(only_tier("nvme"), files=disk)
+    cache.put("k", kv(1))
+    disk.failing.set()
+    with pytest.raises(StorageError, match="injected"):
+        cache.put("k", kv(2))
+    disk.failing.clear()
+    assert_same(cache.get("k"), kv(1))
+    assert not list((cache.root / "tmp").iterdir())
+    cache.close()
+    with tiercache.TierCache(root=cache.root, policy=only_tier("nvme")) as reopened:
+        assert_same(reopened.get("k"), kv(1))
 
 
 def test_a_replacement_that_needs_the_old_versions_room_gets_it(make_cache: CacheFactory) -> None:
@@ -67,33 +89,35 @@ def test_a_replacement_that_needs_the_old_versions_room_gets_it(make_cache: Cach
     assert_same(cache.get("k"), kv(2))
 
 
-def test_a_failed_piece_does_not_close_the_file_under_the_others(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    io = PosixIO(tmp_path, threads=2, task_size=4096, io="buffered")
-    first_failed = threading.Event()
-    events: list[str] = []
-    real_write, real_close = posix._pwrite_all, os.close
+class FirstPieceFails(FileOps):
+    """The write at offset 0 fails with EIO; the one at 4096 waits for that failure, then writes. Records the
+    writes and closes in the order they happen."""
 
-    def piece(fd: int, buffer: memoryview, offset: int) -> None:
+    def __init__(self) -> None:
+        self.first_failed = threading.Event()
+        self.events: list[str] = []
+
+    def pwritev(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
         if offset == 0:
-            first_failed.set()
+            self.first_failed.set()
             raise OSError(errno.EIO, "media error")
-        first_failed.wait()
-        real_write(fd, buffer, offset)
-        events.append(f"wrote {offset}")
+        self.first_failed.wait()
+        written = super().pwritev(fd, buffers, offset)
+        self.events.append(f"wrote {offset}")
+        return written
 
-    def close(fd: int) -> None:
-        events.append("close")
-        real_close(fd)
+    def close(self, fd: int) -> None:
+        self.events.append("close")
+        super().close(fd)
 
-    monkeypatch.setattr(posix, "_pwrite_all", piece)
-    monkeypatch.setattr(posix.os, "close", close)
+
+def test_a_failed_piece_does_not_close_the_file_under_the_others(tmp_path: Path) -> None:
+    files = FirstPieceFails()
+    io = PosixIO(tmp_path, threads=2, task_size=4096, io="buffered", files=files)
     with pytest.raises(StorageError, match="media error"):
         io.write_file(tmp_path / "entry", torch.full((8192,), 0xAB, dtype=torch.uint8))
-    monkeypatch.undo()
     io.close()
-    assert events == ["wrote 4096", "close"]
+    assert files.events == ["wrote 4096", "close"]
 
 
 def test_close_waits_for_a_get_in_flight(make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,12 +156,9 @@ def test_an_unclosed_cache_releases_its_root_when_collected(tmp_path: Path) -> N
         assert_same(again.get("k"), kv(1))
 
 
-def test_a_failed_open_releases_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: object) -> list[object]:
-        raise OSError(errno.EIO, "cannot list entries")
-
-    monkeypatch.setattr(NvmeTier, "scan", broken)
-    with pytest.raises(OSError):
-        tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme"))
-    monkeypatch.undo()
+def test_a_failed_open_releases_the_root(tmp_path: Path) -> None:
+    disk = UnlistableDisk()
+    disk.failing.set()
+    with pytest.raises(OSError, match="cannot list entries"):
+        tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme"), files=disk)
     tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme")).close()

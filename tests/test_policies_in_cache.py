@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CacheFactory
+from faults import FillingDisk
 from helpers import KiB, assert_same, kv, policy
 
 import tiercache
@@ -142,22 +143,16 @@ def test_stats_say_whether_the_cost_model_was_measured(make_cache: CacheFactory)
     assert any("preset figures, not measured on this machine" in note for note in stats.notes)
 
 
-def test_a_failed_write_through_keeps_the_old_version(
-    make_cache: CacheFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import errno
-
+def test_a_failed_write_through_keeps_the_old_version(make_cache: CacheFactory) -> None:
     from tiercache import StorageError
 
-    cache = make_cache(policy(tiers={"hbm": {"capacity": 64 * KiB}, "host": {"capacity": 0}}))
+    disk = FillingDisk()
+    cache = make_cache(policy(tiers={"hbm": {"capacity": 64 * KiB}, "host": {"capacity": 0}}), files=disk)
     cache.put("k", kv(1))
-
-    def disk_full(*args: object, **kwargs: object) -> None:
-        raise StorageError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(cache.tiers["nvme"].io, "write_file", disk_full)
-    with pytest.raises(StorageError):
+    disk.fill()
+    with pytest.raises(StorageError, match="No space left on device"):
         cache.put("k", kv(2), write_through=True)
+    assert disk.refused >= 1
     assert_same(cache.get("k"), kv(1))
 
 

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import pytest
 import torch
+from faults import NoDirectIO, SlowReads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiercache import StorageError
-from tiercache.io import ALIGN, FileRead, PosixIO, aligned_empty, drop_page_cache, posix
+from tiercache.io import ALIGN, FileRead, PosixIO, aligned_empty, drop_page_cache
 from tiercache.io.checksum import crc32c, crc32c_combine
-from tiercache.io.posix import probe_direct_io
+from tiercache.io.posix import O_DIRECT, probe_direct_io
 
 
 @pytest.fixture(params=["direct", "buffered"])
@@ -45,13 +49,18 @@ def test_write_then_read_is_exact_for_any_size_and_source_alignment(
     assert job.digest == crc32c(data.contiguous())  # the pieces' CRCs, combined in order
 
 
-def test_auto_falls_back_to_buffered_where_o_direct_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(posix, "probe_direct_io", lambda directory: "EINVAL from this filesystem")
-    backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="auto")
+@pytest.mark.skipif(not O_DIRECT, reason="this platform has no O_DIRECT flag: there is nothing to fall back from")
+def test_auto_falls_back_to_buffered_where_o_direct_fails(tmp_path: Path) -> None:
+    backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="auto", files=NoDirectIO())
     assert backend.mode == "buffered" and "EINVAL" in (backend.why_buffered or "")
+    backend.write_file(tmp_path / "f", torch.full((10,), 3, dtype=torch.uint8))  # and works, buffered
+    job = backend.read_file(tmp_path / "f", aligned_empty(10), 10, digest_bytes=10)
+    job.finish()
+    assert job.digest == crc32c(torch.full((10,), 3, dtype=torch.uint8))
     backend.close()
+    assert not list(tmp_path.glob(".direct-probe-*"))  # the probe cleaned up after itself
     with pytest.raises(StorageError, match="tiers.nvme.io"):
-        PosixIO(tmp_path, threads=1, task_size=ALIGN, io="direct")
+        PosixIO(tmp_path, threads=1, task_size=ALIGN, io="direct", files=NoDirectIO())
 
 
 @pytest.mark.direct_io
@@ -155,38 +164,31 @@ def test_an_empty_file_reads_as_nothing(io: PosixIO, tmp_path: Path) -> None:
     assert job.digest == 0
 
 
-def test_an_interrupt_while_waiting_closes_the_file_only_after_its_pieces(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_interrupt_while_waiting_closes_the_file_only_after_its_pieces(tmp_path: Path) -> None:
     """Ctrl-C during finish(): the KeyboardInterrupt is raised as it is, and not before every piece has stopped
-    using the fd (closed under a running preadv, its number would go to the next open file; found by a review)."""
-    backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="buffered")
+    using the fd (closed under a running preadv, its number would go to the next open file; found by a review).
+    The reads wait until the interrupt has been raised."""
+    files = SlowReads()
+    backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="buffered", files=files)
     (tmp_path / "mine").write_bytes(b"M" * (2 * ALIGN))
-    real_preadv = os.preadv
-    closed_under_a_read: list[int] = []
-
-    def slow_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
-        time.sleep(0.2)
-        if not os.path.exists(f"/proc/self/fd/{fd}"):
-            closed_under_a_read.append(fd)
-        return real_preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "preadv", slow_preadv)
     dest = aligned_empty(2 * ALIGN)
     job = backend.read_file(tmp_path / "mine", dest, 2 * ALIGN)
+    assert files.reading.wait(timeout=60)  # the first piece holds the file
 
     def interrupt(*_: object) -> None:
+        files.go.set()  # the reads go on only once the interrupt is on its way
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)  # lands while finish() waits for the pieces
     try:
         with pytest.raises(KeyboardInterrupt):
             job.finish()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert not closed_under_a_read and bytes(dest.numpy()) == b"M" * (2 * ALIGN)
+    assert files.go.is_set()  # the interrupt, not a timeout, ended the wait
+    assert not files.closed_under_a_read and bytes(dest.numpy()) == b"M" * (2 * ALIGN)
     backend.close()
 
 
@@ -201,37 +203,62 @@ def test_reads_of_one_piece_and_of_many_leave_no_file_open(io: PosixIO, tmp_path
     assert _open_fds() == before
 
 
+class InterruptedSubmit(ThreadPoolExecutor):
+    """A pool whose first submit() queues the piece and then raises KeyboardInterrupt, as a Ctrl-C landing at the
+    end of ThreadPoolExecutor.submit does: the caller never gets the piece's future. Before raising it waits for
+    `before_interrupt` (a piece holding the file); with `gate`, the piece waits for it before it runs (queued
+    while the caller closes the file)."""
+
+    def __init__(self, threads: int, before_interrupt: threading.Event | None, gate: threading.Event | None) -> None:
+        super().__init__(threads)
+        self.before_interrupt = before_interrupt
+        self.gate = gate
+        self.interrupted = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        gate = self.gate
+
+        def gated() -> Any:
+            if gate is not None and not gate.wait(timeout=60):
+                raise TimeoutError("the test never let the queued piece run")
+            return fn(*args, **kwargs)
+
+        future = super().submit(gated)
+        if not self.interrupted:
+            self.interrupted = True
+            if self.before_interrupt is not None and not self.before_interrupt.wait(timeout=60):
+                raise TimeoutError("the piece never started reading")
+            raise KeyboardInterrupt
+        return future
+
+
+@pytest.mark.parametrize("reading", [False, True], ids=["queued", "reading"])
 @pytest.mark.parametrize("size", [10, 5 * ALIGN + 3])  # one piece (closed by its thread), several (by finish)
 def test_an_interrupt_inside_submit_never_closes_a_file_twice_or_under_a_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+    tmp_path: Path, size: int, reading: bool
 ) -> None:
     """Ctrl-C can land in ThreadPoolExecutor.submit after the piece was queued: the caller never learns of it.
     That piece must neither read from nor close a descriptor number that the next open reuses (found by a
-    review: a one-piece file was closed twice, the second time someone else's file)."""
-    backend = PosixIO(tmp_path, threads=1, task_size=2 * ALIGN, io="buffered")
-    backend.write_file(tmp_path / "mine", torch.full((size,), 7, dtype=torch.uint8))
-    (tmp_path / "other").write_bytes(b"O" * size)
-    real_read = posix._pread_all
-    monkeypatch.setattr(
-        posix, "_pread_all", lambda fd, buffer, offset: (time.sleep(0.3), real_read(fd, buffer, offset))[1]
+    review: a one-piece file was closed twice, the second time someone else's file). The piece is either still
+    queued when the caller closes the file, or already reading it."""
+    files = SlowReads()
+    go = files.go if not reading else None
+    make_pool: Callable[[int], ThreadPoolExecutor] = lambda threads: InterruptedSubmit(  # noqa: E731
+        threads, files.reading if reading else None, go
     )
-    pool = backend._pool
-    real_adjust = pool._adjust_thread_count  # type: ignore[attr-defined]
-
-    def queued_then_interrupted() -> None:
-        real_adjust()
-        pool._adjust_thread_count = real_adjust  # type: ignore[attr-defined]
-        raise KeyboardInterrupt
-
-    pool._adjust_thread_count = queued_then_interrupted  # type: ignore[attr-defined]
+    backend = PosixIO(tmp_path, threads=1, task_size=2 * ALIGN, io="buffered", files=files, pool=make_pool)
+    (tmp_path / "mine").write_bytes(b"\x07" * size)  # not through the backend: its first submit is interrupted
+    (tmp_path / "other").write_bytes(b"O" * size)
     dest = aligned_empty(size)
     dest.zero_()
     with pytest.raises(KeyboardInterrupt):
         backend.read_files([FileRead(tmp_path / "mine", dest, size, size)])
     other = os.open(tmp_path / "other", os.O_RDONLY)  # may get the number the interrupted read had
     try:
+        files.go.set()  # the piece goes on
         backend.close()  # waits for the queued piece
         os.fstat(other)  # still open: nobody closed it
         assert b"O" not in bytes(dest.numpy())  # and nobody read it into this buffer
+        assert not files.closed_under_a_read
     finally:
         os.close(other)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import errno
 import gc
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from faults import FailingReads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tiercache
-from tiercache.io import posix
 from tiercache.io.aligned import ALIGN
 from tiercache.io.buffers import HostBuffers
 
@@ -63,17 +61,17 @@ def test_a_read_takes_only_a_region_at_most_a_quarter_larger() -> None:
     assert buffers.empty(52 * MiB).data_ptr() == address
 
 
-class _ScanHook(list):  # type: ignore[type-arg]
-    """An idle list that runs `hook` once, after a scan has passed its first element."""
+class _Once:
+    """A hook that runs `call` the first time it is called, and does nothing after."""
 
-    hook: Callable[[], object] | None = None
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.call = call
+        self.calls = 0
 
-    def __iter__(self) -> Iterator[Any]:
-        for i, item in enumerate(list.__iter__(self)):
-            yield item
-            if i == 0 and self.hook is not None:
-                hook, self.hook = self.hook, None
-                hook()
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.call()
 
 
 class _Cycle:
@@ -85,7 +83,6 @@ def test_a_lease_collected_in_the_middle_of_a_scan_never_lends_a_smaller_region(
     """The cyclic GC may free a lease at any point, in this very thread, while the pool picks a region (found by
     a review: the pool once lent an 8 KiB buffer over a 4 KiB region that way)."""
     buffers = HostBuffers(max_idle=2)
-    buffers._idle = _ScanHook()
     garbage = _Cycle()
     garbage.me, garbage.buffer = garbage, buffers.empty(ALIGN)  # a lease only the cyclic GC frees
     a, b = buffers.empty(2 * ALIGN), buffers.empty(ALIGN)
@@ -94,12 +91,15 @@ def test_a_lease_collected_in_the_middle_of_a_scan_never_lends_a_smaller_region(
     try:
         del garbage, a, b
         assert buffers.idle_bytes == 3 * ALIGN  # idle: 8 KiB, 4 KiB; the garbage's 4 KiB waits for the GC
-        buffers._idle.hook = gc.collect
+        hook = buffers.on_scan = _Once(gc.collect)  # the GC runs once the scan has passed the first idle region
         lent = buffers.empty(2 * ALIGN)
+        buffers.on_scan = None
     finally:
         gc.enable()
+    assert hook.calls >= 1  # it did run mid-scan
     assert lent.data_ptr() == only_fit  # the 8 KiB region, not a 4 KiB one under an 8 KiB tensor
-    assert all(region.data_ptr() != only_fit for _, region in buffers._idle)  # and not left idle to be lent twice
+    assert buffers.idle_bytes == 2 * ALIGN  # b's region and the garbage's wait; the 8 KiB one is not left idle
+    assert buffers.empty(2 * ALIGN).data_ptr() != only_fit  # to be lent twice
 
 
 def test_idle_regions_are_capped_oldest_freed_first() -> None:
@@ -157,30 +157,29 @@ def test_values_read_earlier_survive_later_reads_of_the_same_entry(tmp_path: Pat
         assert any("host buffers for nvme reads and reloads: 1 reused" in note for note in cache.stats().notes)
 
 
-def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_read_gives_its_buffers_back_at_once(tmp_path: Path) -> None:
     """No reference cycle through the error's traceback holds them until the cyclic GC runs (found by a review)."""
     policy = tiercache.Policy.from_dict(
         {"name": "nvme-only", "tiers": {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": "1GiB"}}}
     )
-    with tiercache.TierCache(root=tmp_path, policy=policy, device="cpu") as cache:
+    disk = FailingReads()
+    with tiercache.TierCache(root=tmp_path, policy=policy, device="cpu", files=disk) as cache:
         cache.put("e", {"a": torch.randn(1 << 20), "b": torch.randn(1 << 20)})
-
-        def failing_read(fd: int, buffer: memoryview, offset: int) -> int:
-            raise OSError(errno.EIO, "injected")
-
-        monkeypatch.setattr(posix, "_pread_all", failing_read)
+        buffers = cache.tiers["nvme"].layout.buffers
+        disk.failing.set()
         gc.disable()
         try:
+            assert buffers.idle_bytes == 0
             with pytest.raises(tiercache.StorageError, match="injected"):
                 cache.get("e")
-            assert cache.tiers["nvme"].layout.buffers.idle_bytes >= 8 << 20
-            cache.tiers["nvme"].layout.buffers.close()  # start again from nothing idle
-            cache.tiers["nvme"].layout.buffers = HostBuffers()
-            handle = cache.prefetch("e")
+            assert buffers.idle_bytes >= 8 << 20
+            reused = buffers.reused
+            handle = cache.prefetch("e")  # lent the region the failed get gave back: nothing else is idle
+            assert buffers.reused == reused + 1
             with pytest.raises(tiercache.StorageError, match="injected"):
                 handle.wait()
             del handle  # the handle's future keeps the error, whose traceback keeps the frames: no buffers in them
-            assert cache.tiers["nvme"].layout.buffers.idle_bytes >= 8 << 20
+            assert buffers.idle_bytes >= 8 << 20
         finally:
             gc.enable()
 

@@ -28,6 +28,7 @@ from .engine import Engine
 from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_tensors
 from .errors import CacheClosedError, EntryValueError, TierCacheError
 from .io.buffers import HostBuffers
+from .io.files import FileOps
 from .policy import Policy, Profile, load_policy
 from .prefetch import PrefetchHandle
 from .records import Decision, EntryInfo, PutHints, Read
@@ -58,7 +59,8 @@ class TierCache:
 
     `policy` is a `Policy`, a path to a TOML policy file or a preset name ("cpu", "h100", ...). `root` is the
     nvme tier's directory; entries that reach it survive the process. With `root=None` a temporary directory
-    is used and removed at close.
+    is used and removed at close. `files` is the system calls the nvme tier makes (`tiercache.io.FileOps`, the
+    real ones by default; a test's subclass injects faults or delays).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class TierCache:
         *,
         device: str | torch.device | None = None,
         clock: Callable[[], float] | None = None,
+        files: FileOps | None = None,
     ) -> None:
         self.policy: Policy
         self.profile: Profile
@@ -82,7 +85,8 @@ class TierCache:
         # Shared, the memory one pathway gave back serves the other, and at most one pool's worth waits idle.
         self._landing = HostBuffers(max_idle=8)  # as many regions as two pools kept, in one pool's bytes
         self._transfers = Transfers(self.device, self.policy.transfer.chunk_size, self._landing)
-        path = DataPath(self.device, self._transfers, self._landing, self.root, self._log.record)
+        files = files if files is not None else FileOps()
+        path = DataPath(self.device, self._transfers, self._landing, self.root, self._log.record, files)
         try:
             self._tiers: dict[str, Tier] = open_tiers(self.policy.tiers, path)
         except BaseException:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,11 +46,19 @@ class _Lease:
 
 
 class HostBuffers:
-    """Page-aligned uint8 host buffers for transfers, their regions reused once no tensor uses them."""
+    """Page-aligned uint8 host buffers for transfers, their regions reused once no tensor uses them.
 
-    def __init__(self, max_idle: int = 4, max_idle_bytes: int = 1 << 30) -> None:
+    `on_scan` (default None) is a seam for tests: called while a request scans the idle regions, after each region
+    it looked at, under the pool's lock, in the requesting thread. Whatever it does (run the cyclic GC, which may
+    collect a lease there) is what could happen at that point anyway; the pool must lend correctly regardless.
+    """
+
+    def __init__(
+        self, max_idle: int = 4, max_idle_bytes: int = 1 << 30, *, on_scan: Callable[[], object] | None = None
+    ) -> None:
         self.max_idle = max_idle
         self.max_idle_bytes = max_idle_bytes
+        self.on_scan = on_scan
         self.returned: deque[torch.Tensor] = deque()  # regions whose leases died (deque.append is atomic)
         self._idle: list[tuple[int, torch.Tensor]] = []  # (bytes, region), oldest first; changed under _lock only
         self._lock = threading.Lock()
@@ -72,7 +81,8 @@ class HostBuffers:
         is the tensor's bytes, not its region's)."""
         with self._lock:
             self._settle()
-            fits = [(size, i) for i, (size, _) in enumerate(self._idle) if padded <= size <= padded + padded // 4]
+            idle = self._idle if self.on_scan is None else _observed(self._idle, self.on_scan)
+            fits = [(size, i) for i, (size, _) in enumerate(idle) if padded <= size <= padded + padded // 4]
             if not fits:
                 self.fresh += 1
                 return None
@@ -100,3 +110,13 @@ class HostBuffers:
             self._closed = True
             self._settle()
             self._idle.clear()
+
+
+T = TypeVar("T")
+
+
+def _observed(items: Iterable[T], hook: Callable[[], object]) -> Iterator[T]:
+    """`items`, with `hook` called after each is looked at (HostBuffers.on_scan)."""
+    for item in items:
+        yield item
+        hook()

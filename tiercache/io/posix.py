@@ -13,8 +13,8 @@ import os
 import threading
 import traceback
 import uuid
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +23,7 @@ import torch
 from ..errors import StorageError
 from .aligned import ALIGN, aligned_empty, buffer_of, round_up
 from .checksum import crc32c_address, crc32c_combine
+from .files import FileOps
 
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
@@ -37,24 +38,25 @@ def drop_page_cache(path: str | Path) -> None:
         os.close(fd)
 
 
-def probe_direct_io(directory: Path) -> str | None:
-    """None if O_DIRECT works for files in `directory`, else why it does not."""
+def probe_direct_io(directory: Path, files: FileOps | None = None) -> str | None:
+    """None if O_DIRECT works for files in `directory` (through `files`, the real calls by default), else why not."""
     if not O_DIRECT:
         return "this platform has no O_DIRECT"
+    files = files if files is not None else FileOps()
     probe = directory / f".direct-probe-{uuid.uuid4().hex}"
     block = aligned_empty(ALIGN)
     block.fill_(7)
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | O_DIRECT, 0o600)
+        fd = files.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | O_DIRECT, 0o600)
         try:
-            os.pwritev(fd, [buffer_of(block)], 0)
-            os.preadv(fd, [buffer_of(block)], 0)
+            files.pwritev(fd, [buffer_of(block)], 0)
+            files.preadv(fd, [buffer_of(block)], 0)
         finally:
-            os.close(fd)
+            files.close(fd)
     except OSError as exc:
         return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
     finally:
-        probe.unlink(missing_ok=True)
+        files.unlink(probe, missing_ok=True)
     return None
 
 
@@ -142,15 +144,37 @@ def wait_through_interrupts(futures: Sequence[Future[Any]]) -> BaseException | N
             interrupted = interrupted or exc
 
 
-class PosixIO:
-    """Parallel, chunked file I/O with O_DIRECT where the filesystem supports it ("o_direct"), else "buffered"."""
+Pool = Callable[[int], Executor]  # given the thread count, the executor that runs the pieces
 
-    def __init__(self, directory: Path, *, threads: int, task_size: int, io: str = "auto") -> None:
+
+def io_threads(threads: int) -> Executor:
+    """The default pool of PosixIO's pieces."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="tiercache-io")
+
+
+class PosixIO:
+    """Parallel, chunked file I/O with O_DIRECT where the filesystem supports it ("o_direct"), else "buffered".
+
+    Every system call goes through `files` (the real ones by default); the pieces run on the executor that `pool`
+    makes for `threads` (a thread pool by default; a test's own to act between a piece's queueing and its run).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        threads: int,
+        task_size: int,
+        io: str = "auto",
+        files: FileOps | None = None,
+        pool: Pool = io_threads,
+    ) -> None:
         if task_size <= 0 or task_size % ALIGN:
             raise ValueError(f"task_size must be a positive multiple of {ALIGN}, got {task_size}")
         self.task_size = task_size
         self.threads = threads
-        why_not = probe_direct_io(directory) if io != "buffered" else "buffered I/O requested"
+        self.files = files if files is not None else FileOps()
+        why_not = probe_direct_io(directory, self.files) if io != "buffered" else "buffered I/O requested"
         if io == "direct" and why_not:
             raise StorageError(
                 f"O_DIRECT is not usable in {directory}: {why_not}; "
@@ -159,7 +183,7 @@ class PosixIO:
         self.mode = "o_direct" if why_not is None else "buffered"
         self.why_buffered = why_not
         self._flags = O_DIRECT if self.mode == "o_direct" else 0
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tiercache-io")
+        self._pool = pool(threads)
         self._local = threading.local()
 
     def close(self) -> None:
@@ -169,8 +193,9 @@ class PosixIO:
     def write_file(self, path: Path, data: torch.Tensor, trailer: bytes = b"") -> None:
         """Create `path` holding `data` (a contiguous uint8 CPU tensor) followed by `trailer`, and fsync it."""
         size = data.numel() + len(trailer)
+        files = self.files
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | self._flags, 0o644)
+            fd = files.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | self._flags, 0o644)
         except OSError as exc:
             raise StorageError(f"cannot create {path}: {exc}") from exc
         try:
@@ -199,22 +224,29 @@ class PosixIO:
                     padded = aligned_empty(tail.numel())
                     padded[tail.numel() :].zero_()
                     padded[: tail.numel()].copy_(tail)
-                    _pwrite_all(fd, buffer_of(padded), body)
-                    os.ftruncate(fd, size)
+                    _pwrite_all(files, fd, buffer_of(padded), body)
+                    files.ftruncate(fd, size)
                 else:
-                    _pwrite_all(fd, buffer_of(tail), body)
-            os.fsync(fd)
+                    _pwrite_all(files, fd, buffer_of(tail), body)
+            files.fsync(fd)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # the write's error is the one to report
+                files.close(fd)
             raise StorageError(f"writing {size} bytes to {path} failed: {exc}") from exc
-        finally:
-            os.close(fd)
+        except BaseException:
+            files.close(fd)
+            raise
+        try:
+            files.close(fd)  # a deferred write error (NFS, a full thin volume) may surface only here
+        except OSError as exc:
+            raise StorageError(f"closing {path} after writing {size} bytes failed: {exc}") from exc
 
     def _write_piece(self, fd: int, piece: torch.Tensor, offset: int) -> None:
         if self.mode == "o_direct" and piece.data_ptr() % ALIGN:
             staging = self._staging()[: piece.numel()]
             staging.copy_(piece)  # torch copies release the GIL
             piece = staging
-        _pwrite_all(fd, buffer_of(piece), offset)
+        _pwrite_all(self.files, fd, buffer_of(piece), offset)
 
     def _staging(self) -> torch.Tensor:
         buffer = getattr(self._local, "staging", None)
@@ -244,7 +276,7 @@ class PosixIO:
                 span = round_up(size) if self.mode == "o_direct" else size
                 if dest.numel() < span or (self.mode == "o_direct" and dest.data_ptr() % ALIGN):
                     raise ValueError(f"destination for {path} must be {span} bytes and {ALIGN}-aligned")
-                file = OpenFile(_open_sized(path, self._flags, size))
+                file = OpenFile(_open_sized(self.files, path, self._flags, size), self.files)
                 pieces: list[tuple[int, Future[tuple[int, int]]]] = []
                 pending.append(PendingRead(path, size, pieces, file, digest_bytes))  # finish() closes the file
                 # Pieces of equal size, none above task_size: a file of task_size plus its 4-byte checksum is two
@@ -272,15 +304,19 @@ class FileRead(NamedTuple):
     digest_bytes: int | None = None
 
 
-def _open_sized(path: str | Path, flags: int, size: int) -> int:
+def _open_sized(files: FileOps, path: str | Path, flags: int, size: int) -> int:
     """Open `path` for reading; it must hold exactly `size` bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | flags)
+        fd = files.open(path, os.O_RDONLY | flags)
     except OSError as exc:
         raise StorageError(f"cannot open {path}: {exc}") from exc
-    actual = os.fstat(fd).st_size
+    try:
+        actual = files.fstat(fd).st_size
+    except OSError as exc:
+        files.close(fd)
+        raise StorageError(f"cannot stat {path}: {exc}") from exc
     if actual != size:
-        os.close(fd)
+        files.close(fd)
         raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
     return fd
 
@@ -292,8 +328,9 @@ class OpenFile:
     file closed and reads nothing, or holds it open until it is done: a descriptor is never closed under a read,
     whose number the next open would reuse."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, files: FileOps) -> None:
         self.fd = fd
+        self.files = files
         self._users = 0
         self._closing = False
         self._lock = threading.Lock()
@@ -310,7 +347,7 @@ class OpenFile:
             self._users -= 1
             last = self._closing and self._users == 0
         if last:
-            os.close(self.fd)
+            self.files.close(self.fd)
 
     def close(self) -> None:
         with self._lock:
@@ -319,7 +356,7 @@ class OpenFile:
             self._closing = True
             idle = self._users == 0
         if idle:
-            os.close(self.fd)
+            self.files.close(self.fd)
 
 
 def _read_piece(
@@ -333,7 +370,7 @@ def _read_piece(
     if fd is None:  # closed by a caller that was interrupted while queueing this piece: nothing to read
         return 0, 0
     try:
-        count = _pread_all(fd, buffer_of(dest)[start:end], start)
+        count = _pread_all(file.files, fd, buffer_of(dest)[start:end], start)
     finally:
         file.release()
         if close:
@@ -343,18 +380,20 @@ def _read_piece(
     return count, crc32c_address(dest.data_ptr() + start, min(digest_bytes, count))
 
 
-def _pread_all(fd: int, buffer: memoryview, offset: int) -> int:
+def _pread_all(files: FileOps, fd: int, buffer: memoryview, offset: int) -> int:
     """Fill `buffer` from `offset`, looping over short reads; stops early only at end of file."""
+    preadv = files.preadv
     done = 0
     while done < len(buffer):
-        count = os.preadv(fd, [buffer[done:]], offset + done)
+        count = preadv(fd, [buffer[done:]], offset + done)
         if count == 0:
             break
         done += count
     return done
 
 
-def _pwrite_all(fd: int, buffer: memoryview, offset: int) -> None:
+def _pwrite_all(files: FileOps, fd: int, buffer: memoryview, offset: int) -> None:
+    pwritev = files.pwritev
     done = 0
     while done < len(buffer):
-        done += os.pwritev(fd, [buffer[done:]], offset + done)
+        done += pwritev(fd, [buffer[done:]], offset + done)

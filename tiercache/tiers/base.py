@@ -21,6 +21,7 @@ import torch
 from ..entry import EntrySpec, Tensors
 from ..errors import CapacityError
 from ..io.buffers import HostBuffers
+from ..io.files import FileOps
 from ..pathway import Pathway
 from ..policy.schema import TierBudget
 from ..transfer import Event, Transfers, all_of
@@ -90,13 +91,15 @@ class Load:
 @dataclass
 class DataPath:
     """What every tier of one cache shares: the compute device, its copy streams, host buffers that reads land in,
-    the root for tiers that keep files, and where completed transfers are logged."""
+    the root for tiers that keep files, where completed transfers are logged, and the system calls that files are
+    read and written through (the real ones unless a test injects faults or delays)."""
 
     device: torch.device
     transfers: Transfers | None = None
     buffers: HostBuffers | None = None
     root: Path | None = None
     on_transfer: OnTransfer = field(default=lambda pathway, nbytes, seconds: None)
+    files: FileOps = field(default_factory=FileOps)
 
     def endpoint(self, device: torch.device) -> str:
         """A device as a pathway names it: "hbm" (the compute device), "host" (CPU memory) or the device itself."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from ...entry import EntrySpec, TensorSpec
 from ...errors import RootInUseError
+from ...io.files import FileOps
 
 FORMAT = "tiercache-entry"
 FORMAT_VERSION = 1
@@ -112,8 +113,8 @@ def array_metadata(spec: TensorSpec, index: int) -> dict[str, Any]:
     }
 
 
-def parse_group(path: Path) -> StoredEntry:
-    meta = json.loads((path / "zarr.json").read_text())
+def parse_group(path: Path, files: FileOps) -> StoredEntry:
+    meta = json.loads(files.read_bytes(path / "zarr.json"))
     manifest = meta["attributes"]["tiercache"]
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} manifest")
@@ -141,30 +142,20 @@ def parents_between(path: Path, top: Path) -> list[Path]:
     return chain
 
 
-def write_json(path: Path, data: dict[str, Any], sync: bool = True) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
+def write_json(path: Path, data: dict[str, Any], files: FileOps, sync: bool = True) -> None:
+    files.write_bytes(path, json.dumps(data, indent=1).encode(), sync=sync)
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def lock_root(root: Path, files: FileOps) -> int:
+    fd = files.open(root / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def lock_root(root: Path) -> int:
-    fd = os.open(root / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RootInUseError(
-            f"{root} is already open by another TierCache (this process or another); "
-            "close that cache first, or give this one a different root="
-        ) from None
+        files.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException as exc:
+        files.close(fd)  # whatever stopped the lock, the descriptor does not outlive it
+        if isinstance(exc, BlockingIOError):
+            raise RootInUseError(
+                f"{root} is already open by another TierCache (this process or another); "
+                "close that cache first, or give this one a different root="
+            ) from None
+        raise
     return fd

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,17 +15,17 @@ from typing import TypeVar
 import torch
 
 from ...entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
-from ...errors import CorruptEntryError
+from ...errors import CorruptEntryError, StorageError
 from ...io import FileRead, PendingRead, PosixIO, buffer_of, round_up
 from ...io.buffers import HostBuffers
 from ...io.checksum import crc32c
 from ...io.device_io import KvikioIO
+from ...io.files import FileOps
 from .format import (
     CHECKSUM_BYTES,
     StoredEntry,
     array_metadata,
     chunk_path,
-    fsync_path,
     group_metadata,
     key_hash,
     lock_root,
@@ -46,32 +44,47 @@ class DiskLayout:
     """Reads and writes entries under one root directory, which it holds locked while open."""
 
     def __init__(
-        self, root: Path, io: PosixIO, device_io: KvikioIO | None = None, buffers: HostBuffers | None = None
+        self,
+        root: Path,
+        io: PosixIO,
+        device_io: KvikioIO | None = None,
+        buffers: HostBuffers | None = None,
+        files: FileOps | None = None,
     ) -> None:
         """`io` moves host memory; `device_io`, where given, moves tensors on `device_io.device` without the host. Reads
-        land in `buffers` (a pool of this layout's own unless given: a cache shares one with its reloads)."""
+        land in `buffers` (a pool of this layout's own unless given: a cache shares one with its reloads). Names,
+        metadata files and the lock go through `files` (by default `io.files`, so that both see the same disk)."""
         self.root = root
         self.io = io
         self.device_io = device_io
+        self.files = files if files is not None else io.files
         self.entries_dir = root / "entries"
         self.tmp_dir = root / "tmp"
         self.trash_dir = root / "trash"
         for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = lock_root(root)
-        if not (self.entries_dir / "zarr.json").exists():
-            write_json(self.entries_dir / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+            self.files.mkdir(d, parents=True, exist_ok=True)
+        self._lock_fd: int | None = lock_root(root, self.files)
+        try:
+            if not self.files.exists(self.entries_dir / "zarr.json"):
+                group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+                write_json(self.entries_dir / "zarr.json", group, self.files)
+        except BaseException:
+            self._unlock()
+            raise
         # Host memory that reads land in, reused once no tensor uses it.
         self.buffers = buffers if buffers is not None else HostBuffers()
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
-        self._files = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
+        self._jobs = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 
     def close(self) -> None:
-        self._files.shutdown(wait=True)
+        self._jobs.shutdown(wait=True)
         self.buffers.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+            fd, self._lock_fd = self._lock_fd, None
+            self.files.close(fd)  # releases the flock
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def write(self, spec: EntrySpec, tensors: Iterable[torch.Tensor]) -> StoredEntry:
@@ -85,25 +98,31 @@ class DiskLayout:
         for device in {t.device for t in tensors if t.is_cuda}:  # the files get what the producers' queued work wrote
             torch.cuda.current_stream(device).synchronize()
         staging = self.tmp_dir / name
-        staging.mkdir()
+        files = self.files
+        try:
+            files.mkdir(staging)
+        except OSError as exc:
+            raise StorageError(f"entry {spec.key!r}: cannot create {staging}: {exc}") from exc
         try:
             jobs = [
-                self._files.submit(self._write_array, staging / f"t{index}", index, tspec, tensor)
+                self._jobs.submit(self._write_array, staging / f"t{index}", index, tspec, tensor)
                 for index, (tspec, tensor) in enumerate(zip(spec.tensors, tensors, strict=True))
             ]
             wait(jobs)  # all of them, even after a failure: none may still be writing when staging is removed
             results = [job.result() for job in jobs]
             checksums = [checksum for checksum, _ in results]
             written_ns = time.time_ns()
-            write_json(staging / "zarr.json", group_metadata(spec, checksums, written_ns), sync=False)
+            write_json(staging / "zarr.json", group_metadata(spec, checksums, written_ns), files, sync=False)
             # Data files were fsynced as written; make every new name durable before the rename publishes them.
             created = [staging, staging / "zarr.json", *(path for _, paths in results for path in paths)]
-            list(self._files.map(fsync_path, created))
+            list(self._jobs.map(files.fsync_path, created))
             final = self.entries_dir / name
-            os.rename(staging, final)
-            fsync_path(self.entries_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            files.rename(staging, final)
+            files.fsync_path(self.entries_dir)
+        except BaseException as exc:
+            files.remove_tree(staging)
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):  # a metadata write, fsync or rename
+                raise StorageError(f"writing entry {spec.key!r} under {staging} failed: {exc}") from exc
             raise
         return StoredEntry(spec=spec, path=final, checksums=tuple(checksums), written_ns=written_ns)
 
@@ -111,8 +130,8 @@ class DiskLayout:
         self, array_dir: Path, index: int, spec: TensorSpec, tensor: torch.Tensor
     ) -> tuple[int | None, list[Path]]:
         """Write one tensor's zarr array; returns its checksum and the paths it created (to fsync)."""
-        array_dir.mkdir()
-        write_json(array_dir / "zarr.json", array_metadata(spec, index), sync=False)
+        self.files.mkdir(array_dir)
+        write_json(array_dir / "zarr.json", array_metadata(spec, index), self.files, sync=False)
         created = [array_dir, array_dir / "zarr.json"]
         if spec.nbytes == 0:  # an empty array has no chunks in zarr
             return None, created
@@ -120,7 +139,7 @@ class DiskLayout:
         raw = as_bytes(tensor if on_device or tensor.device.type == "cpu" else tensor.cpu())
         checksum = self.device_io.checksum(raw) if on_device and self.device_io is not None else crc32c(raw)
         chunk = chunk_path(array_dir, len(spec.shape))
-        chunk.parent.mkdir(parents=True, exist_ok=True)
+        self.files.mkdir(chunk.parent, parents=True, exist_ok=True)
         created += parents_between(chunk, array_dir)
         backend = self.device_io if on_device and self.device_io is not None else self.io
         backend.write_file(chunk, raw, trailer=checksum.to_bytes(CHECKSUM_BYTES, "little"))
@@ -302,23 +321,25 @@ class DiskLayout:
         """Delete an entry: an atomic rename out of entries/, then the files."""
         target = self.trash_dir / stored.path.name
         try:
-            os.rename(stored.path, target)
+            self.files.rename(stored.path, target)
         except FileNotFoundError:
             return
-        fsync_path(self.entries_dir)  # the removal is durable before the files go
-        shutil.rmtree(target, ignore_errors=True)
+        self.files.fsync_path(self.entries_dir)  # the removal is durable before the files go
+        self.files.remove_tree(target)
 
     def scan(self) -> list[StoredEntry]:
         """Rebuild the index from disk, oldest first. Leftovers of interrupted writes and removals are cleared;
         of two versions of a key the newer wins; an entry that cannot be read (damaged, or written by a newer
         format) is skipped with a warning and left on disk."""
+        files = self.files
         for leftover in (self.tmp_dir, self.trash_dir):
-            for path in leftover.iterdir():
-                shutil.rmtree(path, ignore_errors=True)
+            for name in files.listdir(leftover):
+                files.remove_tree(leftover / name)
         newest: dict[str, StoredEntry] = {}
-        for path in sorted(p for p in self.entries_dir.iterdir() if p.is_dir()):
+        entries = sorted(self.entries_dir / name for name in files.listdir(self.entries_dir))
+        for path in (p for p in entries if files.is_dir(p)):
             try:
-                stored = parse_group(path)
+                stored = parse_group(path, files)
             except (OSError, ValueError, KeyError, TypeError) as exc:  # never delete what we cannot read
                 log.warning(
                     "tiercache: skipping unreadable entry %s (left on disk; delete it to reclaim): %s", path, exc

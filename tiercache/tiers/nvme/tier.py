@@ -21,7 +21,8 @@ from .layout import DiskLayout
 
 class NvmeTier(Tier):
     """Host memory moves through the POSIX backend; tensors on the compute device through kvikio where it works
-    (`device_io`), without a stop in host memory."""
+    (`device_io`), without a stop in host memory. The POSIX backend and the layout make their system calls through
+    `DataPath.files` (kvikio makes its own)."""
 
     persistent = True
 
@@ -30,12 +31,12 @@ class NvmeTier(Tier):
         if path.root is None:
             raise ValueError("the nvme tier keeps files: DataPath.root is required")
         root = path.root
-        root.mkdir(parents=True, exist_ok=True)
+        path.files.mkdir(root, parents=True, exist_ok=True)
         self.verify = budget.verify_checksums
-        self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io)
+        self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io, files=path.files)
         try:
             self.device_io, self.why_not_device_io = _open_device_io(root, budget, path.device)
-            self.layout = DiskLayout(root, self.io, self.device_io, path.buffers)
+            self.layout = DiskLayout(root, self.io, self.device_io, path.buffers, path.files)
         except BaseException:
             self.io.close()
             raise
