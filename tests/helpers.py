@@ -10,6 +10,7 @@ import torch
 import tiercache
 from tiercache.entry import as_bytes
 from tiercache.policy.schema import TIER_NAMES
+from tiercache.transfer import Transfers
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -57,3 +58,10 @@ def kv(seed: int, nbytes: int = 64 * KiB, dtype: torch.dtype = torch.float32) ->
     gen = torch.Generator().manual_seed(seed)
     n = max(1, nbytes // 2 // dtype.itemsize)
     return {name: torch.randn(n, generator=gen).to(dtype) for name in ("k", "v")}
+
+
+def transfers(cache: tiercache.TierCache) -> Transfers:
+    """The cache's copy streams, as its tiers share them (DataPath.transfers): where tests delay or fail copies."""
+    shared = cache.tiers["host"].path.transfers
+    assert shared is not None
+    return shared

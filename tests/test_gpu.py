@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, MiB, assert_same, kv, only_tier, policy
+from helpers import KiB, MiB, assert_same, kv, only_tier, policy, transfers
 from test_entries import DTYPES, sample
 
 import tiercache
@@ -70,7 +70,7 @@ SPIN = 200_000_000  # GPU clock cycles torch.cuda._sleep spins ahead of each cop
 
 
 def delay_reloads(cache: tiercache.TierCache) -> None:
-    stream = cache._transfers.reload
+    stream = transfers(cache).reload
     assert isinstance(stream, CudaStream)
     stream.before_copy = lambda: torch.cuda._sleep(SPIN)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, assert_same, kv, only_tier, policy
+from helpers import KiB, assert_same, kv, only_tier, policy, transfers
 
 import tiercache
 from tiercache.errors import EntryValueError
@@ -41,7 +41,7 @@ def worker() -> Iterator[WorkerStream]:
 
 def reload_worker(cache: tiercache.TierCache) -> WorkerStream:
     """The cache's reload stream, a worker thread on this machine, to inject delays or failures into."""
-    stream = cache._transfers.reload
+    stream = transfers(cache).reload
     assert isinstance(stream, WorkerStream)
     return stream
 
@@ -206,7 +206,7 @@ def test_host_memory_being_read_is_not_reused_until_the_copy_is_done(make_cache:
 def test_a_put_copies_the_tensors_before_returning(make_cache: CacheFactory) -> None:
     cache = make_cache(only_tier("host"))
     changed = threading.Event()
-    offload = cache._transfers.offload
+    offload = transfers(cache).offload
     assert isinstance(offload, WorkerStream)
     offload.before_copy = lambda: changed.wait(timeout=0.5)  # a copy that returns early would see the change
     source = kv(4)
@@ -233,7 +233,7 @@ def test_offloads_and_reloads_are_logged_once_their_copies_are_done(make_cache: 
     cache.put("a", kv(1))
     cache.put("b", kv(2))  # demotes a: hbm -> host on the offload stream
     assert_same(cache.get("a"), kv(1))  # host -> hbm on the reload stream; promoting a demotes b
-    cache._transfers.deferred.settle_all()  # b's offload may still be running: stats() shows finished copies
+    transfers(cache).deferred.settle_all()  # b's offload may still be running: stats() shows finished copies
     paths = cache.stats().pathways
     assert paths["hbm->host(pageable)"].bytes == 128 * KiB and paths["host(pageable)->hbm"].bytes == 64 * KiB
 
@@ -341,14 +341,14 @@ def test_an_entry_demoted_while_its_promoting_copy_is_in_flight_keeps_its_values
 
 def test_a_failed_offload_leaves_nothing_behind(make_cache: CacheFactory) -> None:
     cache = make_cache(only_tier("host"))
-    offload = cache._transfers.offload
+    offload = transfers(cache).offload
     assert isinstance(offload, WorkerStream)
 
     offload.before_copy = fail_copies
     with pytest.raises(RuntimeError, match="injected"):
         cache.put("kv", kv(1))
     offload.before_copy = None
-    cache._transfers.deferred.settle_all()
+    transfers(cache).deferred.settle_all()
     assert "kv" not in cache and cache.stats().tiers["host"].used == 0 and cache.tiers["host"].pool.used == 0
 
 
