@@ -31,6 +31,7 @@ def tiny_bench(monkeypatch: pytest.MonkeyPatch, out: Path, *, sizes: str, gpu_si
         monkeypatch.setenv(name, value)
 
 
+@pytest.mark.direct_io  # its rows and report name the O_DIRECT reads it expects
 def test_bench_runs_end_to_end_at_tiny_sizes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -68,6 +69,7 @@ def test_bench_runs_end_to_end_at_tiny_sizes(
     assert not (tmp_path / "out" / "report.partial.md").exists()  # the whole report replaced it
 
 
+@pytest.mark.direct_io
 def test_a_run_cut_short_leaves_what_it_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU session's command has a time limit: the rows measured before it struck are kept."""
     tiny_bench(monkeypatch, tmp_path / "out", sizes="64KiB", repeat=1)

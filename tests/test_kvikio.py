@@ -145,7 +145,7 @@ def test_a_kvikio_that_does_not_load_is_a_reason_not_a_crash(tmp_path: Path, mon
 @pytest.mark.usefixtures("fake_kvikio")
 def test_kvikio_read_buffers_start_on_a_page(make_cache: CacheFactory) -> None:
     """GDS reads straight into device memory only at page-aligned addresses (the CUDA allocator aligns to 512)."""
-    device_io = make_cache(kvikio_policy())._tiers["nvme"].device_io
+    device_io = make_cache(kvikio_policy()).tiers["nvme"].device_io
     assert isinstance(device_io, KvikioIO)
     for size in (1, 4096, 12345, 3 << 20):
         torch.empty(size % 1000 + 1, device=device_io.device)  # shift the allocator's next block

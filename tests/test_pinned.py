@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiercache.tiers.host import pool as pinned
 from tiercache.tiers.host.pool import GRAIN, Extent, HostPool, pieces
 from tiercache.transfer import WorkerStream
 
@@ -27,8 +26,7 @@ def test_a_pool_without_cuda_is_pageable_and_says_why() -> None:
 def test_a_pool_near_the_free_memory_is_not_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pinned pages cannot be reclaimed: pinning most of the free RAM would get the process OOM-killed."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(pinned, "_available_ram", lambda: 6 << 20)
-    pool = HostPool(4 << 20, pin=True)  # cudaHostRegister is never reached: this machine has no CUDA
+    pool = HostPool(4 << 20, pin=True, available_ram=lambda: 6 << 20)  # cudaHostRegister is never reached here
     assert not pool.pinned
     assert "more than half of the 6291456 bytes" in (pool.why_pageable or "")
     assert "tiers.host.capacity" in (pool.why_pageable or "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,20 @@ class Extent:
 class HostPool:
     """A fixed region of host memory handed out in extents. Thread-safe."""
 
-    def __init__(self, capacity: int, *, pin: bool, deferred: Deferred | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        pin: bool,
+        deferred: Deferred | None = None,
+        available_ram: Callable[[], int | None] | None = None,
+    ) -> None:
+        """`available_ram` says how many bytes of RAM this process could still get (default: what the kernel and
+        a cgroup limit say); pinning more than half of it is refused."""
         self.capacity = round_up(capacity, GRAIN)
         self.region = aligned_empty(self.capacity) if self.capacity else torch.empty(0, dtype=torch.uint8)
         self.deferred = deferred if deferred is not None else Deferred()
-        self.pinned, self.why_pageable = _pin(self.region, pin)
+        self.pinned, self.why_pageable = _pin(self.region, pin, available_ram or _available_ram)
         self.used = 0  # bytes handed out, in whole grains
         self.fallbacks = 0  # requests the pool could not serve (served from pageable memory instead)
         self._free: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []  # (offset, nbytes)
@@ -158,7 +168,7 @@ def pieces(extents: list[Extent], nbytes: int, start: int = 0) -> list[tuple[int
     return out
 
 
-def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
+def _pin(region: torch.Tensor, pin: bool, available_ram: Callable[[], int | None]) -> tuple[bool, str | None]:
     """Page-lock the region once; returns (pinned, why not)."""
     if not pin:
         return False, "pinning is off (tiers.host.pinned = false, or the compute device is the CPU)"
@@ -166,7 +176,7 @@ def _pin(region: torch.Tensor, pin: bool) -> tuple[bool, str | None]:
         return False, "CUDA is not available, so there is nothing to pin for"
     if region.numel() == 0:
         return False, "the host tier has no capacity"
-    available = _available_ram()
+    available = available_ram()
     if available is not None and region.numel() > available // 2:
         # Pinned pages can never be swapped or reclaimed: a pool near the machine's free memory gets the process
         # killed by the OOM killer, not an error.
