@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CacheFactory
-from faults import FailingClose, FailingFsync, FillingDisk, UnlistableDisk
-from helpers import assert_same, kv, only_tier
+from faults import FailingClose, FailingFsync, FillingDisk, NoDirectIO, UnlistableDisk
+from helpers import assert_same, kv, only_tier, policy
 
 import tiercache
 from tiercache import CacheClosedError, Policy, StorageError
@@ -162,3 +162,35 @@ def test_a_failed_open_releases_the_root(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="cannot list entries"):
         tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme"), files=disk)
     tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme")).close()
+
+
+def test_a_policy_that_asks_for_o_direct_is_refused_where_the_filesystem_has_none(tmp_path: Path) -> None:
+    strict = policy(tiers={"nvme": {"io": "o_direct"}})
+    with pytest.raises(StorageError, match="O_DIRECT"):
+        tiercache.TierCache(root=tmp_path / "root", policy=strict, files=NoDirectIO())
+    with tiercache.TierCache(root=tmp_path / "root", policy=policy(), files=NoDirectIO()) as cache:  # auto
+        assert cache.stats().nvme_io == "buffered"
+
+
+@pytest.mark.parametrize("nbytes", [4 * 1024, 4 << 20])  # a file of one piece, and of several
+def test_a_close_that_fails_after_a_read_loses_nothing_the_read_returned(
+    tmp_path: Path, nbytes: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = FailingClose()
+    with tiercache.TierCache(root=tmp_path / "root", policy=only_tier("nvme", 64 << 20), files=disk) as cache:
+        entry = kv(1, nbytes)
+        cache.put("k", entry)
+        disk.failing.set()
+        assert_same(cache.get("k"), entry)
+        disk.failing.clear()
+    assert "closing a file after reading it failed" in caplog.text
+
+
+def test_a_bad_stream_argument_is_refused_before_any_read_begins(make_cache: CacheFactory) -> None:
+    cache = make_cache(only_tier("host"))
+    cache.put("k", kv(1))
+    with pytest.raises(TypeError, match="stream must be"):
+        cache.stream("k", stream="not a stream")
+    cache.delete("k")  # no read is left in progress: the bytes go at once, and close() does not wait for one
+    assert cache.stats().tiers["host"].used == 0
+    cache.close()

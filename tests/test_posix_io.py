@@ -23,9 +23,9 @@ from tiercache.io.checksum import crc32c, crc32c_combine
 from tiercache.io.posix import O_DIRECT, probe_direct_io
 
 
-@pytest.fixture(params=["direct", "buffered"])
+@pytest.fixture(params=["o_direct", "buffered"])
 def io(request: pytest.FixtureRequest, tmp_path: Path, direct_io_reason: str | None):  # type: ignore[no-untyped-def]
-    if request.param == "direct" and direct_io_reason is not None:
+    if request.param == "o_direct" and direct_io_reason is not None:
         pytest.skip(direct_io_reason)
     backend = PosixIO(tmp_path, threads=3, task_size=2 * ALIGN, io=str(request.param))
     yield backend
@@ -60,7 +60,7 @@ def test_auto_falls_back_to_buffered_where_o_direct_fails(tmp_path: Path) -> Non
     backend.close()
     assert not list(tmp_path.glob(".direct-probe-*"))  # the probe cleaned up after itself
     with pytest.raises(StorageError, match="tiers.nvme.io"):
-        PosixIO(tmp_path, threads=1, task_size=ALIGN, io="direct", files=NoDirectIO())
+        PosixIO(tmp_path, threads=1, task_size=ALIGN, io="o_direct", files=NoDirectIO())
 
 
 @pytest.mark.direct_io
@@ -91,7 +91,7 @@ def test_writes_never_overwrite_an_existing_file(io: PosixIO, tmp_path: Path) ->
 
 @pytest.mark.direct_io
 def test_a_misaligned_destination_is_refused(tmp_path: Path) -> None:
-    backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="direct")
+    backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="o_direct")
     path = tmp_path / "f"
     backend.write_file(path, torch.zeros(10, dtype=torch.uint8))
     with pytest.raises(ValueError, match="aligned"):
@@ -108,7 +108,7 @@ def test_crc32c_combine_equals_the_crc_of_the_concatenation(a: bytes, b: bytes) 
 @pytest.mark.direct_io
 def test_a_many_piece_file_with_its_checksum_in_the_last_piece_alone(tmp_path: Path) -> None:
     """The digested bytes end exactly at a piece boundary: the trailer's piece adds nothing to the CRC."""
-    backend = PosixIO(tmp_path, threads=2, task_size=ALIGN, io="direct")
+    backend = PosixIO(tmp_path, threads=2, task_size=ALIGN, io="o_direct")
     data = torch.randint(0, 256, (3 * ALIGN,), dtype=torch.uint8)
     backend.write_file(tmp_path / "f", data, trailer=b"CRC!")
     job = backend.read_file(tmp_path / "f", aligned_empty(3 * ALIGN + 4), 3 * ALIGN + 4, digest_bytes=3 * ALIGN)
@@ -141,7 +141,7 @@ def test_a_missing_file_among_many_fails_the_start_and_leaves_nothing_open(io: P
 
 @pytest.mark.direct_io
 def test_a_refused_destination_starts_nothing_and_leaks_no_file(tmp_path: Path) -> None:
-    backend = PosixIO(tmp_path, threads=2, task_size=ALIGN, io="direct")
+    backend = PosixIO(tmp_path, threads=2, task_size=ALIGN, io="o_direct")
     big = torch.randint(0, 256, (5 * ALIGN,), dtype=torch.uint8)
     backend.write_file(tmp_path / "big", big)
     backend.write_file(tmp_path / "small", big[:10])

@@ -73,6 +73,20 @@ def test_replay_counts_hits_by_tier_and_predicts_transfer_time() -> None:
     assert outcome.moved_seconds["host(pageable)->hbm"] == pytest.approx(80 / 31.5e9)
 
 
+def test_a_promotion_into_host_is_charged_as_the_copy_the_cache_makes() -> None:
+    """An entry too large for hbm, read from nvme, is promoted into host: the real cache copies the tensors it
+    read to the compute device into the host pool (hbm->host), and the simulator charges that copy too."""
+    pol = policy(
+        profile="rtx-pro-6000-blackwell",
+        tiers={"hbm": {"capacity": 10}, "host": {"capacity": 100}, "nvme": {"capacity": 1000}},
+    )
+    trace = [req("put", "a", 80), req("put", "b", 90), req("get", "a", 80)]  # b pushes a down to nvme
+    outcome = replay(trace, pol)
+    assert outcome.hits == {"hbm": 0, "host": 0, "nvme": 1}
+    assert outcome.moved_bytes["nvme->hbm"] == 80  # the read
+    assert outcome.moved_bytes["hbm->host(pageable)"] == 80 + 90 + 80  # a's and b's puts, then a's promotion
+
+
 UNIFORM = st.lists(
     st.tuples(st.sampled_from(["put", "get", "get", "get", "delete"]), st.sampled_from("abcdefg")),
     min_size=1,

@@ -35,7 +35,7 @@ from .records import Decision, EntryInfo, PutHints, Read
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import DataPath, Load, Tier, open_tiers
 from .tiers.base import same_device
-from .transfer import Event, Transfers, consumer_stream
+from .transfer import Event, Stream, Transfers, consumer_stream
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,9 @@ class TierCache:
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise EntryValueError(f"stream({key!r}): lookahead must be an integer >= 0, got {lookahead!r}")
         target = self._target(device)
+        consumer = consumer_stream(target, stream)  # a bad stream= raises here, before any read begins
         self.info(key)  # a miss raises now, not at the first next()
-        iterator = self._stream(key, target, lookahead, stream)
+        iterator = self._stream(key, target, lookahead, consumer)
         self._open_streams.add(iterator)
         return iterator
 
@@ -295,9 +296,12 @@ class TierCache:
                 iterator.close()  # type: ignore[attr-defined]
             except ValueError:  # running in another thread right now: it ends by itself
                 pass
-        with self._lock:
-            self._idle.wait_for(lambda: self._active_reads == 0)
-        self._finalizer()
+        try:
+            with self._lock:
+                self._idle.wait_for(lambda: self._active_reads == 0)
+                self._engine.close()  # under the lock: a stats() or info() running now sees all or nothing
+        finally:
+            self._finalizer()
 
     def __enter__(self) -> TierCache:
         return self
@@ -343,10 +347,9 @@ class TierCache:
         return landed
 
     def _stream(
-        self, key: str, target: torch.device, lookahead: int, stream: Any
+        self, key: str, target: torch.device, lookahead: int, consumer: Stream
     ) -> Iterator[tuple[str, torch.Tensor]]:
         read = self._begin_read(key)
-        consumer = consumer_stream(target, stream)
         names = [t.name for t in read.spec.tensors]
         started: collections.deque[tuple[str, Load]] = collections.deque()
         try:
@@ -420,7 +423,11 @@ def _shut_down(engine: Engine, transfers: Transfers, prefetcher: ThreadPoolExecu
     """Release what outlives a cache's Python object: the prefetch threads, the tiers (the host pool, the root's
     lock), the copy streams, a temporary root."""
     prefetcher.shutdown(wait=False)  # close() has already waited; the garbage collector must not block
-    engine.close()
-    transfers.close()
-    if temp_root is not None:
-        shutil.rmtree(temp_root, ignore_errors=True)
+    try:
+        engine.close()
+    finally:
+        try:
+            transfers.close()
+        finally:
+            if temp_root is not None:
+                shutil.rmtree(temp_root, ignore_errors=True)

@@ -263,10 +263,16 @@ class Engine:
 
     def close(self) -> None:
         """Forget every entry and close every tier (persistent tiers keep their files). Idempotent."""
-        for tier in self.tiers.values():
-            tier.close()
         self.records.clear()
         self.by_uid.clear()
+        errors = []
+        for tier in self.tiers.values():  # every tier, even after one fails to close
+            try:
+                tier.close()
+            except Exception as exc:  # noqa: BLE001 - raised below, once all are closed
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     # ---- placement, eviction, promotion ---------------------------------------------------------------------
     def _promote(self, record: Record, current: str, data: Tensors, ready: Event) -> None:

@@ -44,10 +44,13 @@ class Pathway:
         return "host" if "host" in (self.source, self.dest) else None
 
     def __str__(self) -> str:
-        def end(name: str) -> str:
-            return f"{name}({self.mode})" if self.mode is not None and name == self.mode_end else name
-
-        return f"{end(self.source)}->{end(self.dest)}"
+        # The mode is written once, at its end: the source where both ends are that tier (a host reload to CPU).
+        source, dest = self.source, self.dest
+        if self.mode is not None and source == self.mode_end:
+            source = f"{source}({self.mode})"
+        elif self.mode is not None:
+            dest = f"{dest}({self.mode})"
+        return f"{source}->{dest}"
 
     @classmethod
     def parse(cls, text: str) -> Pathway:

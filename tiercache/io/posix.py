@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import threading
 import traceback
@@ -24,6 +25,8 @@ from ..errors import StorageError
 from .aligned import ALIGN, aligned_empty, buffer_of, round_up
 from .checksum import crc32c_address, crc32c_combine
 from .files import FileOps
+
+log = logging.getLogger(__name__)
 
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
@@ -175,7 +178,7 @@ class PosixIO:
         self.threads = threads
         self.files = files if files is not None else FileOps()
         why_not = probe_direct_io(directory, self.files) if io != "buffered" else "buffered I/O requested"
-        if io == "direct" and why_not:
+        if io == "o_direct" and why_not:
             raise StorageError(
                 f"O_DIRECT is not usable in {directory}: {why_not}; "
                 "set tiers.nvme.io = 'auto' or 'buffered' in the policy, or use a directory on a real filesystem"
@@ -234,7 +237,8 @@ class PosixIO:
                 files.close(fd)
             raise StorageError(f"writing {size} bytes to {path} failed: {exc}") from exc
         except BaseException:
-            files.close(fd)
+            with contextlib.suppress(OSError):  # an interrupt stays the error raised
+                files.close(fd)
             raise
         try:
             files.close(fd)  # a deferred write error (NFS, a full thin volume) may surface only here
@@ -347,7 +351,7 @@ class OpenFile:
             self._users -= 1
             last = self._closing and self._users == 0
         if last:
-            self.files.close(self.fd)
+            self._close_fd()
 
     def close(self) -> None:
         with self._lock:
@@ -356,7 +360,15 @@ class OpenFile:
             self._closing = True
             idle = self._users == 0
         if idle:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        # A descriptor opened for reading holds nothing unwritten: a failing close loses nothing a read returned
+        # (whose bytes are checked), so it is logged, not raised over a read that succeeded.
+        try:
             self.files.close(self.fd)
+        except OSError as exc:
+            log.warning("tiercache: closing a file after reading it failed (fd %d): %s", self.fd, exc)
 
 
 def _read_piece(

@@ -7,6 +7,7 @@ every copy that touches them is done, so a buffer is never reused while a copy f
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class HostTier(Tier):
         self.transfers: Transfers = path.transfers
         self.pool = HostPool(capacity, pin=pin, deferred=self.transfers.deferred)
         self._held: dict[EntryId, _Held] = {}
+        self._reads_lock = threading.Lock()  # loads run outside the cache's lock, several at once
 
     @classmethod
     def open(cls, name: str, budget: TierBudget, path: DataPath) -> HostTier:
@@ -137,7 +139,6 @@ class HostTier(Tier):
         held = self._held[entry]
         if device is None:
             return Load(self._views(held, names), held.ready)
-        held.reads = [e for e in held.reads if not e.query()]
         stream = self.transfers.reload_stream(device)
         out: Tensors = {}
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -156,7 +157,9 @@ class HostTier(Tier):
         stream.wait(held.ready)
         self.transfers.copy(stream, copies)
         done = stream.record()
-        held.reads.append(done)
+        with self._reads_lock:  # pruned in place: a concurrent load's event is never dropped
+            held.reads[:] = [e for e in held.reads if not e.query()]
+            held.reads.append(done)
         nbytes = sum(t.nbytes for t in out.values())
         self._log_when_done(self.name, self.path.endpoint(device), nbytes, start, done)
         return Load(out, done)
@@ -177,7 +180,9 @@ class HostTier(Tier):
     def delete(self, entry: EntryId) -> None:
         self._forget(entry)
         held = self._held.pop(entry)
-        self._free(held.home, [held.ready, *held.reads])
+        with self._reads_lock:
+            busy = [held.ready, *held.reads]
+        self._free(held.home, busy)
 
     def _free(self, home: Home, busy: Sequence[Event]) -> None:
         """Return an entry's extents to the pool (or drop its pageable buffer) once no copy uses them."""

@@ -132,8 +132,10 @@ class NvmeTier(Tier):
         self._stored.clear()
         self._specs.clear()
         self.used = 0
-        self.layout.close()
-        self.io.close()
+        try:
+            self.layout.close()  # releases the root's lock
+        finally:
+            self.io.close()
 
 
 def _open_device_io(root: Path, budget: NvmeBudget, device: torch.device) -> tuple[KvikioIO | None, str | None]:
