@@ -168,7 +168,10 @@ class Tier(ABC):
         return spec
 
     def _log(self, source: str, dest: str, nbytes: int, seconds: float, mode: str | None = None) -> None:
-        self.path.on_transfer(Pathway(source, dest, mode), nbytes, seconds)
+        """Log a completed transfer; `mode` is this tier's, kept where the pathway's mode belongs to this tier's
+        end (between host and nvme it is nvme's)."""
+        own = mode is not None and Pathway(source, dest).mode_end == self.name
+        self.path.on_transfer(Pathway(source, dest, mode if own else None), nbytes, seconds)
 
     @property
     def mode(self) -> str | None:

@@ -31,19 +31,14 @@ class SizeOnlyTier(Tier):
     ) -> None:
         self._admit(entry, spec)
         if source != self.name:
-            self._log(source, self.name, spec.nbytes, 0.0, self._mode_between(source, self.name))
+            self._log(source, self.name, spec.nbytes, 0.0, self.mode)
 
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
         spec = self.spec(entry)
         nbytes = sum(spec.tensors[i].nbytes for i in select(spec, names))
         if device is not None and self.name != "hbm":
-            self._log(self.name, self.path.endpoint(device), nbytes, 0.0, self._mode_between(self.name, "hbm"))
+            self._log(self.name, self.path.endpoint(device), nbytes, 0.0, self.mode)
         return Load({})
-
-    @staticmethod
-    def _mode_between(source: str, dest: str) -> str | None:
-        """A pathway's mode as the cost model charges it: the host pool's, where host is an end and nvme is not."""
-        return SIMULATED_MODES["host"] if "host" in (source, dest) and "nvme" not in (source, dest) else None
 
     def delete(self, entry: EntryId) -> None:
         self._forget(entry)

@@ -198,7 +198,7 @@ class HostTier(Tier):
         self.pool.close()
 
     def _log_when_done(self, source: str, dest: str, nbytes: int, start: Event, end: Event) -> None:
-        mode = None if "nvme" in (source, dest) else self.mode  # between host and nvme the mode is nvme's
+        mode = self.mode
         self.transfers.deferred.after(end, lambda: self._log(source, dest, nbytes, end.seconds_since(start), mode))
 
 

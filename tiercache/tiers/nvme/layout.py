@@ -246,8 +246,7 @@ class DiskLayout:
         except BaseException:
             _settle_all(landing)
             raise
-        names = [stored.spec.tensors[i].name for i in indices]
-        return lambda: dict(zip(names, _call_every(landing), strict=True))
+        return functools.partial(_collect, [stored.spec.tensors[i].name for i in indices], landing)
 
     def _start_device_read(self, stored: StoredEntry, verify: bool, device: torch.device) -> Callable[[], Tensors]:
         """Every file of the entry read at once by kvikio into one device region (each file at a 4 KiB offset, as
@@ -269,7 +268,7 @@ class DiskLayout:
         except BaseException:
             _settle_all(landing)
             raise
-        return functools.partial(_collect, stored, landing)
+        return functools.partial(_collect, [t.name for t in stored.spec.tensors], landing)
 
     def _landed_device(
         self, stored: StoredEntry, index: int, buffer: torch.Tensor, finish: Callable[[], None], verify: bool
@@ -377,9 +376,9 @@ def _settle_all(landing: Iterable[Landing]) -> None:
             pass
 
 
-def _collect(stored: StoredEntry, landing: list[Landing]) -> Tensors:
+def _collect(names: list[str], landing: list[Landing]) -> Tensors:
     """The tensors of every started read, in order; every file is settled before the first error is raised."""
-    return dict(zip((t.name for t in stored.spec.tensors), _call_every(landing), strict=True))
+    return dict(zip(names, _call_every(landing), strict=True))
 
 
 def _call_every(calls: Iterable[Callable[[], T]]) -> list[T]:

@@ -121,9 +121,6 @@ class NvmeTier(Tier):
 
         return Load(finish=finish)
 
-    def stored(self, entry: EntryId) -> StoredEntry:
-        return self._stored[entry]
-
     def delete(self, entry: EntryId) -> None:
         self._forget(entry)
         self.layout.remove(self._stored.pop(entry))
