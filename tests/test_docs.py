@@ -88,7 +88,10 @@ def test_the_format_spec_holds_for_an_entry_the_cache_writes(tmp_path: Path) -> 
     (entry,) = [p for p in (root / "entries").iterdir() if p.is_dir()]
     assert entry.name.split("-")[0] == hashlib.sha256(key.encode()).hexdigest()[:32]
     manifest = json.loads((entry / "zarr.json").read_text())["attributes"]["tiercache"]
-    assert (manifest["format"], manifest["version"], manifest["key"]) == ("tiercache-entry", 1, key)
+    assert (manifest["format"], manifest["version"], manifest["key"]) == ("tiercache-entry", 2, key)
+    fields = {k: v for k, v in manifest.items() if k != "manifest_sha256"}  # the seal, as the spec defines it
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    assert manifest["manifest_sha256"] == hashlib.sha256(canonical).hexdigest()
     for index, (spec, (name, tensor)) in enumerate(zip(manifest["tensors"], tensors.items(), strict=True)):
         assert (spec["name"], spec["array"], spec["shape"]) == (name, f"t{index}", list(tensor.shape))
         array = json.loads((entry / spec["array"] / "zarr.json").read_text())

@@ -60,7 +60,8 @@ class TierCache:
     `policy` is a `Policy`, a path to a TOML policy file or a preset name ("cpu", "h100", ...). `root` is the
     nvme tier's directory; entries that reach it survive the process. With `root=None` a temporary directory
     is used and removed at close. `files` is the system calls the nvme tier makes (`tiercache.io.FileOps`, the
-    real ones by default; a test's subclass injects faults or delays).
+    real ones by default; a test's subclass injects faults or delays). A root another cache holds is refused
+    with RootInUseError naming its process, at once or after waiting up to `lock_timeout` seconds for it.
     """
 
     def __init__(
@@ -71,13 +72,14 @@ class TierCache:
         device: str | torch.device | None = None,
         clock: Callable[[], float] | None = None,
         files: FileOps | None = None,
+        lock_timeout: float = 0.0,
     ) -> None:
         self.policy: Policy
         self.profile: Profile
         self.policy, self.profile = load_policy(policy)
-        self.device: torch.device = torch.device(device) if device is not None else default_device()
-        if self.device.type == "cuda" and self.device.index is None:  # "cuda" means the current device: name it
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device: torch.device = default_device() if device is None else _device(device, "TierCache(device=)")
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
+            raise EntryValueError(f"TierCache(lock_timeout=): a number of seconds >= 0, got {lock_timeout!r}")
         self._temp_root = Path(tempfile.mkdtemp(prefix="tiercache-")) if root is None else None
         self.root = self._temp_root or Path(root)  # type: ignore[arg-type]
         self._log = TransferLog()
@@ -86,7 +88,7 @@ class TierCache:
         self._landing = HostBuffers(max_idle=8)  # as many regions as two pools kept, in one pool's bytes
         self._transfers = Transfers(self.device, self.policy.transfer.chunk_size, self._landing)
         files = files if files is not None else FileOps()
-        path = DataPath(self.device, self._transfers, self._landing, self.root, self._log.record, files)
+        path = DataPath(self.device, self._transfers, self._landing, self.root, self._log.record, files, lock_timeout)
         try:
             self._tiers: dict[str, Tier] = open_tiers(self.policy.tiers, path)
         except BaseException:
@@ -241,14 +243,17 @@ class TierCache:
 
     def keys(self) -> list[str]:
         with self._lock:
+            self._check_open()
             return self._engine.keys()
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
+            self._check_open()
             return isinstance(key, str) and key in self._engine
 
     def __len__(self) -> int:
         with self._lock:
+            self._check_open()
             return len(self._engine)
 
     def stats(self) -> CacheStats:
@@ -314,7 +319,7 @@ class TierCache:
     def __repr__(self) -> str:
         return (
             f"TierCache(root={str(self.root)!r}, policy={self.policy.name!r}, device={str(self.device)!r}, "
-            f"entries={len(self)})"
+            f"entries={'closed' if self._closed else len(self._engine)})"
         )
 
     # ---- reads ------------------------------------------------------------------------------------------------
@@ -411,12 +416,28 @@ class TierCache:
             raise CacheClosedError(f"this TierCache (root {self.root}) is closed; open a new one")
 
     def _target(self, device: str | torch.device | None) -> torch.device:
-        if device is None:
-            return self.device
-        target = torch.device(device)
-        if target.type == "cuda" and target.index is None:
-            return torch.device("cuda", torch.cuda.current_device())
+        return self.device if device is None else _device(device, "device=")
+
+
+def _device(device: object, where: str) -> torch.device:
+    """A device the cache can move tensors to, checked before any work: the CPU, or a CUDA device that exists
+    ("cuda" means the current one); anything else raises EntryValueError saying what is available."""
+    try:
+        target = device if isinstance(device, torch.device) else torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError) as exc:
+        raise EntryValueError(f"{where}{device!r} is not a device: {exc}; use 'cpu' or 'cuda[:N]'") from None
+    if target.type == "cpu":
         return target
+    if target.type != "cuda":
+        raise EntryValueError(f"{where}{device!r}: tiercache moves tensors to 'cpu' or 'cuda[:N]' devices only")
+    if not torch.cuda.is_available():
+        raise EntryValueError(f"{where}{device!r}: CUDA is not available on this machine; use 'cpu'")
+    count = torch.cuda.device_count()
+    if target.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if target.index >= count:
+        raise EntryValueError(f"{where}{device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return target
 
 
 def _shut_down(engine: Engine, transfers: Transfers, prefetcher: ThreadPoolExecutor, temp_root: Path | None) -> None:

@@ -88,6 +88,7 @@ class Engine:
             and self._can_make_room(nvme_copy, spec.nbytes, old, hints.priority)
         ):
             raise CapacityError(self._no_write_through(spec))
+        data = {name: t.contiguous() for name, t in data.items()}  # a view's values, only once it is accepted
         record = Record(
             uid=next(self._uids),
             spec=spec,
@@ -115,10 +116,8 @@ class Engine:
             for tier_name in list(record.tiers):
                 self._drop(record, tier_name)
             del self.by_uid[record.uid]
-            if old is not None and old.tiers:  # its bytes were not needed: the old version stays
-                self._reindex(old)
-            elif old is not None:
-                self.by_uid.pop(old.uid, None)
+            if old is not None:
+                self._restore(old)
             raise
         finally:
             record.readers -= 1
@@ -132,8 +131,20 @@ class Engine:
         )
         self.records[spec.key] = record
         if old is not None:
+            old.aside.clear()
             self._retire(old)
         return tier
+
+    def _restore(self, old: Record) -> None:
+        """A failed put gives the version it replaced back whatever of it is left: re-indexed, its room counted."""
+        for tier_name in old.aside:
+            self.tiers[tier_name].restore(old.uid)
+            self._make_room(tier_name, 0, True, max(old.priority, 0))  # over budget where others took that room
+        old.aside.clear()
+        if old.tiers:
+            self._reindex(old)
+        else:
+            self.by_uid.pop(old.uid, None)
 
     def _reason(self, tier: str, plan: Plan, deadline_ms: float | None) -> str:
         """The plan's reason when its first choice was taken; otherwise where the entry went instead, and why."""
@@ -173,7 +184,15 @@ class Engine:
             self._promote(record, read.tier.name, *promote)
 
     def delete(self, key: str) -> None:
-        self._remove(self.record(key))
+        """Remove an entry. Its persistent copies go first, so that a disk refusing raises with the entry still
+        listed, readable and counted (an entry being read is removed when its last read ends)."""
+        record = self.record(key)
+        if record.readers == 0:
+            for tier_name in [t for t in record.tiers if self.tiers[t].persistent]:
+                self.tiers[tier_name].delete(record.uid)
+                record.tiers.remove(tier_name)
+                self.orders[tier_name].removed(record.uid)
+        self._remove(record)
 
     def pin(self, key: str) -> None:
         self.record(key).pins += 1
@@ -294,7 +313,12 @@ class Engine:
         """Whether `_make_room` would succeed, computed without moving anything."""
         tier = self.tiers[attempt.tier]
         free = tier.free
-        if replacing is not None and attempt.tier in replacing.tiers and replacing.readers == 0:
+        if (
+            replacing is not None
+            and attempt.tier in replacing.tiers
+            and attempt.tier not in replacing.aside
+            and replacing.readers == 0
+        ):
             free += replacing.spec.nbytes
         if free >= nbytes or not attempt.evict:
             return free >= nbytes
@@ -328,7 +352,12 @@ class Engine:
         if tier.free >= nbytes:
             return True
         if sacrifice is not None and tier_name in sacrifice.tiers and sacrifice.readers == 0:
-            self._drop(sacrifice, tier_name)
+            if tier.persistent:  # the old version stays readable until the new one is stored
+                if tier_name not in sacrifice.aside:
+                    tier.set_aside(sacrifice.uid)
+                    sacrifice.aside.append(tier_name)
+            else:
+                self._drop(sacrifice, tier_name)
             if tier.free >= nbytes:
                 return True
         if not evict:
@@ -389,7 +418,8 @@ class Engine:
         self.orders[tier_name].inserted(record.uid, self._usage(record, tier_name))
 
     def _drop(self, record: Record, tier_name: str, *, evicted: bool = False) -> None:
-        self.tiers[tier_name].delete(record.uid)
+        """Take a copy out of a tier for good (release: never raises for a disk fault)."""
+        self.tiers[tier_name].release(record.uid)
         record.tiers.remove(tier_name)
         self.orders[tier_name].removed(record.uid, evicted=evicted)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class TierCacheError(Exception):
     """Base of every error tiercache raises."""
@@ -31,7 +33,8 @@ class PolicyError(TierCacheError, ValueError):
 
 
 class StorageError(TierCacheError, OSError):
-    """The nvme tier's files could not be read or written."""
+    """The nvme tier's files could not be read or written. `errno` is the system call's (ENOSPC, EIO, ...) where
+    one failed; the message names the key, the bytes, the path and what to do."""
 
 
 class CorruptEntryError(StorageError):
@@ -39,8 +42,19 @@ class CorruptEntryError(StorageError):
 
 
 class RootInUseError(StorageError):
-    """Another open cache (in this process or another) holds the same root directory."""
+    """Another open cache (in this process or another) holds the same root directory; the message names its PID."""
 
 
 class CacheClosedError(TierCacheError, RuntimeError):
     """An operation on a cache after `close()`."""
+
+
+StorageErrorT = TypeVar("StorageErrorT", bound=StorageError)
+
+
+def caused_by(error: StorageErrorT, cause: BaseException) -> StorageErrorT:
+    """`error`, chained to `cause` and keeping its errno (a caller tells ENOSPC from EIO by `error.errno`)."""
+    if isinstance(cause, OSError) and cause.errno is not None:
+        error.errno = cause.errno
+    error.__cause__ = cause
+    return error

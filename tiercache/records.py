@@ -42,6 +42,7 @@ class Record:
     priority: int = 0
     deadline_ms: float | None = None
     decision: Decision | None = None
+    aside: list[str] = field(default_factory=list)  # tiers that set it aside for its replacement (Tier.set_aside)
 
     @property
     def busy(self) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import StorageError
+from ..errors import CorruptEntryError, StorageError, caused_by
 from .aligned import ALIGN, aligned_view
 from .checksum import crc32c_anywhere
 
@@ -161,9 +161,9 @@ class KvikioIO:
         try:
             actual = os.stat(path).st_size
         except OSError as exc:
-            raise StorageError(f"cannot open {path}: {exc}") from exc
+            raise caused_by(StorageError(f"cannot open {path}: {exc}"), exc) from exc
         if actual != size:
-            raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
+            raise CorruptEntryError(f"{path} holds {actual} bytes, its manifest says {size}")
         handle = self._open(path, "r")
         try:
             future = handle.pread(_buffer(dest[:size]), size, 0, self.task_size)
@@ -175,11 +175,11 @@ class KvikioIO:
             try:
                 got = future.get()
             except RuntimeError as exc:
-                raise StorageError(f"reading {path} through kvikio failed: {exc}") from exc
+                raise caused_by(StorageError(f"reading {path} through kvikio failed: {exc}"), exc) from exc
             finally:
                 handle.close()
             if got != size:
-                raise StorageError(f"{path}: read {got} bytes, expected {size}; the file was truncated")
+                raise CorruptEntryError(f"{path}: read {got} bytes, expected {size}; the file was truncated")
 
         return finish
 
@@ -200,7 +200,9 @@ class KvikioIO:
             finally:
                 os.close(fd)
         except (RuntimeError, OSError) as exc:
-            raise StorageError(f"writing {data.numel() + len(trailer)} bytes to {path} failed: {exc}") from exc
+            raise caused_by(
+                StorageError(f"writing {data.numel() + len(trailer)} bytes to {path} failed: {exc}"), exc
+            ) from exc
 
 
 # kvikio.defaults.set is a read of the old value then a write: our changes to the defaults, and the opens that must

@@ -13,10 +13,14 @@ directory's fsync) are built from those calls, so a fault injected in one reache
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import fcntl
+import functools
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 StrPath = str | os.PathLike[str]
@@ -52,12 +56,33 @@ class FileOps:
     def flock(self, fd: int, operation: int) -> None:
         fcntl.flock(fd, operation)
 
+    def fallocate(self, fd: int, length: int) -> bool:
+        """Reserve the file's first `length` bytes on the disk (Linux fallocate: a full disk fails here, before a
+        byte is written); False where the platform or filesystem cannot (nothing is reserved then)."""
+        call = _fallocate()
+        if call is None or length <= 0:
+            return False
+        if call(fd, 0, 0, length) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(code, os.strerror(code))
+
     # ---- names ------------------------------------------------------------------------------------------------
     def mkdir(self, path: Path, *, parents: bool = False, exist_ok: bool = False) -> None:
         path.mkdir(parents=parents, exist_ok=exist_ok)
 
     def rename(self, source: StrPath, target: StrPath) -> None:
         os.rename(source, target)
+
+    def stat(self, path: StrPath) -> os.stat_result:
+        return os.stat(path)
+
+    def free_bytes(self, path: StrPath) -> int:
+        """Bytes an unprivileged writer can still use on the filesystem holding `path` (statvfs)."""
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
 
     def listdir(self, path: StrPath) -> list[str]:
         return os.listdir(path)
@@ -116,3 +141,17 @@ class FileOps:
             self.fsync(fd)
         finally:
             self.close(fd)
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate(2) (GIL released while it runs), or None off Linux. Not posix_fallocate: glibc emulates that
+    by writing a byte per block where the filesystem lacks it, which is slow and fails on O_DIRECT descriptors."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        call = libc.fallocate
+    except (OSError, AttributeError, TypeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call  # type: ignore[no-any-return]

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..errors import StorageError
+from ..errors import CorruptEntryError, StorageError, caused_by
 from .aligned import ALIGN, aligned_empty, buffer_of, round_up
 from .checksum import crc32c_address, crc32c_combine
 from .files import FileOps
@@ -126,11 +126,11 @@ class PendingRead:
             if isinstance(failed, StorageError):
                 raise failed
             if failed is not None:
-                raise StorageError(f"reading {self.path} failed: {failed}") from failed
+                raise caused_by(StorageError(f"reading {self.path} failed: {failed}"), failed)
         finally:
             interrupted = failed = error = None  # no frame -> exception -> traceback -> frame cycle
         if got != self.size:
-            raise StorageError(f"{self.path}: read {got} bytes, expected {self.size}; the file was truncated")
+            raise CorruptEntryError(f"{self.path}: read {got} bytes, expected {self.size}; the file was truncated")
         if self._digest_bytes is not None:
             self._digest = crc
 
@@ -194,14 +194,16 @@ class PosixIO:
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def write_file(self, path: Path, data: torch.Tensor, trailer: bytes = b"") -> None:
-        """Create `path` holding `data` (a contiguous uint8 CPU tensor) followed by `trailer`, and fsync it."""
+        """Create `path` holding `data` (a contiguous uint8 CPU tensor) followed by `trailer`, and fsync it. The
+        file's blocks are reserved first (fallocate, where the filesystem has it)."""
         size = data.numel() + len(trailer)
         files = self.files
         try:
             fd = files.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | self._flags, 0o644)
         except OSError as exc:
-            raise StorageError(f"cannot create {path}: {exc}") from exc
+            raise caused_by(StorageError(f"cannot create {path}: {exc}"), exc) from exc
         try:
+            files.fallocate(fd, size)  # a full disk refuses here, before any byte is written
             direct = self.mode == "o_direct"
             body = (data.numel() // ALIGN) * ALIGN if direct else data.numel()
             futures: list[Future[None]] = []
@@ -235,7 +237,7 @@ class PosixIO:
         except OSError as exc:
             with contextlib.suppress(OSError):  # the write's error is the one to report
                 files.close(fd)
-            raise StorageError(f"writing {size} bytes to {path} failed: {exc}") from exc
+            raise caused_by(StorageError(f"writing {size} bytes to {path} failed: {exc}"), exc) from exc
         except BaseException:
             with contextlib.suppress(OSError):  # an interrupt stays the error raised
                 files.close(fd)
@@ -243,7 +245,7 @@ class PosixIO:
         try:
             files.close(fd)  # a deferred write error (NFS, a full thin volume) may surface only here
         except OSError as exc:
-            raise StorageError(f"closing {path} after writing {size} bytes failed: {exc}") from exc
+            raise caused_by(StorageError(f"closing {path} after writing {size} bytes failed: {exc}"), exc) from exc
 
     def _write_piece(self, fd: int, piece: torch.Tensor, offset: int) -> None:
         if self.mode == "o_direct" and piece.data_ptr() % ALIGN:
@@ -313,15 +315,15 @@ def _open_sized(files: FileOps, path: str | Path, flags: int, size: int) -> int:
     try:
         fd = files.open(path, os.O_RDONLY | flags)
     except OSError as exc:
-        raise StorageError(f"cannot open {path}: {exc}") from exc
+        raise caused_by(StorageError(f"cannot open {path}: {exc}"), exc) from exc
     try:
         actual = files.fstat(fd).st_size
     except OSError as exc:
         files.close(fd)
-        raise StorageError(f"cannot stat {path}: {exc}") from exc
+        raise caused_by(StorageError(f"cannot stat {path}: {exc}"), exc) from exc
     if actual != size:
         files.close(fd)
-        raise StorageError(f"{path} holds {actual} bytes, its manifest says {size}; the entry is damaged")
+        raise CorruptEntryError(f"{path} holds {actual} bytes, its manifest says {size}")
     return fd
 
 

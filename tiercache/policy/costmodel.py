@@ -14,7 +14,6 @@ Every pathway in PATHWAYS must be given. Bandwidths are per second; "63GB" is 63
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from ..errors import PolicyError
 from ..pathway import Pathway
 from ..units import parse_size
-from .schema import Policy, looks_like_path, preset_files
+from .schema import Policy, looks_like_path, preset_files, read_toml
 
 # Every route a transfer can take, at the cost model's grain (Pathway.costed). "hbm" is the compute device; on a
 # machine without CUDA it is RAM, and the host pathways are memcpy.
@@ -119,11 +118,7 @@ class Profile:
     def load(cls, name_or_path: str | Path) -> Profile:
         """A profile by path, or by name from `policies/profiles/NAME.toml`."""
         path = _find(name_or_path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{path}: not valid TOML: {exc}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, "profile"), str(path))
 
     def to_toml(self) -> str:
         lines = [

@@ -241,13 +241,9 @@ class Policy(_Section):
     def load(cls, path: str | Path) -> Policy:
         """Read a TOML policy file."""
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise PolicyError(f"{path}: no such policy file; presets are {', '.join(preset_names())}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{path}: not valid TOML: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        if not path.exists():
+            raise PolicyError(f"{path}: no such policy file; presets are {', '.join(preset_names())}")
+        return cls.from_dict(read_toml(path, "policy"), source=str(path))
 
     @classmethod
     def preset(cls, name: str) -> Policy:
@@ -339,3 +335,19 @@ __all__ = [
     "resolve_policy",
     "SIZE_FORMS",
 ]
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A policy or profile file's TOML; any way it cannot be read is a PolicyError naming the file and the fix."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            f"{path}: a {what} file is UTF-8 text and byte {exc.start} is not; save it as UTF-8"
+        ) from None
+    except IsADirectoryError:
+        raise PolicyError(f"{path} is a directory; give the path of a {what} file (.toml) in it") from None
+    except OSError as exc:
+        raise PolicyError(f"{path}: the {what} file cannot be read: {exc.strerror or exc}") from None

@@ -92,7 +92,8 @@ class Load:
 class DataPath:
     """What every tier of one cache shares: the compute device, its copy streams, host buffers that reads land in,
     the root for tiers that keep files, where completed transfers are logged, and the system calls that files are
-    read and written through (the real ones unless a test injects faults or delays)."""
+    read and written through (the real ones unless a test injects faults or delays), and how long to wait for a
+    root another cache holds."""
 
     device: torch.device
     transfers: Transfers | None = None
@@ -100,6 +101,7 @@ class DataPath:
     root: Path | None = None
     on_transfer: OnTransfer = field(default=lambda pathway, nbytes, seconds: None)
     files: FileOps = field(default_factory=FileOps)
+    lock_timeout: float = 0.0  # seconds a tier that locks its root waits for another holder
 
     def endpoint(self, device: torch.device) -> str:
         """A device as a pathway names it: "hbm" (the compute device), "host" (CPU memory) or the device itself."""
@@ -130,6 +132,7 @@ class Tier(ABC):
         self.path = path
         self.used = 0
         self._specs: dict[EntryId, EntrySpec] = {}
+        self._aside: set[EntryId] = set()  # held, readable, but not counted in `used` (see set_aside)
 
     @classmethod
     def open(cls, name: str, budget: TierBudget, path: DataPath) -> Tier:
@@ -164,8 +167,29 @@ class Tier(ABC):
 
     def _forget(self, entry: EntryId) -> EntrySpec:
         spec = self._specs.pop(entry)
-        self.used -= spec.nbytes
+        if entry in self._aside:
+            self._aside.discard(entry)
+        else:
+            self.used -= spec.nbytes
         return spec
+
+    def _set_aside(self, entry: EntryId) -> None:
+        if entry not in self._aside:
+            self._aside.add(entry)
+            self.used -= self._specs[entry].nbytes
+
+    def set_aside(self, entry: EntryId) -> None:
+        """Stop counting an entry's bytes against the budget while keeping it stored and readable, so that a new
+        version of its key can be written before the old one is deleted; `restore` counts them again (the new
+        version failed). Only tiers whose budget is not memory already in use (persistent ones) offer it."""
+        raise NotImplementedError(f"tier {self.name} cannot hold an entry outside its budget")
+
+    def restore(self, entry: EntryId) -> None:
+        """Count an entry set aside again (its replacement failed); `used` may exceed the capacity until the
+        caller makes room."""
+        if entry in self._aside:
+            self._aside.discard(entry)
+            self.used += self._specs[entry].nbytes
 
     def _log(self, source: str, dest: str, nbytes: int, seconds: float, mode: str | None = None) -> None:
         """Log a completed transfer; `mode` is this tier's, kept where the pathway's mode belongs to this tier's
@@ -193,10 +217,6 @@ class Tier(ABC):
         """Account an entry scan() found, under a new entry id."""
         raise NotImplementedError(f"tier {self.name} finds no entries at open")
 
-    def discard(self, found: Found) -> None:
-        """Remove an entry scan() found and the cache did not adopt (never called on budget grounds alone)."""
-        raise NotImplementedError(f"tier {self.name} finds no entries at open")
-
     @abstractmethod
     def put(
         self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
@@ -212,7 +232,13 @@ class Tier(ABC):
 
     @abstractmethod
     def delete(self, entry: EntryId) -> None:
-        """Drop an entry and release its bytes (once no load in flight uses them)."""
+        """Drop an entry and release its bytes (once no load in flight uses them). A tier whose storage can refuse
+        (a disk) raises StorageError with the entry still stored, readable and counted."""
+
+    def release(self, entry: EntryId) -> None:
+        """Drop an entry that must not be served again (replaced, evicted, a failed put's copy) and never raise
+        for a storage fault: a tier whose storage refuses keeps the bytes as leftovers, counted, removed later."""
+        self.delete(entry)
 
     @abstractmethod
     def close(self) -> None:

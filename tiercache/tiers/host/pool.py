@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ...errors import CapacityError
 from ...io.aligned import aligned_empty, round_up
 from ...transfer import Deferred
+from ...units import format_size
 
 # Extents start and end on 512 bytes: enough for full-speed DMA, and small tensors waste at most 511 bytes each
 # (4 KiB grains made a pool of many small tensors overflow into pageable memory long before its budget was used).
@@ -49,9 +51,16 @@ class HostPool:
         """`available_ram` says how many bytes of RAM this process could still get (default: what the kernel and
         a cgroup limit say); pinning more than half of it is refused."""
         self.capacity = round_up(capacity, GRAIN)
-        self.region = aligned_empty(self.capacity) if self.capacity else torch.empty(0, dtype=torch.uint8)
+        available_ram = available_ram or _available_ram
+        available = available_ram() if self.capacity else None
+        if available is not None and self.capacity > available:
+            raise CapacityError(_above_ram(self.capacity, f"this machine has {format_size(available)} available"))
+        try:
+            self.region = aligned_empty(self.capacity) if self.capacity else torch.empty(0, dtype=torch.uint8)
+        except RuntimeError as exc:  # the allocator refused: overcommit off, or a limit we could not read
+            raise CapacityError(_above_ram(self.capacity, f"allocating it failed ({exc})")) from None
         self.deferred = deferred if deferred is not None else Deferred()
-        self.pinned, self.why_pageable = _pin(self.region, pin, available_ram or _available_ram)
+        self.pinned, self.why_pageable = _pin(self.region, pin, available_ram)
         self.used = 0  # bytes handed out, in whole grains
         self.fallbacks = 0  # requests the pool could not serve (served from pageable memory instead)
         self._free: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []  # (offset, nbytes)
@@ -166,6 +175,13 @@ def pieces(extents: list[Extent], nbytes: int, start: int = 0) -> list[tuple[int
             out.append((lo - start, extent.offset + lo - base, hi - lo))
         base += extent.nbytes
     return out
+
+
+def _above_ram(capacity: int, why: str) -> str:
+    return (
+        f"the host tier's pool of {format_size(capacity)} ({capacity} bytes) cannot be had: {why}. Lower "
+        "tiers.host.capacity in the policy below the RAM this process can use"
+    )
 
 
 def _pin(region: torch.Tensor, pin: bool, available_ram: Callable[[], int | None]) -> tuple[bool, str | None]:

@@ -3,6 +3,7 @@ pieces read and checksummed in parallel by the I/O backend, removal through tras
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import time
@@ -21,6 +22,8 @@ from ...io.buffers import HostBuffers
 from ...io.checksum import crc32c
 from ...io.device_io import KvikioIO
 from ...io.files import FileOps
+from ...units import format_size
+from .failures import disk_errors
 from .format import (
     CHECKSUM_BYTES,
     StoredEntry,
@@ -28,11 +31,11 @@ from .format import (
     chunk_path,
     group_metadata,
     key_hash,
-    lock_root,
     parents_between,
     parse_group,
     write_json,
 )
+from .lock import RootLock
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +53,13 @@ class DiskLayout:
         device_io: KvikioIO | None = None,
         buffers: HostBuffers | None = None,
         files: FileOps | None = None,
+        lock: RootLock | None = None,
     ) -> None:
         """`io` moves host memory; `device_io`, where given, moves tensors on `device_io.device` without the host. Reads
         land in `buffers` (a pool of this layout's own unless given: a cache shares one with its reloads). Names,
-        metadata files and the lock go through `files` (by default `io.files`, so that both see the same disk)."""
+        metadata files and the lock go through `files` (by default `io.files`, so that both see the same disk).
+        `lock` is the root's, taken by the caller (else here); the layout releases it at close, or if it fails to
+        open."""
         self.root = root
         self.io = io
         self.device_io = device_io
@@ -61,13 +67,14 @@ class DiskLayout:
         self.entries_dir = root / "entries"
         self.tmp_dir = root / "tmp"
         self.trash_dir = root / "trash"
-        for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
-            self.files.mkdir(d, parents=True, exist_ok=True)
-        self._lock_fd: int | None = lock_root(root, self.files)
+        self._lock: RootLock | None = lock if lock is not None else RootLock(root, self.files)
         try:
-            if not self.files.exists(self.entries_dir / "zarr.json"):
-                group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-                write_json(self.entries_dir / "zarr.json", group, self.files)
+            with disk_errors("opening", root, root):
+                for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
+                    self.files.mkdir(d, exist_ok=True)
+                if not self.files.exists(self.entries_dir / "zarr.json"):
+                    group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+                    write_json(self.entries_dir / "zarr.json", group, self.files)
         except BaseException:
             self._unlock()
             raise
@@ -82,49 +89,62 @@ class DiskLayout:
         self._unlock()
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            fd, self._lock_fd = self._lock_fd, None
-            self.files.close(fd)  # releases the flock
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def write(self, spec: EntrySpec, tensors: Iterable[torch.Tensor]) -> StoredEntry:
-        """Write an entry durably and atomically: under tmp/, fsync everything, rename into entries/.
+        """Write an entry durably and atomically: under tmp/, fsync everything, rename into entries/, fsync that.
 
         Tensors are written concurrently (each file's pieces go to the I/O pool), so an entry of many small
-        tensors is not a queue of one-file-at-a-time open/write/fsync round trips.
+        tensors is not a queue of one-file-at-a-time open/write/fsync round trips. Every failure raises the
+        entry's StorageError with nothing of it left in entries/: an entry that raised is never served, in this
+        process or after a reopen.
         """
         name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
         tensors = list(tensors)
         for device in {t.device for t in tensors if t.is_cuda}:  # the files get what the producers' queued work wrote
             torch.cuda.current_stream(device).synchronize()
         staging = self.tmp_dir / name
+        final = self.entries_dir / name
         files = self.files
-        try:
-            files.mkdir(staging)
-        except OSError as exc:
-            raise StorageError(f"entry {spec.key!r}: cannot create {staging}: {exc}") from exc
-        try:
-            jobs = [
-                self._jobs.submit(self._write_array, staging / f"t{index}", index, tspec, tensor)
-                for index, (tspec, tensor) in enumerate(zip(spec.tensors, tensors, strict=True))
-            ]
-            wait(jobs)  # all of them, even after a failure: none may still be writing when staging is removed
-            results = [job.result() for job in jobs]
-            checksums = [checksum for checksum, _ in results]
-            written_ns = time.time_ns()
-            write_json(staging / "zarr.json", group_metadata(spec, checksums, written_ns), files, sync=False)
-            # Data files were fsynced as written; make every new name durable before the rename publishes them.
-            created = [staging, staging / "zarr.json", *(path for _, paths in results for path in paths)]
-            list(self._jobs.map(files.fsync_path, created))
-            final = self.entries_dir / name
-            files.rename(staging, final)
-            files.fsync_path(self.entries_dir)
-        except BaseException as exc:
-            files.remove_tree(staging)
-            if isinstance(exc, OSError) and not isinstance(exc, StorageError):  # a metadata write, fsync or rename
-                raise StorageError(f"writing entry {spec.key!r} under {staging} failed: {exc}") from exc
-            raise
+        with disk_errors("writing", self.root, staging, spec.key, spec.nbytes):
+            self._check_room(spec)
+            try:
+                files.mkdir(staging)
+                jobs = [
+                    self._jobs.submit(self._write_array, staging / f"t{index}", index, tspec, tensor)
+                    for index, (tspec, tensor) in enumerate(zip(spec.tensors, tensors, strict=True))
+                ]
+                wait(jobs)  # all of them, even after a failure: none may still be writing when staging is removed
+                results = [job.result() for job in jobs]
+                checksums = [checksum for checksum, _ in results]
+                written_ns = time.time_ns()
+                write_json(staging / "zarr.json", group_metadata(spec, checksums, written_ns), files, sync=False)
+                # Data files were fsynced as written; make every new name durable before the rename publishes them.
+                created = [staging, staging / "zarr.json", *(path for _, paths in results for path in paths)]
+                list(self._jobs.map(files.fsync_path, created))
+                files.rename(staging, final)
+            except BaseException:
+                files.remove_tree(staging)
+                raise
+            try:
+                files.fsync_path(self.entries_dir)
+            except BaseException:
+                self.withdraw(final, spec.key)  # published but maybe not durable: take it back, never served
+                raise
         return StoredEntry(spec=spec, path=final, checksums=tuple(checksums), written_ns=written_ns)
+
+    def _check_room(self, spec: EntrySpec) -> None:
+        """Refuse, before anything is written, an entry the filesystem has no room for (ENOSPC, with figures)."""
+        need = spec.nbytes + len(spec.tensors) * (CHECKSUM_BYTES + 2 * 4096) + 4096  # data, checksums, metadata
+        free = self.files.free_bytes(self.root)
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"the filesystem has {format_size(free)} free and the entry needs about {format_size(need)}",
+            )
 
     def _write_array(
         self, array_dir: Path, index: int, spec: TensorSpec, tensor: torch.Tensor
@@ -317,40 +337,79 @@ class DiskLayout:
 
     # ---- removal and the index --------------------------------------------------------------------------------
     def remove(self, stored: StoredEntry) -> None:
-        """Delete an entry: an atomic rename out of entries/, then the files."""
+        """Delete an entry: an atomic rename out of entries/, then the files. A rename the disk refuses raises the
+        entry's StorageError with the entry still in place, readable; once it is renamed the delete has happened
+        (a failed fsync after it is a warning: the removal may not survive a crash)."""
         target = self.trash_dir / stored.path.name
+        with disk_errors("removing", self.root, stored.path, stored.spec.key, stored.spec.nbytes):
+            try:
+                self.files.rename(stored.path, target)
+            except FileNotFoundError:
+                return
         try:
-            self.files.rename(stored.path, target)
+            self.files.fsync_path(self.entries_dir)  # the removal is durable before the files go
+        except OSError as exc:
+            log.warning(
+                "tiercache: entry %r was removed, but %s could not be synced (%s): a crash now may bring it back",
+                stored.spec.key,
+                self.entries_dir,
+                exc,
+            )
+        self.files.remove_tree(target)
+
+    def withdraw(self, path: Path, key: str) -> None:
+        """Make sure the entry directory `path` is never served again, whatever the disk allows: removed, or else
+        its manifest unlinked (a directory without one is skipped at open). Never raises for a disk fault."""
+        try:
+            self.files.rename(path, self.trash_dir / path.name)
+            self.files.fsync_path(self.entries_dir)
+            self.files.remove_tree(self.trash_dir / path.name)
+            return
         except FileNotFoundError:
             return
-        self.files.fsync_path(self.entries_dir)  # the removal is durable before the files go
-        self.files.remove_tree(target)
+        except OSError as exc:
+            first = exc
+        try:
+            self.files.unlink(path / "zarr.json", missing_ok=True)
+            self.files.fsync_path(path)
+        except OSError as exc:
+            log.error(
+                "tiercache: entry %r at %s could be neither removed (%s) nor unpublished (%s): it may be served "
+                "after the cache reopens; delete the directory by hand",
+                key,
+                path,
+                first,
+                exc,
+            )
 
     def scan(self) -> list[StoredEntry]:
         """Rebuild the index from disk, oldest first. Leftovers of interrupted writes and removals are cleared;
-        of two versions of a key the newer wins; an entry that cannot be read (damaged, or written by a newer
-        format) is skipped with a warning and left on disk."""
+        of two versions of a key whose manifests verify, the newer wins. An entry whose manifest does not verify
+        (damaged, edited, or written by another format version) is skipped with a warning, left on disk, and
+        never the reason another entry is removed."""
         files = self.files
-        for leftover in (self.tmp_dir, self.trash_dir):
-            for name in files.listdir(leftover):
-                files.remove_tree(leftover / name)
+        with disk_errors("opening", self.root, self.entries_dir):
+            for leftover in (self.tmp_dir, self.trash_dir):
+                for name in files.listdir(leftover):
+                    files.remove_tree(leftover / name)
+            entries = sorted(self.entries_dir / name for name in files.listdir(self.entries_dir))
         newest: dict[str, StoredEntry] = {}
-        entries = sorted(self.entries_dir / name for name in files.listdir(self.entries_dir))
-        for path in (p for p in entries if files.is_dir(p)):
+        for path in entries:
             try:
+                if not files.is_dir(path):
+                    continue
                 stored = parse_group(path, files)
-            except (OSError, ValueError, KeyError, TypeError) as exc:  # never delete what we cannot read
-                log.warning(
-                    "tiercache: skipping unreadable entry %s (left on disk; delete it to reclaim): %s", path, exc
-                )
+            except (OSError, ValueError) as exc:  # never delete what does not verify
+                log.warning("tiercache: skipping entry %s (left on disk; delete it to reclaim): %s", path, exc)
                 continue
             older = newest.get(stored.spec.key)
-            if older is not None:
-                keep, drop = (stored, older) if stored.written_ns >= older.written_ns else (older, stored)
-                newest[stored.spec.key] = keep
-                self.remove(drop)
-            else:
-                newest[stored.spec.key] = stored
+            keep, drop = (stored, older) if older is None or stored.written_ns >= older.written_ns else (older, stored)
+            newest[stored.spec.key] = keep
+            if drop is not None:
+                try:
+                    self.remove(drop)
+                except StorageError as exc:  # it is older: never served; the next open tries again
+                    log.warning("tiercache: an older version of %r stays on disk: %s", stored.spec.key, exc)
         return sorted(newest.values(), key=lambda s: s.written_ns)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -9,14 +13,19 @@ from pathlib import Path
 import torch
 
 from ...entry import EntrySpec, Tensors
-from ...errors import StorageError
+from ...errors import StorageError, caused_by
 from ...io import PosixIO
 from ...io.device_io import KvikioIO, why_not_kvikio
 from ...policy.schema import NvmeBudget, TierBudget
 from ...transfer import Event, all_of
+from ...units import format_size
 from ..base import DataPath, EntryId, Found, Load, Tier, TierState, select
+from .failures import describe, disk_errors
 from .format import StoredEntry
 from .layout import DiskLayout
+from .lock import RootLock
+
+log = logging.getLogger(__name__)
 
 
 class NvmeTier(Tier):
@@ -31,14 +40,31 @@ class NvmeTier(Tier):
         if path.root is None:
             raise ValueError("the nvme tier keeps files: DataPath.root is required")
         root = path.root
-        path.files.mkdir(root, parents=True, exist_ok=True)
-        self.verify = budget.verify_checksums
-        self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io, files=path.files)
         try:
-            self.device_io, self.why_not_device_io = _open_device_io(root, budget, path.device)
-            self.layout = DiskLayout(root, self.io, self.device_io, path.buffers, path.files)
+            path.files.mkdir(root, parents=True, exist_ok=True)
+            if not path.files.is_dir(root):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(root))
+        except OSError as exc:
+            raise caused_by(
+                StorageError(
+                    f"nvme tier: {root} cannot be the cache's root: {describe(exc)}; give root= a directory (or a "
+                    "path to create one) on a writable local filesystem"
+                ),
+                exc,
+            ) from exc
+        self.lock = RootLock(root, path.files, timeout=path.lock_timeout)  # before any work: a held root is refused
+        self.verify = budget.verify_checksums
+        self._leftovers: list[tuple[StoredEntry, int]] = []  # unindexed, files not yet removed; bytes still counted
+        try:
+            self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io, files=path.files)
+            try:
+                self.device_io, self.why_not_device_io = _open_device_io(root, budget, path.device)
+                self.layout = DiskLayout(root, self.io, self.device_io, path.buffers, path.files, self.lock)
+            except BaseException:
+                self.io.close()
+                raise
         except BaseException:
-            self.io.close()
+            self.lock.release()
             raise
         self._stored: dict[EntryId, StoredEntry] = {}
 
@@ -74,14 +100,25 @@ class NvmeTier(Tier):
 
     # ---- entries found on disk --------------------------------------------------------------------------------
     def scan(self) -> list[Found]:
-        return [Found(s.spec, s.written_ns, s) for s in self.layout.scan()]
+        found = [Found(s.spec, s.written_ns, s) for s in self.layout.scan()]
+        on_disk = sum(f.spec.nbytes for f in found)
+        with contextlib.suppress(OSError):
+            free = self.path.files.free_bytes(self.layout.root)
+            if self.capacity > free + on_disk:
+                log.warning(
+                    "tiercache: tiers.nvme.capacity is %s but the filesystem of %s has %s free (%s more in entries "
+                    "found there): puts will fail with ENOSPC before the budget is reached; lower the capacity or "
+                    "free space",
+                    format_size(self.capacity),
+                    self.layout.root,
+                    format_size(free),
+                    format_size(on_disk),
+                )
+        return found
 
     def adopt(self, entry: EntryId, found: Found) -> None:
         self._admit(entry, found.spec)
         self._stored[entry] = found.handle
-
-    def discard(self, found: Found) -> None:
-        self.layout.remove(found.handle)
 
     # ---- the verbs --------------------------------------------------------------------------------------------
     def put(
@@ -89,6 +126,7 @@ class NvmeTier(Tier):
     ) -> None:
         if after is not None:  # tensors a copy is still filling (an entry promoted moments ago)
             after.synchronize()
+        self._clear_leftovers()
         self._admit(entry, spec)
         devices = {t.device for t in tensors.values()}
         mode = self.mode_for(devices.pop()) if len(devices) == 1 else self.io.mode
@@ -102,18 +140,25 @@ class NvmeTier(Tier):
 
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
         """Queue the reads now, on the calling thread (its warm memory; no hand-off before the disk starts); the
-        Load's host work waits for them, checks them and moves them to `device` where kvikio did not read there."""
+        Load's host work waits for them, checks them and moves them to `device` where kvikio did not read there.
+        Every disk error is the entry's StorageError; a chunk missing, truncated or failing its checksum is a
+        CorruptEntryError."""
         stored = self._stored[entry]
         start = time.perf_counter()
-        if names is None:
-            landing: Callable[[], Tensors] = self.layout.start_entry_read(stored, self.verify, device)
-        else:
-            landing = self.layout.start_reads(stored, select(stored.spec, names), self.verify, device)
+        reading = functools.partial(
+            disk_errors, "reading", self.layout.root, stored.path, stored.spec.key, stored.spec.nbytes, reading=True
+        )
+        with reading():
+            if names is None:
+                landing: Callable[[], Tensors] = self.layout.start_entry_read(stored, self.verify, device)
+            else:
+                landing = self.layout.start_reads(stored, select(stored.spec, names), self.verify, device)
         dest = self.path.endpoint(device) if device is not None else "host"
         mode = self.mode_for(device)
 
         def finish() -> tuple[Tensors, Event]:
-            tensors = landing()
+            with reading():
+                tensors = landing()
             if device is not None:
                 tensors = {n: t.to(device) for n, t in tensors.items()}
             self._log(self.name, dest, sum(t.nbytes for t in tensors.values()), time.perf_counter() - start, mode)
@@ -122,12 +167,44 @@ class NvmeTier(Tier):
         return Load(finish=finish)
 
     def delete(self, entry: EntryId) -> None:
+        """Remove the entry's files; a disk that refuses raises StorageError with the entry still stored."""
+        self.layout.remove(self._stored[entry])
+        del self._stored[entry]
         self._forget(entry)
-        self.layout.remove(self._stored.pop(entry))
+
+    def release(self, entry: EntryId) -> None:
+        """Delete, or where the disk refuses, unpublish the entry (never served again) and keep its files as
+        leftovers, counted in `used`, removed at a later put or the next open."""
+        try:
+            self.delete(entry)
+        except StorageError as exc:
+            stored = self._stored.pop(entry)
+            counted = 0 if entry in self._aside else stored.spec.nbytes
+            self._forget(entry)
+            self.used += counted
+            self._leftovers.append((stored, counted))
+            self.layout.withdraw(stored.path, stored.spec.key)
+            log.warning("tiercache: %s; its files are kept and counted until a later removal succeeds", exc)
+
+    def set_aside(self, entry: EntryId) -> None:
+        # Disk room is a budget, not memory already taken: the new version is written beside the old one.
+        self._set_aside(entry)
+
+    def _clear_leftovers(self) -> None:
+        for leftover in list(self._leftovers):
+            try:
+                self.layout.remove(leftover[0])
+            except StorageError:
+                return  # the disk still refuses; the next put tries again
+            self._leftovers.remove(leftover)
+            self.used -= leftover[1]
 
     def close(self) -> None:
+        with contextlib.suppress(StorageError):
+            self._clear_leftovers()
         self._stored.clear()
         self._specs.clear()
+        self._leftovers.clear()
         self.used = 0
         try:
             self.layout.close()  # releases the root's lock
