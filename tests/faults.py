@@ -122,3 +122,51 @@ class UnlistableDisk(FileOps):
         if self.failing.is_set():
             raise os_error(errno.EIO, "cannot list entries")
         return super().listdir(path)
+
+
+class FaultAt(FileOps):
+    """Counts every system call the nvme path makes; once armed with arm(nth), the call `nth` (0-based, counted
+    from arming) raises OSError(`code`) and later calls go through. `calls` after a disarmed run says how many
+    injection points an operation has; `failed` names the call that was failed."""
+
+    CALLS = (
+        "open", "close", "fstat", "preadv", "pwritev", "ftruncate", "fsync", "flock", "fallocate",
+        "mkdir", "rename", "listdir", "unlink", "stat", "free_bytes",
+    )  # fmt: skip
+
+    def __init__(self, code: int = errno.EIO) -> None:
+        self._lock = threading.Lock()
+        self.code = code
+        self.calls = 0
+        self._nth: int | None = None
+        self.failed: str | None = None
+
+    def arm(self, nth: int | None) -> None:
+        """Fail the `nth` call from now (None: count only)."""
+        with self._lock:
+            self.calls = 0
+            self._nth = nth
+            self.failed = None
+
+    def _tick(self, name: str) -> bool:
+        with self._lock:
+            hit = self._nth is not None and self.calls == self._nth
+            self.calls += 1
+            if hit:
+                self.failed = name
+        return hit
+
+    def __getattribute__(self, name: str):  # type: ignore[no-untyped-def]
+        call = super().__getattribute__(name)
+        if name not in FaultAt.CALLS:
+            return call
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if not self._tick(name):
+                return call(*args, **kwargs)
+            error = os_error(self.code, f"call {self._nth} ({name})")
+            if name == "close":  # Linux releases the descriptor even when close reports an error
+                call(*args, **kwargs)
+            raise error
+
+        return counted

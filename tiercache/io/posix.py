@@ -59,7 +59,8 @@ def probe_direct_io(directory: Path, files: FileOps | None = None) -> str | None
     except OSError as exc:
         return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
     finally:
-        files.unlink(probe, missing_ok=True)
+        with contextlib.suppress(OSError):  # a probe file left behind is harmless: its name is never an entry's
+            files.unlink(probe, missing_ok=True)
     return None
 
 

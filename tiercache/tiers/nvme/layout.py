@@ -3,6 +3,7 @@ pieces read and checksummed in parallel by the I/O backend, removal through tras
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -357,18 +358,20 @@ class DiskLayout:
             )
         self.files.remove_tree(target)
 
-    def withdraw(self, path: Path, key: str) -> None:
-        """Make sure the entry directory `path` is never served again, whatever the disk allows: removed, or else
-        its manifest unlinked (a directory without one is skipped at open). Never raises for a disk fault."""
+    def withdraw(self, path: Path, key: str) -> bool:
+        """Make sure the entry directory `path` is never served again, whatever the disk allows: removed (True), or
+        else its manifest unlinked (a directory without one is skipped at open). Never raises for a disk fault."""
         try:
             self.files.rename(path, self.trash_dir / path.name)
-            self.files.fsync_path(self.entries_dir)
-            self.files.remove_tree(self.trash_dir / path.name)
-            return
         except FileNotFoundError:
-            return
+            return True
         except OSError as exc:
             first = exc
+        else:
+            with contextlib.suppress(OSError):
+                self.files.fsync_path(self.entries_dir)
+            self.files.remove_tree(self.trash_dir / path.name)
+            return True
         try:
             self.files.unlink(path / "zarr.json", missing_ok=True)
             self.files.fsync_path(path)
@@ -381,6 +384,7 @@ class DiskLayout:
                 first,
                 exc,
             )
+        return False
 
     def scan(self) -> list[StoredEntry]:
         """Rebuild the index from disk, oldest first. Leftovers of interrupted writes and removals are cleared;

@@ -71,7 +71,7 @@ class RootLock:
         if pid is None:
             who = "another TierCache (its PID is not recorded)"
         elif pid == os.getpid() and host == socket.gethostname():
-            who = "another TierCache in this process: close it first"
+            who = "another TierCache in this process"
         else:
             who = f"process {pid}{f' on {host}' if host else ''} ({_state(pid)})"
         return (
@@ -85,7 +85,8 @@ class RootLock:
             _HELD.discard(self)
             fd, self._fd = self._fd, None
         if fd is not None:
-            self._files.close(fd)  # releases the flock
+            with contextlib.suppress(OSError):  # Linux frees the descriptor, and so the lock, even when close fails
+                self._files.close(fd)
 
     def _drop_in_child(self) -> None:
         fd, self._fd = self._fd, None

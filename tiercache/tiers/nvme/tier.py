@@ -181,10 +181,10 @@ class NvmeTier(Tier):
             stored = self._stored.pop(entry)
             counted = 0 if entry in self._aside else stored.spec.nbytes
             self._forget(entry)
-            self.used += counted
-            self._leftovers.append((stored, counted))
-            self.layout.withdraw(stored.path, stored.spec.key)
-            log.warning("tiercache: %s; its files are kept and counted until a later removal succeeds", exc)
+            if not self.layout.withdraw(stored.path, stored.spec.key):  # a second try (rename) may yet work
+                self.used += counted
+                self._leftovers.append((stored, counted))
+                log.warning("tiercache: %s Its files are kept, and counted, until a later removal succeeds.", exc)
 
     def set_aside(self, entry: EntryId) -> None:
         # Disk room is a budget, not memory already taken: the new version is written beside the old one.
