@@ -152,5 +152,6 @@ if __name__ == "__main__":  # the figures in docs/reliability.md: python tests/t
             _prepare(template, case)
             points, _ = _trial(template, scratch / "root", case, None)
             raised = sum(_trial(template, scratch / "root", case, nth, code)[1] for nth in range(points))
-            print(f"{name:14} {errno.errorcode[code]:7} {points:4} points {raised:4} raised {points - raised:4} succeeded")
+            returned = points - raised
+            print(f"{name:14} {errno.errorcode[code]:7} {points:4} points {raised:4} raised {returned:4} returned")
     shutil.rmtree(scratch)
