@@ -130,7 +130,7 @@ class FaultAt(FileOps):
     injection points an operation has; `failed` names the call that was failed."""
 
     CALLS = (
-        "open", "close", "fstat", "preadv", "pwritev", "ftruncate", "fsync", "flock", "fallocate",
+        "open", "close", "fstat", "preadv", "pwritev", "ftruncate", "fsync", "lockf", "fallocate",
         "mkdir", "rename", "listdir", "unlink", "stat", "free_bytes",
     )  # fmt: skip
 

@@ -194,3 +194,77 @@ def test_a_bad_stream_argument_is_refused_before_any_read_begins(make_cache: Cac
     cache.delete("k")  # no read is left in progress: the bytes go at once, and close() does not wait for one
     assert cache.stats().tiers["host"].used == 0
     cache.close()
+
+
+class SmallDisk(FileOps):
+    """A filesystem that reports `free` bytes free (statvfs), and whose fallocate refuses past `free` when `reserve`;
+    counts data writes."""
+
+    def __init__(self, free: int, reserve: bool = False) -> None:
+        self.free = free
+        self.reserve = reserve
+        self.data_writes = 0
+
+    def free_bytes(self, path: object) -> int:
+        return self.free
+
+    def fallocate(self, fd: int, length: int) -> bool:
+        if self.reserve and length > self.free:
+            raise OSError(errno.ENOSPC, "No space left on device (injected: fallocate)")
+        return super().fallocate(fd, length)
+
+    def pwritev(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        self.data_writes += 1
+        return super().pwritev(fd, buffers, offset)
+
+
+def test_a_budget_above_the_free_space_is_a_warning_with_both_figures(
+    make_cache: CacheFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING"):
+        make_cache(only_tier("nvme", capacity=64 * 1024 * 1024), files=SmallDisk(free=1024 * 1024))
+    assert "64 MiB" in caplog.text and "1 MiB free" in caplog.text
+
+
+def test_an_entry_the_filesystem_has_no_room_for_is_refused_before_a_byte_is_written(
+    make_cache: CacheFactory,
+) -> None:
+    disk = SmallDisk(free=1 << 40)
+    cache = make_cache(only_tier("nvme"), files=disk)
+    cache.put("k", kv(1))
+    disk.free, disk.data_writes = 16 * 1024, 0
+    with pytest.raises(StorageError, match="'k'.*needs about") as raised:
+        cache.put("k", kv(2))
+    assert raised.value.errno == errno.ENOSPC and disk.data_writes == 0
+    assert_same(cache.get("k"), kv(1))
+    assert not list((cache.root / "tmp").iterdir())
+
+
+def test_a_chunk_whose_blocks_cannot_be_reserved_fails_the_put_cleanly(make_cache: CacheFactory) -> None:
+    disk = SmallDisk(free=1 << 40)
+    cache = make_cache(only_tier("nvme"), files=disk)
+    cache.put("k", kv(1))
+    disk.free, disk.reserve = 1024, True
+    disk.free_bytes = lambda path: 1 << 40  # type: ignore[method-assign]  # statvfs says yes; fallocate says no
+    with pytest.raises(StorageError, match="No space left") as raised:
+        cache.put("k", kv(2))
+    assert raised.value.errno == errno.ENOSPC
+    assert_same(cache.get("k"), kv(1))
+
+
+def test_a_replacement_that_fails_in_a_full_nvme_budget_keeps_the_old_version(make_cache: CacheFactory) -> None:
+    """The budget holds one version: the new one is written beside the old (the budget counts it in the old one's
+    place), and the old one is there, served and counted, when the write fails."""
+    disk = FillingDisk()
+    cache = make_cache(only_tier("nvme", capacity=64 * 1024), files=disk)
+    cache.put("k", kv(1))
+    cache.pin("k")
+    disk.fill(after=2)
+    with pytest.raises(StorageError):
+        cache.put("k", kv(2))
+    disk.free()
+    assert_same(cache.get("k"), kv(1))
+    assert cache.stats().tiers["nvme"].used == 64 * 1024 and cache.info("k").pins == 1
+    cache.close()
+    with tiercache.TierCache(root=cache.root, policy=only_tier("nvme", capacity=64 * 1024)) as reopened:
+        assert_same(reopened.get("k"), kv(1))

@@ -95,11 +95,12 @@ def check_key(key: object) -> str:
 
 
 def normalize_tensors(key: str, tensors: object) -> Tensors:
-    """The entry's tensors as dense, contiguous torch tensors in the caller's order, without copying if possible.
+    """The entry's tensors as dense torch tensors in the caller's order, without copying if possible.
 
     Accepts a mapping of str to torch tensors, numpy arrays or DLPack arrays (cupy: zero-copy); anything else
     raises EntryTypeError naming the item.
-    Non-contiguous tensors are stored as their values (a contiguous copy). Gradients are not stored.
+    Non-contiguous tensors are stored as their values: the engine makes the contiguous copy once the entry's
+    size, known from shapes and dtypes alone, has been accepted. Gradients are not stored.
     """
     if not isinstance(tensors, Mapping):
         raise EntryTypeError(
@@ -143,7 +144,7 @@ def _as_dense_tensor(key: str, name: str, value: Any) -> torch.Tensor:
     value = value.detach()
     if value.is_conj() or value.is_neg():  # lazy views: store the values they stand for
         value = value.resolve_conj().resolve_neg()
-    return value.contiguous()
+    return value  # made contiguous once a tier has accepted its size (a refused expand() view allocates nothing)
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,9 @@ class FileOps:
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
-    def flock(self, fd: int, operation: int) -> None:
-        fcntl.flock(fd, operation)
+    def lockf(self, fd: int, operation: int) -> None:
+        """A POSIX record lock on the whole file (fcntl F_SETLK): held by this process, never by its children."""
+        fcntl.lockf(fd, operation)
 
     def fallocate(self, fd: int, length: int) -> bool:
         """Reserve the file's first `length` bytes on the disk (Linux fallocate: a full disk fails here, before a

@@ -1,6 +1,6 @@
 """The nvme tier's on-disk format: one zarr v3 group per entry, written atomically, checksummed, re-indexed on open.
 
-    ROOT/.lock                       held (flock, lock.py) by the one cache that has ROOT open
+    ROOT/.lock                       held (a POSIX lock, lock.py) by the one cache that has ROOT open
     ROOT/entries/zarr.json           a zarr group whose members are the entries
     ROOT/entries/<H>-<U>/zarr.json   an entry: a zarr group; attributes["tiercache"] is its sealed manifest
     ROOT/entries/<H>-<U>/t<i>/...    tensor i: a zarr array, one chunk, codecs bytes(little) + crc32c
