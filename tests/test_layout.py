@@ -17,7 +17,7 @@ from helpers import assert_same, kv, only_tier, policy
 from test_entries import DTYPES, sample
 
 import tiercache
-from tiercache import CorruptEntryError, StorageError
+from tiercache import CorruptEntryError
 from tiercache.entry import as_bytes
 
 NVME = only_tier("nvme")
@@ -104,13 +104,26 @@ def test_a_damaged_stored_checksum_alone_is_caught(make_cache: CacheFactory, ele
         cache.get("k")
 
 
-def test_a_truncated_chunk_raises(make_cache: CacheFactory) -> None:
+@pytest.mark.parametrize("damage", ["truncated", "extended", "missing"])
+def test_a_resized_or_missing_chunk_is_a_corrupt_entry_named_by_its_key(
+    make_cache: CacheFactory, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """While the cache is open, a read refuses it (CorruptEntryError naming the key); at the next open the entry is
+    skipped with a warning and left on disk."""
     cache = make_cache(NVME)
     cache.put("k", {"a": torch.arange(5000.0)})
     chunk = entry_dirs(cache.root)[0] / "t0" / "c" / "0"
-    os.truncate(chunk, 4096)
-    with pytest.raises(StorageError, match="damaged"):
+    if damage == "missing":
+        chunk.unlink()
+    else:
+        os.truncate(chunk, 4096 if damage == "truncated" else 5000 * 4 + 4 + 1)
+    with pytest.raises(CorruptEntryError, match="'k'") as raised:
         cache.get("k")
+    assert "damaged" in str(raised.value) and "Delete the entry" in str(raised.value)
+    cache.close()
+    with caplog.at_level(logging.WARNING), tiercache.TierCache(root=cache.root, policy=NVME) as reopened:
+        assert "k" not in reopened
+    assert "skipping entry" in caplog.text and entry_dirs(cache.root)
 
 
 def test_a_chunk_swapped_for_another_valid_chunk_is_caught_by_the_manifest(make_cache: CacheFactory) -> None:
