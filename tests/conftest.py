@@ -3,6 +3,7 @@ O_DIRECT skip (tests marked `direct_io` need a filesystem that allows it where t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,16 @@ def nvme_mode(direct_io_reason: str | None) -> str:
     return "o_direct" if direct_io_reason is None else "buffered"
 
 
+SLOW_REASON = "slow: run with `pytest -m slow` (or TIERCACHE_SLOW=1); `make test` keeps to the fast ones"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason=CUDA_REASON)
+    run_slow = "slow" in (config.getoption("markexpr") or "") or bool(os.environ.get("TIERCACHE_SLOW"))
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason=CUDA_REASON))
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason=SLOW_REASON))
 
 
 CacheFactory = Callable[..., tiercache.TierCache]
