@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +59,13 @@ def kv(seed: int, nbytes: int = 64 * KiB, dtype: torch.dtype = torch.float32) ->
     gen = torch.Generator().manual_seed(seed)
     n = max(1, nbytes // 2 // dtype.itemsize)
     return {name: torch.randn(n, generator=gen).to(dtype) for name in ("k", "v")}
+
+
+def disk_bytes(root: Path) -> int:
+    """Payload bytes of every chunk file under root/entries/ (published or withdrawn): what the nvme budget counts."""
+    chunks = [p for p in (root / "entries").glob("*/t*/c*") if p.is_file()]
+    chunks += [p for p in (root / "entries").glob("*/t*/c/**/*") if p.is_file()]
+    return sum(p.stat().st_size - 4 for p in chunks)
 
 
 def transfers(cache: tiercache.TierCache) -> Transfers:

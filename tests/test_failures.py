@@ -14,11 +14,12 @@ import pytest
 import torch
 from conftest import CacheFactory
 from faults import FailingClose, FailingFsync, FillingDisk, NoDirectIO, UnlistableDisk
-from helpers import assert_same, kv, only_tier, policy
+from helpers import assert_same, disk_bytes, kv, only_tier, policy
 
 import tiercache
 from tiercache import CacheClosedError, Policy, StorageError
 from tiercache.io import FileOps
+from tiercache.io.files import StrPath
 from tiercache.io.posix import PosixIO
 from tiercache.tiers import Load
 
@@ -268,3 +269,40 @@ def test_a_replacement_that_fails_in_a_full_nvme_budget_keeps_the_old_version(ma
     cache.close()
     with tiercache.TierCache(root=cache.root, policy=only_tier("nvme", capacity=64 * 1024)) as reopened:
         assert_same(reopened.get("k"), kv(1))
+
+
+class RefusingTrash(FileOps):
+    """While `failing`, renames into trash/ fail with EIO (and, with `keep_manifests`, so does unlinking a
+    manifest): a disk on which removals fail for a while."""
+
+    def __init__(self, keep_manifests: bool = False) -> None:
+        self.failing = threading.Event()
+        self.keep_manifests = keep_manifests
+
+    def rename(self, source: StrPath, target: StrPath) -> None:
+        if self.failing.is_set() and Path(target).parent.name == "trash":
+            raise OSError(errno.EIO, "Input/output error (injected: rename into trash)")
+        super().rename(source, target)
+
+    def unlink(self, path: StrPath, *, missing_ok: bool = False) -> None:
+        if self.failing.is_set() and self.keep_manifests and Path(path).name == "zarr.json":
+            raise OSError(errno.EIO, "Input/output error (injected: unlink)")
+        super().unlink(path, missing_ok=missing_ok)
+
+
+@pytest.mark.parametrize("keep_manifests", [False, True])
+def test_an_old_version_the_disk_will_not_remove_stays_counted_and_goes_at_the_next_open(
+    make_cache: CacheFactory, keep_manifests: bool
+) -> None:
+    disk = RefusingTrash(keep_manifests)
+    cache = make_cache(only_tier("nvme"), files=disk)
+    cache.put("k", kv(1))
+    disk.failing.set()
+    cache.put("k", kv(2))  # the new version is stored; the old one's removal is refused
+    assert_same(cache.get("k"), kv(2))
+    assert cache.stats().tiers["nvme"].used == disk_bytes(cache.root) == 2 * 64 * 1024
+    cache.close()  # still refusing: the old version is left on disk
+    with tiercache.TierCache(root=cache.root, policy=only_tier("nvme")) as reopened:
+        assert_same(reopened.get("k"), kv(2))
+        assert reopened.stats().tiers["nvme"].used == disk_bytes(cache.root) == 64 * 1024
+    assert len([d for d in (cache.root / "entries").iterdir() if d.is_dir()]) == 1

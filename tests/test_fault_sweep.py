@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from faults import FaultAt
-from helpers import KiB, MiB, assert_same, kv, only_tier, policy
+from helpers import KiB, MiB, assert_same, disk_bytes, kv, only_tier, policy
 
 import tiercache
 from tiercache import StorageError
@@ -24,13 +24,6 @@ TIERED = policy(
     tiers={"hbm": {"capacity": 0}, "host": {"capacity": 160 * KiB}, "nvme": {"capacity": 4 * MiB}},
     eviction={"nvme_admit_after": 1},
 )
-
-
-def disk_bytes(root: Path) -> int:
-    """Payload bytes of every chunk under entries/ (published or withdrawn): what the nvme budget must count."""
-    return sum(p.stat().st_size - 4 for p in (root / "entries").glob("*/t*/c*") if p.is_file()) + sum(
-        p.stat().st_size - 4 for p in (root / "entries").glob("*/t*/c/**/*") if p.is_file()
-    )
 
 
 @dataclass

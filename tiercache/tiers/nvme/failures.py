@@ -34,18 +34,28 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
+PREFIX = "nvme tier: "  # how the errors built here begin
+
+
 def disk_error(
-    action: str, root: Path, path: Path, exc: BaseException, key: str | None = None, nbytes: int = 0
+    action: str,
+    root: Path,
+    path: Path,
+    exc: BaseException,
+    key: str | None = None,
+    nbytes: int = 0,
+    *,
+    outcome: str = "Nothing stored was changed",
 ) -> StorageError:
     """The StorageError for `action` ("writing", "removing", ...) of entry `key` (None: of the root itself)
-    failing at `path` with `exc`."""
+    failing at `path` with `exc`; `outcome` says what the failure left."""
     code = exc.errno if isinstance(exc, OSError) else None
     name = errno.errorcode.get(code, "") if code is not None else ""
     what = f"entry {key!r} ({format_size(nbytes)})" if key is not None else "the root"
     return caused_by(
         StorageError(
-            f"nvme tier: {action} {what} at {path} failed: {describe(exc)}{f' [{name}]' if name else ''}; "
-            f"{fix_for(code, root)}. Nothing stored was changed."
+            f"{PREFIX}{action} {what} at {path} failed: {describe(exc)}{f' [{name}]' if name else ''}; "
+            f"{fix_for(code, root)}. {outcome}."
         ),
         exc,
     )
@@ -74,6 +84,8 @@ def disk_errors(
             raise
         raise corrupt(key, nbytes, path, exc) from exc
     except OSError as exc:
+        if isinstance(exc, StorageError) and str(exc).startswith(PREFIX):  # already this error, whole
+            raise
         if reading and key is not None and exc.errno == errno.ENOENT:
             raise corrupt(key, nbytes, path, exc) from exc
         raise disk_error(action, root, path, exc, key, nbytes) from exc

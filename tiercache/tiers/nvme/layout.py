@@ -24,9 +24,10 @@ from ...io.checksum import crc32c
 from ...io.device_io import KvikioIO
 from ...io.files import FileOps
 from ...units import format_size
-from .failures import disk_errors
+from .failures import disk_error, disk_errors
 from .format import (
     CHECKSUM_BYTES,
+    ENTRY_NAME,
     StoredEntry,
     array_metadata,
     chunk_path,
@@ -85,9 +86,11 @@ class DiskLayout:
         self._jobs = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 
     def close(self) -> None:
-        self._jobs.shutdown(wait=True)
-        self.buffers.close()
-        self._unlock()
+        try:
+            self._jobs.shutdown(wait=True)
+            self.buffers.close()
+        finally:
+            self._unlock()
 
     def _unlock(self) -> None:
         if self._lock is not None:
@@ -132,9 +135,18 @@ class DiskLayout:
                 raise
             try:
                 files.fsync_path(self.entries_dir)
-            except BaseException:
-                self.withdraw(final, spec.key)  # published but maybe not durable: take it back, never served
-                raise
+            except OSError as exc:  # published but maybe not durable: take it back, never served
+                if self.withdraw(final, spec.key):
+                    raise
+                raise disk_error(
+                    "writing",
+                    self.root,
+                    final,
+                    exc,
+                    spec.key,
+                    spec.nbytes,
+                    outcome=f"It may remain at {final}: delete it",
+                ) from exc
         return StoredEntry(spec=spec, path=final, checksums=tuple(checksums), written_ns=written_ns)
 
     def _check_room(self, spec: EntrySpec) -> None:
@@ -346,7 +358,10 @@ class DiskLayout:
             try:
                 self.files.rename(stored.path, target)
             except FileNotFoundError:
-                return
+                if not self.files.exists(stored.path):
+                    return  # already gone
+                self.files.mkdir(self.trash_dir, exist_ok=True)  # trash/ itself was missing
+                self.files.rename(stored.path, target)
         try:
             self.files.fsync_path(self.entries_dir)  # the removal is durable before the files go
         except OSError as exc:
@@ -364,7 +379,9 @@ class DiskLayout:
         try:
             self.files.rename(path, self.trash_dir / path.name)
         except FileNotFoundError:
-            return True
+            if not self.files.exists(path):
+                return True
+            first: OSError = FileNotFoundError(f"{self.trash_dir} is missing")
         except OSError as exc:
             first = exc
         else:
@@ -401,6 +418,12 @@ class DiskLayout:
         for path in entries:
             try:
                 if not files.is_dir(path):
+                    continue
+                if ENTRY_NAME.fullmatch(path.name) and not files.exists(path / "zarr.json"):
+                    # Writes publish whole (manifest included): an entry without one was withdrawn (Tier.release
+                    # on a disk that refused its removal). Its bytes are counted by no one: remove it now.
+                    self.files.rename(path, self.trash_dir / path.name)
+                    self.files.remove_tree(self.trash_dir / path.name)
                     continue
                 stored = parse_group(path, files)
             except (OSError, ValueError) as exc:  # never delete what does not verify

@@ -54,7 +54,7 @@ class NvmeTier(Tier):
             ) from exc
         self.lock = RootLock(root, path.files, timeout=path.lock_timeout)  # before any work: a held root is refused
         self.verify = budget.verify_checksums
-        self._leftovers: list[tuple[StoredEntry, int]] = []  # unindexed, files not yet removed; bytes still counted
+        self._leftovers: list[StoredEntry] = []  # unindexed, files not yet removed; their bytes still counted
         try:
             self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io, files=path.files)
             try:
@@ -174,17 +174,23 @@ class NvmeTier(Tier):
 
     def release(self, entry: EntryId) -> None:
         """Delete, or where the disk refuses, unpublish the entry (never served again) and keep its files as
-        leftovers, counted in `used`, removed at a later put or the next open."""
+        leftovers, counted in `used`, removed at a later put, at close, or (a directory without its manifest) at
+        the next open."""
         try:
             self.delete(entry)
         except StorageError as exc:
             stored = self._stored.pop(entry)
-            counted = 0 if entry in self._aside else stored.spec.nbytes
             self._forget(entry)
             if not self.layout.withdraw(stored.path, stored.spec.key):  # a second try (rename) may yet work
-                self.used += counted
-                self._leftovers.append((stored, counted))
-                log.warning("tiercache: %s Its files are kept, and counted, until a later removal succeeds.", exc)
+                self.used += stored.spec.nbytes  # _forget took them out of `used`; on disk, they count
+                self._leftovers.append(stored)
+                log.warning(
+                    "tiercache: nvme tier: the files of entry %r at %s could not be removed (%s); it is unpublished "
+                    "(never served), and its bytes stay counted until a later removal succeeds",
+                    stored.spec.key,
+                    stored.path,
+                    describe(exc.__cause__ or exc),
+                )
 
     def set_aside(self, entry: EntryId) -> None:
         # Disk room is a budget, not memory already taken: the new version is written beside the old one.
@@ -193,11 +199,11 @@ class NvmeTier(Tier):
     def _clear_leftovers(self) -> None:
         for leftover in list(self._leftovers):
             try:
-                self.layout.remove(leftover[0])
+                self.layout.remove(leftover)
             except StorageError:
                 return  # the disk still refuses; the next put tries again
             self._leftovers.remove(leftover)
-            self.used -= leftover[1]
+            self.used -= leftover.spec.nbytes
 
     def close(self) -> None:
         with contextlib.suppress(StorageError):
