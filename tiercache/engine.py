@@ -189,9 +189,7 @@ class Engine:
         record = self.record(key)
         if record.readers == 0:
             for tier_name in [t for t in record.tiers if self.tiers[t].persistent]:
-                self.tiers[tier_name].delete(record.uid)
-                record.tiers.remove(tier_name)
-                self.orders[tier_name].removed(record.uid)
+                self._drop(record, tier_name, strict=True)
         self._remove(record)
 
     def pin(self, key: str) -> None:
@@ -417,9 +415,11 @@ class Engine:
         record.tiers.sort(key=TIER_NAMES.index)
         self.orders[tier_name].inserted(record.uid, self._usage(record, tier_name))
 
-    def _drop(self, record: Record, tier_name: str, *, evicted: bool = False) -> None:
-        """Take a copy out of a tier for good (release: never raises for a disk fault)."""
-        self.tiers[tier_name].release(record.uid)
+    def _drop(self, record: Record, tier_name: str, *, evicted: bool = False, strict: bool = False) -> None:
+        """Take a copy out of a tier for good: `release` (never raises for a disk fault), or with `strict`,
+        `delete` (a refusal raises, the copy still there)."""
+        tier = self.tiers[tier_name]
+        (tier.delete if strict else tier.release)(record.uid)
         record.tiers.remove(tier_name)
         self.orders[tier_name].removed(record.uid, evicted=evicted)
 

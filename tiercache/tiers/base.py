@@ -173,16 +173,14 @@ class Tier(ABC):
             self.used -= spec.nbytes
         return spec
 
-    def _set_aside(self, entry: EntryId) -> None:
-        if entry not in self._aside:
-            self._aside.add(entry)
-            self.used -= self._specs[entry].nbytes
-
     def set_aside(self, entry: EntryId) -> None:
         """Stop counting an entry's bytes against the budget while keeping it stored and readable, so that a new
         version of its key can be written before the old one is deleted; `restore` counts them again (the new
-        version failed). Only tiers whose budget is not memory already in use (persistent ones) offer it."""
-        raise NotImplementedError(f"tier {self.name} cannot hold an entry outside its budget")
+        version failed). The engine asks it of persistent tiers only: their budget is room on a disk, not memory
+        already in use, so the old bytes can stay while the new ones are written."""
+        if entry not in self._aside:
+            self._aside.add(entry)
+            self.used -= self._specs[entry].nbytes
 
     def restore(self, entry: EntryId) -> None:
         """Count an entry set aside again (its replacement failed); `used` may exceed the capacity until the

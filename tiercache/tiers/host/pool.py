@@ -60,7 +60,7 @@ class HostPool:
         except RuntimeError as exc:  # the allocator refused: overcommit off, or a limit we could not read
             raise CapacityError(_above_ram(self.capacity, f"allocating it failed ({exc})")) from None
         self.deferred = deferred if deferred is not None else Deferred()
-        self.pinned, self.why_pageable = _pin(self.region, pin, available_ram)
+        self.pinned, self.why_pageable = _pin(self.region, pin, available)
         self.used = 0  # bytes handed out, in whole grains
         self.fallbacks = 0  # requests the pool could not serve (served from pageable memory instead)
         self._free: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []  # (offset, nbytes)
@@ -184,7 +184,7 @@ def _above_ram(capacity: int, why: str) -> str:
     )
 
 
-def _pin(region: torch.Tensor, pin: bool, available_ram: Callable[[], int | None]) -> tuple[bool, str | None]:
+def _pin(region: torch.Tensor, pin: bool, available: int | None) -> tuple[bool, str | None]:
     """Page-lock the region once; returns (pinned, why not)."""
     if not pin:
         return False, "pinning is off (tiers.host.pinned = false, or the compute device is the CPU)"
@@ -192,7 +192,6 @@ def _pin(region: torch.Tensor, pin: bool, available_ram: Callable[[], int | None
         return False, "CUDA is not available, so there is nothing to pin for"
     if region.numel() == 0:
         return False, "the host tier has no capacity"
-    available = available_ram()
     if available is not None and region.numel() > available // 2:
         # Pinned pages can never be swapped or reclaimed: a pool near the machine's free memory gets the process
         # killed by the OOM killer, not an error.

@@ -353,15 +353,10 @@ class DiskLayout:
         """Delete an entry: an atomic rename out of entries/, then the files. A rename the disk refuses raises the
         entry's StorageError with the entry still in place, readable; once it is renamed the delete has happened
         (a failed fsync after it is a warning: the removal may not survive a crash)."""
-        target = self.trash_dir / stored.path.name
         with disk_errors("removing", self.root, stored.path, stored.spec.key, stored.spec.nbytes):
-            try:
-                self.files.rename(stored.path, target)
-            except FileNotFoundError:
-                if not self.files.exists(stored.path):
-                    return  # already gone
-                self.files.mkdir(self.trash_dir, exist_ok=True)  # trash/ itself was missing
-                self.files.rename(stored.path, target)
+            target = self._to_trash(stored.path)
+        if target is None:
+            return  # already gone
         try:
             self.files.fsync_path(self.entries_dir)  # the removal is durable before the files go
         except OSError as exc:
@@ -375,19 +370,16 @@ class DiskLayout:
 
     def withdraw(self, path: Path, key: str) -> bool:
         """Make sure the entry directory `path` is never served again, whatever the disk allows: removed (True), or
-        else its manifest unlinked (a directory without one is skipped at open). Never raises for a disk fault."""
+        else its manifest unlinked (the next open removes a directory without one). Never raises for a disk fault."""
         try:
-            self.files.rename(path, self.trash_dir / path.name)
-        except FileNotFoundError:
-            if not self.files.exists(path):
-                return True
-            first: OSError = FileNotFoundError(f"{self.trash_dir} is missing")
+            target = self._to_trash(path)
         except OSError as exc:
             first = exc
         else:
-            with contextlib.suppress(OSError):
-                self.files.fsync_path(self.entries_dir)
-            self.files.remove_tree(self.trash_dir / path.name)
+            if target is not None:
+                with contextlib.suppress(OSError):
+                    self.files.fsync_path(self.entries_dir)
+                self.files.remove_tree(target)
             return True
         try:
             self.files.unlink(path / "zarr.json", missing_ok=True)
@@ -402,6 +394,19 @@ class DiskLayout:
                 exc,
             )
         return False
+
+    def _to_trash(self, path: Path) -> Path | None:
+        """Rename an entry directory out of entries/ into trash/ (recreating a missing trash/); None if it is
+        already gone. A refused rename raises."""
+        target = self.trash_dir / path.name
+        try:
+            self.files.rename(path, target)
+        except FileNotFoundError:
+            if not self.files.exists(path):
+                return None
+            self.files.mkdir(self.trash_dir, exist_ok=True)
+            self.files.rename(path, target)
+        return target
 
     def scan(self) -> list[StoredEntry]:
         """Rebuild the index from disk, oldest first. Leftovers of interrupted writes and removals are cleared;
@@ -422,8 +427,9 @@ class DiskLayout:
                 if ENTRY_NAME.fullmatch(path.name) and not files.exists(path / "zarr.json"):
                     # Writes publish whole (manifest included): an entry without one was withdrawn (Tier.release
                     # on a disk that refused its removal). Its bytes are counted by no one: remove it now.
-                    self.files.rename(path, self.trash_dir / path.name)
-                    self.files.remove_tree(self.trash_dir / path.name)
+                    target = self._to_trash(path)
+                    if target is not None:
+                        self.files.remove_tree(target)
                     continue
                 stored = parse_group(path, files)
             except (OSError, ValueError) as exc:  # never delete what does not verify

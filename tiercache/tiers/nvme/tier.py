@@ -192,10 +192,6 @@ class NvmeTier(Tier):
                     describe(exc.__cause__ or exc),
                 )
 
-    def set_aside(self, entry: EntryId) -> None:
-        # Disk room is a budget, not memory already taken: the new version is written beside the old one.
-        self._set_aside(entry)
-
     def _clear_leftovers(self) -> None:
         for leftover in list(self._leftovers):
             try:
