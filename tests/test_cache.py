@@ -77,7 +77,7 @@ def test_evicting_from_nvme_deletes(make_cache: CacheFactory) -> None:
     assert cache.stats().evicted == 1
     assert len(list((cache.root / "entries").glob("*/zarr.json"))) == 3
     with pytest.raises(EntryNotFoundError, match="'e0' is not in the cache"):
-        cache.get("e0")
+        cache["e0"]
     assert cache.stats().misses == 1
 
 
@@ -303,3 +303,24 @@ def test_policy_by_preset_name_and_default(tmp_path: Path) -> None:
         assert cache.policy.name == "cpu"
     with tiercache.TierCache(root=tmp_path / "b") as cache:
         assert cache.policy.name == "cpu"
+
+
+def test_the_cache_is_a_mapping_where_it_is_one(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    cache.put("a", kv(1))
+    cache.put("b", kv(2))
+    assert_same(cache["a"], kv(1))
+    assert sorted(cache) == ["a", "b"] and len(cache) == 2 and "a" in cache
+    del cache["a"]
+    assert "a" not in cache
+    with pytest.raises(KeyError, match="'a' is not in the cache"):
+        cache["a"]
+    with pytest.raises(KeyError):
+        del cache["a"]
+    # get is dict.get: a miss gives the default, and the device is keyword-only (get(key, "cpu") is a default)
+    assert cache.get("a") is None
+    assert cache.get("a", "cpu") == "cpu"
+    marker = object()
+    assert cache.get("a", marker) is marker
+    assert_same(cache.get("b", device="cpu"), kv(2))
+    assert cache.stats().misses == 4  # every read that missed: cache["a"] and the three gets

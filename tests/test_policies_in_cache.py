@@ -95,7 +95,7 @@ def test_entries_unused_for_the_ttl_expire(tmp_path: Path) -> None:
         assert sorted(cache.keys()) == ["old", "pinned", "young"]
         clock.now += 61
         with pytest.raises(KeyError):
-            cache.get("old")
+            cache["old"]
         assert cache.keys() == ["pinned"] and cache.stats().expired == 2
 
 

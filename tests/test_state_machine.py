@@ -92,7 +92,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
             assert_same(got, self.model[key])
         else:
             with pytest.raises(EntryNotFoundError):
-                self.cache.get(key)
+                self.cache[key]
         self.sync_evictions()
 
     @rule(key=KEYS)

@@ -20,7 +20,7 @@ from .policy.schema import TIER_NAMES, Policy, preset_names
 from .stats import CacheStats, PathwayStats, TierStats
 from .units import format_size, parse_size
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CacheClosedError",

@@ -26,7 +26,7 @@ import torch
 from . import messages
 from .engine import Engine
 from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_tensors
-from .errors import CacheClosedError, EntryValueError, TierCacheError
+from .errors import CacheClosedError, EntryNotFoundError, EntryValueError, TierCacheError
 from .io.buffers import HostBuffers
 from .io.files import FileOps
 from .policy import Policy, Profile, load_policy
@@ -149,8 +149,11 @@ class TierCache:
             self._check_open()
             return self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
 
-    def get(self, key: str, device: str | torch.device | None = None, *, as_: str = "torch") -> Tensors:
-        """The entry's tensors on `device` (default: the compute device), bit-exact. A miss raises KeyError.
+    def get(
+        self, key: str, default: Any = None, *, device: str | torch.device | None = None, as_: str = "torch"
+    ) -> Tensors | Any:
+        """The entry's tensors on `device` (default: the compute device), bit-exact; `default` on a miss, as
+        `dict.get` (`cache[key]` raises instead). `device` is keyword-only: `get(key, "cuda")` would be a default.
 
         On CUDA the current stream is made to wait for the copies (the host does not block on them), as with
         `tensor.to(device, non_blocking=True)`: use the tensors on the current stream, or synchronize first.
@@ -158,6 +161,23 @@ class TierCache:
         The result may be the cache's own tensors (an hbm hit, or an entry this get promoted): read them, or
         clone them before modifying them.
         """
+        try:
+            return self._get(key, device, as_)
+        except EntryNotFoundError:
+            return default
+
+    def __getitem__(self, key: str) -> Tensors:
+        """The entry's tensors on the compute device; a miss raises EntryNotFoundError (a KeyError) saying why."""
+        return self._get(key, None, "torch")
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
+
+    def __iter__(self) -> Iterator[str]:
+        """The keys, as `keys()` lists them now (entries put or removed meanwhile do not disturb the iteration)."""
+        return iter(self.keys())
+
+    def _get(self, key: str, device: str | torch.device | None, as_: str) -> Tensors:
         convert_tensors({}, as_)  # refuse an unknown as_ before anything moves
         target = self._target(device)
         read = self._begin_read(key)
