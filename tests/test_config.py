@@ -65,6 +65,9 @@ def test_keys_left_out_take_their_defaults(tmp_path: Path) -> None:
         ('[placement]\non_full = "panic"\n', ["placement.on_full", "'demote'"]),
         ("tiers = 3\n", ["tiers", "table"]),
         ("name = 7\n", ["name", "string"]),
+        ('chosen = "mine"\n', ["unknown key 'chosen'", "allowed here"]),  # set by policy="auto", not by a file
+        ('source = "x.toml"\n', ["unknown key 'source'", "allowed here"]),
+        ('base = "gb300"\n', ["base", "no policy preset named 'gb300'", "h100"]),
         ("[tiers.hbm\n", ["not valid TOML"]),
     ],
 )

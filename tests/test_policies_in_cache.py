@@ -25,18 +25,29 @@ class FakeClock:
 
 def test_a_deadline_places_the_entry_in_the_cheapest_tier_that_meets_it(make_cache: CacheFactory) -> None:
     seed = "rtx-pro-6000-blackwell"  # fixed figures: pageable 31.5 GB/s, nvme 14 GB/s, no latency
-    cache = make_cache(policy(profile=seed, tiers={"hbm": {"capacity": 1 << 20}, "host": {"capacity": 1 << 20}}))
-    # a 64 KiB entry reloads from host in 0.0021 ms and from nvme in 0.0047 ms
-    assert cache.put("relaxed", kv(1), deadline_ms=50) == "nvme"
-    assert cache.put("tight", kv(2), deadline_ms=0.003) == "host"
-    assert cache.put("now", kv(3), deadline_ms=0) == "hbm"
+    cache = make_cache(policy(profile=seed, tiers={"hbm": {"capacity": 64 * KiB}, "host": {"capacity": 64 * KiB}}))
+    # a 64 KiB entry reloads from host in 0.0021 ms and from nvme in 0.0047 ms; hbm and host hold one each
     assert cache.put("no-hint", kv(4)) == "hbm"
+    assert cache.put("tight", kv(2), deadline_ms=0.003) == "host"  # nvme would miss it; host has room
+    assert cache.put("relaxed", kv(1), deadline_ms=50) == "nvme"  # hbm and host full: no demotion for a deadline
+    assert cache.tier_of("no-hint") == "hbm" and cache.tier_of("tight") == "host"
     text = cache.explain("relaxed")
     assert "cheapest tier whose predicted reload" in text and "50 ms deadline" in text and "nvme" in text
     assert "predicted reload: hbm 0 ms, host 0.00208 ms, nvme 0.00468 ms" in text and f"profile '{seed}'" in text
     assert cache.info("relaxed").decision.tier == "nvme"  # type: ignore[union-attr]
     assert_same(cache.get("relaxed"), kv(1))
     assert "since moved to hbm" in cache.explain("relaxed")
+    assert cache.put("now", kv(3), deadline_ms=0) == "hbm"
+
+
+def test_a_deadline_never_sends_an_entry_below_a_faster_tier_with_room(make_cache: CacheFactory) -> None:
+    seed = "rtx-pro-6000-blackwell"
+    cache = make_cache(policy(profile=seed, tiers={"hbm": {"capacity": 64 * KiB}, "host": {"capacity": 1 << 20}}))
+    assert cache.put("relaxed", kv(1), deadline_ms=50) == "hbm"  # nvme would meet 50 ms, but hbm has room
+    text = cache.explain("relaxed")
+    assert "hbm: a faster tier with room for it" in text and "nvme is the cheapest that meets it" in text
+    assert cache.put("second", kv(2), deadline_ms=50) == "host"  # hbm is full now: the next faster one with room
+    assert cache.tier_of("relaxed") == "hbm"  # and nothing was demoted to make that room
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), True])

@@ -1,7 +1,9 @@
 """Policy: the typed, validated configuration of a cache, read from a TOML file under `policies/`.
 
 Each setting is declared once, as a dataclass field whose metadata says how to read and check it; the TOML loader
-and direct construction (`Policy(...)`, `Policy.from_dict(...)`) go through the same checks.
+and direct construction (`Policy(...)`, `Policy.from_dict(...)`) go through the same checks. A file may extend
+another with a top-level `base = "h100"` (a preset name, or a path relative to the file): the base's tables are
+merged under the file's key by key, and each file is checked on its own.
 """
 
 from __future__ import annotations
@@ -50,6 +52,21 @@ def _text(*, default: str, doc: str) -> Any:
     return field(default=default, metadata={"kind": "text", "doc": doc})
 
 
+def _note(*, default: str) -> Any:
+    """Where a policy came from, set by the loader: not a key of the file, and no part of a policy's equality."""
+    return field(default=default, compare=False, metadata={"key": False})
+
+
+def _is_key(f: dataclasses.Field[Any]) -> bool:
+    return f.metadata.get("key", True)  # type: ignore[no-any-return]
+
+
+BASE_DOC = (
+    "a preset name or a policy file (a path relative to this file) that this file extends: the base's tables are "
+    "merged under this file's key by key, this file's values winning (name, description and profile included)"
+)
+
+
 IoMode = Literal["auto", "o_direct", "buffered"]
 NvmeBackend = Literal["auto", "posix", "kvikio"]
 EvictionRule = Literal["lru", "lfu", "fifo", "gdsf"]  # policy/eviction.py registers one class for each
@@ -79,7 +96,7 @@ class _Section:
                     raise PolicyError(f"{f.name}: {value!r} is not one of {', '.join(map(repr, allowed))}")
             elif "kind" in f.metadata:
                 object.__setattr__(self, f.name, _check(f.metadata, value, f.name))
-            elif f.name != "source" and not isinstance(value, hints[f.name]):
+            elif _is_key(f) and not isinstance(value, hints[f.name]):
                 raise PolicyError(f"{f.name}: expected a {hints[f.name].__name__}, got {value!r}")
 
 
@@ -113,7 +130,12 @@ def _check(meta: Mapping[str, Any], value: Any, where: str) -> Any:
 class TierBudget(_Section):
     """A tier's byte budget. Budgets count tensor payload bytes, in every tier alike."""
 
-    capacity: int = _size(default=0, doc="bytes of tensor data the tier may hold; 0 disables the tier")
+    capacity: int = _size(
+        default=0,
+        doc='bytes of tensor data the tier may hold; 0 disables the tier. Under policy="auto" (the default) the '
+        "preset's, scaled down to what the machine has free (docs/design.md); a file's or preset's that is more "
+        "than the machine has is refused",
+    )
     max_entry: int | None = _size(
         default=None,
         optional=True,
@@ -152,6 +174,11 @@ class NvmeBudget(TierBudget):
     threads: int = _int(default=4, minimum=1, doc="I/O threads reading and writing one entry in parallel")
     task_size: int = _size(default=8 << 20, doc="bytes one I/O call moves; a multiple of 4 KiB")
     verify_checksums: bool = _bool(default=True, doc="check each tensor's CRC32C when it is read back")
+    removal_grace_s: float = _seconds(
+        default=1.0,
+        doc="seconds a removed entry's chunks stay after its metadata is gone, for a zarr-python reader that opened it "
+        "just before (a put that needs their room waits for them); 0: removed at once",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -226,24 +253,25 @@ class Policy(_Section):
     eviction: EvictionSettings = field(default_factory=EvictionSettings)
     placement: PlacementSettings = field(default_factory=PlacementSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
-    source: str = field(default="<defaults>", compare=False)
+    source: str = _note(default="<defaults>")  # the file, "<dict>", "<defaults>" or "auto"
+    chosen: str = _note(default="")  # what policy="auto" chose for this machine, and why; empty otherwise
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Policy:
-        """A policy from nested mappings shaped like the TOML file; any key left out takes its default."""
+        """A policy from nested mappings shaped like the TOML file; any key left out takes its default. A `base`
+        path is taken relative to the current directory."""
+        merged = _merge_base(data, Path.cwd(), source, ())
         try:
-            built = _build(cls(), data, "")
+            built = _build(cls(), merged, "")
         except PolicyError as exc:
             raise PolicyError(f"{source}: {exc}") from None
         return dataclasses.replace(built, source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
-        """Read a TOML policy file."""
+        """Read a TOML policy file, and the files it extends."""
         path = Path(path)
-        if not path.exists():
-            raise PolicyError(f"{path}: no such policy file; presets are {', '.join(preset_names())}")
-        return cls.from_dict(read_toml(path, "policy"), source=str(path))
+        return cls.from_dict(_policy_data(path, ()), source=str(path))
 
     @classmethod
     def preset(cls, name: str) -> Policy:
@@ -256,11 +284,63 @@ class Policy(_Section):
         return cls.load(path)
 
 
+def _policy_data(path: Path, chain: tuple[Path, ...]) -> Mapping[str, Any]:
+    """A policy file's table with the files it extends merged under it. `chain`: the files that extend it."""
+    if not path.exists():
+        raise PolicyError(f"{path}: no such policy file; presets are {', '.join(preset_names())}")
+    return _merge_base(read_toml(path, "policy"), path.parent, str(path), (*chain, path.resolve()))
+
+
+def _merge_base(data: Mapping[str, Any], folder: Path, source: str, chain: tuple[Path, ...]) -> Mapping[str, Any]:
+    """`data` over the policy its `base` names (checked on its own first, so that an error names the file that has
+    it); `data` itself where it names none. `chain`: the files already on the way here, to refuse a cycle."""
+    if not isinstance(data, Mapping) or "base" not in data:
+        return data
+    ref = data["base"]
+    if not isinstance(ref, str) or not ref:
+        raise PolicyError(f"{source}: base: expected a preset name or the path of a policy file, got {ref!r}")
+    if looks_like_path(ref):
+        path = folder / ref
+        if not path.is_file():
+            raise PolicyError(f"{source}: base: {path} is not a policy file; presets are {', '.join(preset_names())}")
+    else:
+        found = preset_files().get(ref)
+        if found is None:
+            raise PolicyError(
+                f"{source}: base: no policy preset named {ref!r}; presets are {', '.join(preset_names())} "
+                "(or give the path of a .toml file, relative to this one)"
+            )
+        path = found
+    if path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(path.resolve()) :], path.resolve()))
+        raise PolicyError(f"{source}: base: the files extend each other in a cycle: {loop}")
+    base = dict(_policy_data(path, chain))
+    profile = base.get("profile")
+    if isinstance(profile, str) and looks_like_path(profile) and (path.parent / profile).is_file():
+        # A relative profile means beside the file that names it, not beside a file extending that one.
+        base["profile"] = str(path.parent / profile)
+    try:
+        _build(Policy(), base, "")
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc} (the base of {source})") from None
+    return _deep_merge(base, {k: v for k, v in data.items() if k != "base"})
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `over` applied: tables merged key by key, any other value replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        below = merged.get(key)
+        both = isinstance(below, Mapping) and isinstance(value, Mapping)
+        merged[key] = _deep_merge(below, value) if both else value  # type: ignore[arg-type]
+    return merged
+
+
 def _build(base: Any, data: Mapping[str, Any], prefix: str) -> Any:
     """`base` (a default section) with the keys of `data` applied, refusing unknown keys, recursing into tables."""
     if not isinstance(data, Mapping):
         raise PolicyError(f"{prefix.rstrip('.') or 'policy'}: must be a table, got {data!r}")
-    known = [f.name for f in dataclasses.fields(base) if f.name != "source"]
+    known = [f.name for f in dataclasses.fields(base) if _is_key(f)]
     changes: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
@@ -293,9 +373,12 @@ def looks_like_path(ref: str) -> bool:
 
 
 def resolve_policy(policy: str | Path | Policy | None) -> Policy:
-    """Accept a Policy, a path to a TOML file, or a preset name; None means the 'cpu' preset."""
+    """Accept a Policy, a path to a TOML file, or a preset name; None means the 'cpu' preset, unscaled: this knows
+    no machine ("auto", the cache's default, is `tiercache.policy.load_policy`'s)."""
     if policy is None:
         return Policy.preset("cpu")
+    if policy == "auto":
+        raise PolicyError('policy="auto" is chosen for a machine: use tiercache.policy.load_policy("auto")')
     if isinstance(policy, Policy):
         return policy
     if isinstance(policy, Path) or (isinstance(policy, str) and looks_like_path(policy)):
@@ -306,15 +389,16 @@ def resolve_policy(policy: str | Path | Policy | None) -> Policy:
 
 
 def describe_keys() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) for every policy key, walking the default policy."""
-    rows: list[tuple[str, str, str]] = []
+    """(key, default, meaning) for every policy key, walking the default policy; `base` (a key of the file, not of
+    the policy it makes) first."""
+    rows: list[tuple[str, str, str]] = [("base", repr(None), BASE_DOC)]
 
     def walk(section: _Section, prefix: str) -> None:
         for f in dataclasses.fields(section):  # type: ignore[arg-type]
             value = getattr(section, f.name)
             if isinstance(value, _Section):
                 walk(value, f"{prefix}{f.name}.")
-            elif f.name != "source":
+            elif _is_key(f):
                 rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("doc", "")))
 
     walk(Policy(), "")

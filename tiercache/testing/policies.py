@@ -117,8 +117,9 @@ class PlacementContract:
             assert all(a.evict or free[a.tier] >= nbytes for a in plan.attempts)  # a no-evict attempt needs free space
         elif plan.attempts:
             meets = [t for t in admitting if plan.reload_ms[t] <= deadline]
-            if meets:
-                assert plan.attempts[0].tier == meets[-1]  # the cheapest tier that meets it
+            if meets:  # the fastest that meets it and has room; where none has room, the cheapest that meets it
+                roomy = [t for t in meets if free[t] >= nbytes]
+                assert plan.attempts[0].tier == (roomy[0] if roomy else meets[-1])
             else:  # none meets it: as without a deadline
                 assert plan.attempts == self.placement.place(nbytes, free).attempts
 
@@ -146,7 +147,7 @@ class PlacementContract:
         assert self.placement.demote(10, "nvme", free) == []
 
     def test_a_deadline_picks_the_cheapest_tier_that_meets_it(self) -> None:
-        free = dict.fromkeys(TIER_NAMES, 1000)
+        free = {"hbm": 0, "host": 0, "nvme": 1000}  # no faster tier has room: the deadline alone decides
         plan = self.placement.place(20, free, deadline_ms=1000)  # nvme reload 200 ms, host 20 ms
         assert [a.tier for a in plan.attempts] == [
             "nvme",
@@ -157,6 +158,18 @@ class PlacementContract:
         assert [a.tier for a in plan.attempts] == ["host", "hbm", "nvme"]
         plan = self.placement.place(20, free, deadline_ms=0)
         assert [a.tier for a in plan.attempts] == ["hbm", "host", "nvme"]
+        free = dict.fromkeys(TIER_NAMES, 1000)
         plan = self.placement.place(50, free, deadline_ms=0)  # hbm does not admit 50 bytes: nothing meets 0 ms
         assert plan.attempts[0].tier == "host" and "no tier meets" in plan.reason
         assert plan.reload_ms == {"host": pytest.approx(50.0), "nvme": pytest.approx(500.0)}
+
+    def test_a_deadline_never_sends_an_entry_below_a_faster_tier_with_room(self) -> None:
+        plan = self.placement.place(20, dict.fromkeys(TIER_NAMES, 1000), deadline_ms=1000)  # nvme would meet it
+        assert [a.tier for a in plan.attempts] == ["hbm", "nvme", "host"]
+        assert plan.reason.startswith("hbm: a faster tier with room") and "nvme is the cheapest" in plan.reason
+        plan = self.placement.place(20, {"hbm": 10, "host": 1000, "nvme": 1000}, deadline_ms=1000)
+        assert [a.tier for a in plan.attempts] == ["host", "nvme", "hbm"]  # hbm lacks room for 20 bytes
+        plan = self.placement.place(20, {"hbm": 1000, "host": 1000, "nvme": 1000}, deadline_ms=50)
+        assert plan.attempts[0].tier == "hbm"  # room, and nvme (200 ms) misses it anyway
+        plan = self.placement.place(20, {"hbm": 0, "host": 1000, "nvme": 1000}, deadline_ms=0)
+        assert plan.attempts[0].tier == "hbm"  # host has room but misses the deadline: hbm makes room
