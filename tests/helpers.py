@@ -18,13 +18,14 @@ MiB = 1 << 20
 
 
 def policy(**sections: Any) -> tiercache.Policy:
-    """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it."""
+    """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it. Removed entries' files go
+    at once (no grace period for zarr readers), so that a test sees the disk settle when the call returns."""
     base: dict[str, Any] = {
         "name": "test",
         "tiers": {
             "hbm": {"capacity": 1 * MiB},
             "host": {"capacity": 2 * MiB},
-            "nvme": {"capacity": 16 * MiB, "task_size": "64KiB"},
+            "nvme": {"capacity": 16 * MiB, "task_size": "64KiB", "removal_grace_s": 0},
         },
     }
     for name, section in sections.items():

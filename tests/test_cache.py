@@ -11,7 +11,7 @@ from conftest import CacheFactory
 from helpers import KiB, MiB, assert_same, kv, policy
 
 import tiercache
-from tiercache import CacheClosedError, CapacityError, EntryNotFoundError, EntryValueError, RootInUseError
+from tiercache import CacheClosedError, CapacityError, EntryNotFoundError, EntryValueError
 
 
 def budgets_hold(cache: tiercache.TierCache) -> None:
@@ -147,7 +147,9 @@ def test_tiers_full_of_pinned_entries_refuse_without_moving_anything(make_cache:
 def test_replacing_a_key_frees_its_old_bytes(make_cache: CacheFactory, tier_name: str) -> None:
     from helpers import only_tier
 
-    cache = make_cache(only_tier(tier_name, capacity=100 * KiB))
+    # A memory tier reuses the old version's room; nvme's budget is shared with other processes, which may be
+    # reading the old version, so there the new one needs room beside it until it commits.
+    cache = make_cache(only_tier(tier_name, capacity=(130 if tier_name == "nvme" else 100) * KiB))
     for i in range(5):
         cache.put("k", kv(i))
         assert cache.stats().tiers[tier_name].used == 64 * KiB
@@ -282,12 +284,6 @@ def test_a_closed_cache_refuses_work(make_cache: CacheFactory) -> None:
     ):
         with pytest.raises(CacheClosedError):
             call()
-
-
-def test_one_root_is_open_once(make_cache: CacheFactory, tmp_path: Path) -> None:
-    make_cache(policy(), root=tmp_path / "shared")
-    with pytest.raises(RootInUseError, match="already open"):
-        tiercache.TierCache(root=tmp_path / "shared", policy=policy())
 
 
 def test_without_a_root_a_temporary_directory_is_used_and_removed() -> None:

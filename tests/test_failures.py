@@ -254,10 +254,10 @@ def test_a_chunk_whose_blocks_cannot_be_reserved_fails_the_put_cleanly(make_cach
 
 
 def test_a_replacement_that_fails_in_a_full_nvme_budget_keeps_the_old_version(make_cache: CacheFactory) -> None:
-    """The budget holds one version: the new one is written beside the old (the budget counts it in the old one's
-    place), and the old one is there, served and counted, when the write fails."""
+    """The new version is written beside the old one (a shared budget holds both until the new one commits), and
+    the old one is there, served and counted, when the write fails for want of disk space."""
     disk = FillingDisk()
-    cache = make_cache(only_tier("nvme", capacity=64 * 1024), files=disk)
+    cache = make_cache(only_tier("nvme", capacity=128 * 1024), files=disk)
     cache.put("k", kv(1))
     cache.pin("k")
     disk.fill(after=2)

@@ -41,14 +41,14 @@ def test_a_policy_path_that_is_a_directory_is_a_policy_error(tmp_path: Path) -> 
 # ---- capacity ----------------------------------------------------------------------------------------------------
 
 
-def test_a_host_tier_far_above_ram_is_a_capacity_error_and_leaves_the_root_unlocked(tmp_path: Path) -> None:
+def test_a_host_tier_far_above_ram_is_a_policy_error_naming_the_key_and_figure(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    pib = 1 << 50
-    with pytest.raises(CapacityError) as caught:
+    with pytest.raises(PolicyError) as caught:
         tiercache.TierCache(root, policy=policy(tiers={"host": {"capacity": "1024TiB"}}))
     message = str(caught.value)
-    assert "1024 TiB" in message or str(pib) in message, message
-    with tiercache.TierCache(root, policy=policy()) as cache:  # lock_timeout=0: refused at once if still held
+    assert "tiers.host.capacity" in message and "1024 TiB" in message and "RAM available" in message, message
+    assert 'policy="auto"' in message
+    with tiercache.TierCache(root, policy=policy()) as cache:  # nothing of the refused open is left
         assert len(cache) == 0
 
 

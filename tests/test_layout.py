@@ -209,22 +209,24 @@ def test_an_unreadable_entry_is_skipped_with_a_warning_and_left_on_disk(
     assert bad.exists()  # never delete what we cannot read
 
 
-def test_a_smaller_budget_indexes_the_newest_that_fit_and_leaves_the_rest_on_disk(
+def test_a_smaller_budget_sees_every_entry_and_its_next_put_evicts_the_oldest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The root's entries belong to every cache on it: a cache with a smaller budget lists them all, says they
+    exceed its budget, and makes room by its eviction rule when it puts (the least recently used go first)."""
     root = tmp_path / "root"
     with tiercache.TierCache(root=root, policy=NVME) as cache:
         for i in range(4):
             cache.put(f"e{i}", kv(i))
     with (
         caplog.at_level(logging.WARNING),
-        tiercache.TierCache(root=root, policy=only_tier("nvme", capacity=130 * 1024)) as cache,
+        tiercache.TierCache(root=root, policy=only_tier("nvme", capacity=200 * 1024)) as cache,
     ):
-        assert sorted(cache.keys()) == ["e2", "e3"]
-        assert cache.stats().tiers["nvme"].used == 128 * 1024
-    assert "2 entries (128 KiB)" in caplog.text and "left on disk" in caplog.text
-    with tiercache.TierCache(root=root, policy=NVME) as cache:
         assert sorted(cache.keys()) == ["e0", "e1", "e2", "e3"]
+        assert "exceed this policy's nvme budget" in caplog.text
+        cache.put("new", kv(9))
+        assert sorted(cache.keys()) == ["e2", "e3", "new"]
+        assert cache.stats().tiers["nvme"].used == 192 * 1024
 
 
 def test_small_tensors_read_back_do_not_keep_their_padded_io_buffers(make_cache: CacheFactory) -> None:

@@ -1,6 +1,7 @@
-"""The nvme root's lock (tiers/nvme/lock.py), through TierCache: one open cache per root, in this process or another;
-a dead holder's lock is taken over, a stopped one is named as such, lock_timeout waits, no forked child keeps it,
-and an open that fails lets go of it."""
+"""Members of a shared root (tiers/nvme/lock.py, index.py), through TierCache: caches in this process and others
+open one root together; a member in another process is listed, a killed one is recovered, one holding the index
+past `lock_timeout` is named with its state, no forked child passes for its parent, and an open that fails leaves
+no member behind."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CacheFactory
 from faults import os_error
-from helpers import only_tier
+from helpers import kv, only_tier
 
 import tiercache
 from tiercache import RootInUseError, StorageError
@@ -28,22 +29,29 @@ from tiercache.io.files import StrPath
 
 TESTS = str(Path(__file__).parent)
 
-# A process that holds ROOT (argv[1]) until told: "release SECONDS" closes its cache after that long, then it
-# prints "closed" and goes on reading stdin until EOF.
+# A process with a cache open on ROOT (argv[1]), told what to do over stdin: "put KEY" puts an entry;
+# "lock" begins a write transaction on the root's index and holds it; "unlock SECONDS" commits it after that long.
 HOLDER = textwrap.dedent(
     """
-    import sys, time
+    import sqlite3, sys, time
     sys.path.insert(0, sys.argv[2])
     import tiercache
-    from helpers import only_tier
+    from helpers import kv, only_tier
     cache = tiercache.TierCache(root=sys.argv[1], policy=only_tier("nvme"))
+    raw = sqlite3.connect(sys.argv[1] + "/index.sqlite3", isolation_level=None)
     print("ready", flush=True)
     for line in sys.stdin:
         words = line.split()
-        if words and words[0] == "release":
+        if words[0] == "put":
+            cache.put(words[1], kv(1))
+            print("put", flush=True)
+        elif words[0] == "lock":
+            raw.execute("BEGIN IMMEDIATE")
+            print("locked", flush=True)
+        elif words[0] == "unlock":
             time.sleep(float(words[1]))
-            cache.close()
-            print("closed", flush=True)
+            raw.execute("COMMIT")
+            print("unlocked", flush=True)
     """
 )
 
@@ -142,91 +150,100 @@ def open_root(root: Path, **kwargs: Any) -> tiercache.TierCache:
     return tiercache.TierCache(root, policy=nvme_only(), **kwargs)
 
 
-def test_a_second_cache_in_this_process_is_refused_until_the_first_closes(
-    make_cache: CacheFactory, tmp_path: Path
-) -> None:
+def members(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "members").glob("*.lock"))
+
+
+def test_caches_in_this_process_share_one_root(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    first = make_cache(nvme_only(), root)
-    with pytest.raises(RootInUseError, match="this process"):
-        open_root(root)
-    first.close()
-    again = make_cache(nvme_only(), root)
-    assert len(again) == 0
+    with open_root(root) as first, open_root(root) as second:
+        first.put("a", kv(1))
+        assert "a" in second and len(members(root)) == 2
+    assert members(root) == []
 
 
-def test_a_root_held_by_another_process_names_its_pid(held_root: Holder) -> None:
-    with pytest.raises(RootInUseError) as caught:
-        open_root(held_root.root)
-    assert f"process {held_root.pid}" in str(caught.value)
-    assert "running" in str(caught.value)
-    assert isinstance(caught.value, StorageError)
+def test_a_member_in_another_process_is_listed_and_its_entries_seen(held_root: Holder) -> None:
+    held_root.tell("put x")
+    held_root.expect("put")
+    with open_root(held_root.root) as cache:
+        assert "x" in cache
+        notes = "\n".join(cache.stats().notes)
+        assert f"other processes: {held_root.pid}" in notes, notes
 
 
-def test_a_dead_holders_lock_is_taken_over(killed_holder: Holder) -> None:
-    with pytest.raises(RootInUseError, match=f"process {killed_holder.pid}"):
-        open_root(killed_holder.root)
-    killed_holder.proc.kill()
+def test_a_killed_members_lock_and_row_are_recovered(killed_holder: Holder) -> None:
+    killed_holder.proc.send_signal(signal.SIGKILL)
     killed_holder.proc.wait(timeout=30)
+    assert len(members(killed_holder.root)) == 1  # its lock file is left behind, held by nobody
     with open_root(killed_holder.root) as cache:
-        assert len(cache) == 0
+        assert len(members(cache.root)) == 1  # this cache's own: the dead one's was recovered at open
+        db = sqlite3.connect(cache.root / "index.sqlite3")
+        assert [pid for (pid,) in db.execute("SELECT pid FROM members")] == [os.getpid()]
+        db.close()
 
 
-def test_a_stopped_holder_is_named_as_stopped(held_root: Holder) -> None:
+def test_a_stopped_member_holding_the_index_is_named_as_stopped(held_root: Holder) -> None:
+    held_root.tell("lock")
+    held_root.expect("locked")
     os.kill(held_root.pid, signal.SIGSTOP)
     try:
         held_root.wait_for_state({"T"})
+        start = time.monotonic()
         with pytest.raises(RootInUseError) as caught:
-            open_root(held_root.root)
-        assert f"process {held_root.pid}" in str(caught.value)
-        assert "stopped" in str(caught.value)
+            open_root(held_root.root, lock_timeout=0.3)
+        waited = time.monotonic() - start
     finally:
         os.kill(held_root.pid, signal.SIGCONT)
-    held_root.wait_for_state({"R", "S"})
-
-
-def test_lock_timeout_waits_for_a_holder_that_releases(released_holder: Holder) -> None:
-    with pytest.raises(RootInUseError):  # held now: without waiting, refused
-        open_root(released_holder.root)
-    released_holder.tell("release 0.5")  # the holder closes its cache 0.5 s from now
-    started = time.monotonic()
-    with open_root(released_holder.root, lock_timeout=10) as cache:
-        waited = time.monotonic() - started
-        assert len(cache) == 0
-    released_holder.expect("closed")
-    assert 0.4 <= waited < 10  # it could only open once the holder closed, 0.5 s after being told
-
-
-def test_lock_timeout_gives_up_on_a_holder_that_never_releases(held_root: Holder) -> None:
-    started = time.monotonic()
-    with pytest.raises(RootInUseError) as caught:
-        open_root(held_root.root, lock_timeout=0.3)
-    waited = time.monotonic() - started
-    assert "after waiting 0.3 s" in str(caught.value)
-    assert f"process {held_root.pid}" in str(caught.value)
+    held_root.tell("unlock 0")
+    held_root.expect("unlocked")
+    assert f"process {held_root.pid}" in str(caught.value) and "stopped" in str(caught.value)
+    assert "lock_timeout" in str(caught.value)
     assert 0.3 <= waited < 5
+    assert len(members(held_root.root)) == 1  # the refused open left no member behind
+
+
+def test_lock_timeout_waits_for_a_transaction_that_ends(released_holder: Holder) -> None:
+    released_holder.tell("lock")
+    released_holder.expect("locked")
+    released_holder.tell("unlock 0.5")
+    start = time.monotonic()
+    with open_root(released_holder.root, lock_timeout=10) as cache:
+        assert len(cache) == 0
+    assert time.monotonic() - start >= 0.3
+    released_holder.expect("unlocked")
 
 
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
-def test_a_forked_child_does_not_keep_a_closed_root_locked(tmp_path: Path) -> None:
+def test_a_forked_child_is_no_member_and_cannot_use_its_parents_cache(tmp_path: Path) -> None:
     root = tmp_path / "root"
     cache = open_root(root)
     go_r, go_w = os.pipe()
+    said_r, said_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: never touches the cache, waits to be let go
+    if pid == 0:  # the child: tries the parent's cache once, then waits to be let go
         try:
             os.close(go_w)
+            try:
+                cache.keys()
+                os.write(said_w, b"used")
+            except StorageError as exc:
+                os.write(said_w, b"refused" if "fork" in str(exc) else b"other")
             os.read(go_r, 1)
         finally:
             os._exit(0)
     os.close(go_r)
+    os.close(said_w)
     try:
+        assert os.read(said_r, 16) == b"refused"
         cache.close()
+        assert members(root) == []  # the child, still alive, holds nothing of its parent's membership
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)
         with open_root(root) as again:
-            assert len(again) == 0
-            assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # the child is still alive, holding what it inherited
+            assert len(again) == 0 and len(members(root)) == 1
     finally:
         os.write(go_w, b"x")
         os.close(go_w)
+        os.close(said_r)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
@@ -244,7 +261,7 @@ class FullAtTheGroupFile(FileOps):
         super().write_bytes(path, data, sync=sync)
 
 
-def test_an_open_that_fails_releases_the_lock(tmp_path: Path) -> None:
+def test_an_open_that_fails_leaves_no_member_behind(tmp_path: Path) -> None:
     root = tmp_path / "root"
     full = FullAtTheGroupFile()
     with pytest.raises(StorageError) as caught:
@@ -252,7 +269,8 @@ def test_an_open_that_fails_releases_the_lock(tmp_path: Path) -> None:
     assert full.refused == 1
     assert caught.value.errno == errno.ENOSPC
     assert not isinstance(caught.value, RootInUseError)
-    with open_root(root) as cache:  # the real disk, at once: the failed open let go of the root
+    assert members(root) == []
+    with open_root(root) as cache:  # the real disk, at once
         assert len(cache) == 0
     assert (root / "entries" / "zarr.json").is_file()
 

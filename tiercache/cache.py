@@ -29,12 +29,13 @@ from .entry import EntrySpec, Tensors, check_key, convert_tensors, normalize_ten
 from .errors import CacheClosedError, EntryNotFoundError, EntryValueError, TierCacheError
 from .io.buffers import HostBuffers
 from .io.files import FileOps
-from .policy import Policy, Profile, load_policy
+from .policy import Machine, Policy, Profile, load_policy
 from .prefetch import PrefetchHandle
 from .records import Decision, EntryInfo, PutHints, Read
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import DataPath, Load, Tier, open_tiers
 from .tiers.base import same_device
+from .tiers.nvme.index import stored_bytes
 from .transfer import Event, Stream, Transfers, consumer_stream
 from .units import format_size
 
@@ -57,27 +58,38 @@ class TierCache:
     ...     cache.put("flux/seed42/kv", {"block0.k": k0, "block0.v": v0})
     ...     kv = cache.get("flux/seed42/kv")
 
-    `policy` is a `Policy`, a path to a TOML policy file or a preset name ("cpu", "h100", ...). `root` is the
+    `policy` is "auto" (the default: the preset for this machine's device, its budgets fitted to the machine), a
+    preset name ("cpu", "h100", ...), a path to a TOML policy file or a `Policy`; a budget above what the machine
+    has is a PolicyError. `root` is the
     nvme tier's directory; entries that reach it survive the process. With `root=None` a temporary directory
     is used and removed at close. `files` is the system calls the nvme tier makes (`tiercache.io.FileOps`, the
-    real ones by default; a test's subclass injects faults or delays). A root another cache holds is refused
-    with RootInUseError naming its process, at once or after waiting up to `lock_timeout` seconds for it.
+    real ones by default; a test's subclass injects faults or delays).
+
+    Any number of caches, in any processes, may open one root together: each sees the entries the others commit
+    to nvme, the nvme budget is shared, and an entry one is reading is never removed under it; the memory tiers
+    stay per cache. `read_only=True` reads what others wrote and never writes or removes an entry. A cache waits
+    up to `lock_timeout` seconds for another's transaction on the root's index before RootInUseError.
     """
 
     def __init__(
         self,
         root: str | Path | None = None,
-        policy: str | Path | Policy | None = None,
+        policy: str | Path | Policy | None = "auto",
         *,
         device: str | torch.device | None = None,
         clock: Callable[[], float] | None = None,
         files: FileOps | None = None,
-        lock_timeout: float = 0.0,
+        lock_timeout: float = 30.0,
+        read_only: bool = False,
     ) -> None:
+        self.device: torch.device = default_device() if device is None else _device(device, "TierCache(device=)")
+        # The policy is fitted to (policy="auto", the default) or checked against the machine: the device's memory,
+        # the RAM available, the disk under the root (counting what the root already stores as the budget's own).
+        machine = Machine.detect(self.device, Path(root) if root is not None else Path(tempfile.gettempdir()))
+        stored = stored_bytes(Path(root)) if root is not None else 0
         self.policy: Policy
         self.profile: Profile
-        self.policy, self.profile = load_policy(policy)
-        self.device: torch.device = default_device() if device is None else _device(device, "TierCache(device=)")
+        self.policy, self.profile = load_policy(policy, machine=machine, stored_bytes=stored)
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
             raise EntryValueError(f"TierCache(lock_timeout=): a number of seconds >= 0, got {lock_timeout!r}")
         self._temp_root = Path(tempfile.mkdtemp(prefix="tiercache-")) if root is None else None
@@ -88,7 +100,14 @@ class TierCache:
         self._landing = HostBuffers(max_idle=8)  # as many regions as two pools kept, in one pool's bytes
         self._transfers = Transfers(self.device, self.policy.transfer.chunk_size, self._landing)
         files = files if files is not None else FileOps()
-        path = DataPath(self.device, self._transfers, self._landing, self.root, self._log.record, files, lock_timeout)
+        if not isinstance(read_only, bool):
+            raise EntryValueError(f"TierCache(read_only=): True or False, got {read_only!r}")
+        if read_only and root is None:
+            raise EntryValueError("TierCache(read_only=True) needs the root= of entries another cache wrote")
+        self.read_only = read_only
+        path = DataPath(
+            self.device, self._transfers, self._landing, self.root, self._log.record, files, lock_timeout, read_only
+        )
         try:
             self._tiers: dict[str, Tier] = open_tiers(self.policy.tiers, path)
         except BaseException:
@@ -126,12 +145,12 @@ class TierCache:
         """Store `tensors` (a mapping of names to torch tensors or numpy arrays) under `key`; returns the tier.
 
         `deadline_ms`: the entry must reload to hbm within this time; the cheapest tier whose predicted reload
-        meets it is chosen (see `explain(key)`). `priority`: the put may demote entries of this priority or lower
-        to make room, and entries of lower priority cannot demote it. `write_through`: also write it to nvme
-        now (default: the policy's placement.write). Replaces an existing entry of that key (its pins carry
-        over). With `copy=False` the cache may keep the given tensors themselves when they are already on the
-        chosen tier's device: do not modify them afterwards. Raises CapacityError, leaving everything stored as
-        it was, when no tier can take it.
+        meets it is chosen, unless a faster tier has free room for it (see `explain(key)`). `priority`: the put
+        may demote entries of this priority or lower to make room, and entries of lower priority cannot demote it.
+        `write_through`: also write it to nvme now (default: the policy's placement.write). Replaces an existing
+        entry of that key (its pins carry over). With `copy=False` the cache may keep the given tensors themselves
+        when they are already on the chosen tier's device: do not modify them afterwards. Raises CapacityError,
+        leaving everything stored as it was, when no tier can take it.
         """
         self._check_open()
         key = check_key(key)
@@ -245,7 +264,7 @@ class TierCache:
 
     def explain(self, key: str) -> str:
         """Why the entry is where it is, in words: the placement decision, its reason, the predicted reloads."""
-        return messages.explain(key, self.info(key), self.profile)
+        return messages.explain(key, self.info(key), self.profile, self.policy.chosen)
 
     def delete(self, key: str) -> None:
         """Remove an entry from every tier (pinned or not). A miss raises KeyError."""
@@ -279,6 +298,8 @@ class TierCache:
     def stats(self) -> CacheStats:
         self._transfers.deferred.collect()  # copies done since the last transfer: their figures join the log
         with self._lock:
+            if not self._closed:
+                self._engine.refresh()  # what other caches on the root committed counts in the shared budget
             usage = self._engine.usage()
             states = {name: tier.describe() for name, tier in self._tiers.items()}
             counters = self._engine.counters()
@@ -288,6 +309,8 @@ class TierCache:
         }
         landing = self._landing
         notes = [f"cost model: {self.profile.describe()}"]
+        if self.policy.chosen:
+            notes.append(f"policy {self.policy.chosen}")
         notes += [note for state in states.values() for note in state.notes]
         notes.append(
             f"host buffers for nvme reads and reloads: {landing.reused} reused, {landing.fresh} fresh; "
@@ -406,21 +429,20 @@ class TierCache:
 
     # ---- small helpers ----------------------------------------------------------------------------------------
     def _adopt_found(self) -> None:
-        """Index the entries a previous process left in persistent tiers, newest first while they fit the budget.
-        Entries that do not fit stay on disk, unindexed, for a cache opened with a larger budget: never deleted."""
-        for name, left in self._engine.adopt_found():
-            budget = self.policy.tiers[name]
-            log.warning(
-                "tiercache: %d entries (%s) in %s exceed this policy's %s budget (%s, %s) and were left on disk "
-                "unindexed; open the root with a larger tiers.%s.capacity to use or delete them",
-                len(left),
-                format_size(sum(f.spec.nbytes for f in left)),
-                self.root,
-                name,
-                format_size(budget.capacity),
-                self.policy.source,
-                name,
-            )
+        """Index the entries persistent tiers hold (written by earlier processes, or by caches open on the root now)."""
+        self._engine.refresh()
+        for name, tier in self._tiers.items():
+            if tier.persistent and tier.used > tier.capacity:
+                log.warning(
+                    "tiercache: the entries in %s (%s) exceed this policy's %s budget (%s, %s): puts there will "
+                    "evict the least recently used first; open the root with a larger tiers.%s.capacity to keep them",
+                    self.root,
+                    format_size(tier.used),
+                    name,
+                    format_size(tier.capacity),
+                    self.policy.source,
+                    name,
+                )
 
     @contextlib.contextmanager
     def _checked(self, key: str) -> Iterator[None]:

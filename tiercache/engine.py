@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Mapping
 from typing import cast
 
@@ -72,7 +73,7 @@ class Engine:
         """Place a new entry (or a new version of a key); returns its tier. Raises CapacityError, changing
         nothing, when no tier can take it."""
         hints = hints or PutHints()
-        self.expire()
+        self.refresh()
         old = self.records.get(spec.key)
         plan = self.placement.place(spec.nbytes, self.free(), hints.deadline_ms)
         if not plan.attempts:
@@ -96,6 +97,7 @@ class Engine:
             priority=hints.priority,
             deadline_ms=hints.deadline_ms,
             last_used=self.clock(),
+            written_ns=time.time_ns(),
         )
         if old is not None:
             self._unindex(old)  # out of sight, but its bytes stay until the new version is stored
@@ -159,7 +161,7 @@ class Engine:
 
     def begin_read(self, key: str) -> Read:
         """Count the hit and protect the entry from eviction and deletion until `end_read`."""
-        self.expire()
+        self.refresh()
         record = self.records.get(key)
         if record is None:
             self.misses += 1
@@ -208,36 +210,44 @@ class Engine:
         )
 
     def record(self, key: str) -> Record:
+        self.refresh()
         record = self.records.get(key)
         if record is None:
             raise EntryNotFoundError(self._miss_message(key))
         return record
 
-    def adopt_found(self) -> list[tuple[str, list[Found]]]:
-        """Index the entries persistent tiers hold from an earlier process, newest first while they fit the tier's
-        budget; returns, per tier, those left unindexed (on disk, for a cache opened with a larger budget)."""
-        left_out: list[tuple[str, list[Found]]] = []
+    def refresh(self) -> None:
+        """Take in what persistent and shared tiers report (entries found at open, or committed and removed by
+        other caches since the last call: a microsecond check when nothing changed), then expire."""
         for name, tier in self.tiers.items():
-            budget = self.policy.tiers[name]
-            room = tier.free
-            keep: list[Found] = []
-            left: list[Found] = []
-            for found in reversed(tier.scan()):  # newest first
-                if budget.admits(found.spec.nbytes) and found.spec.nbytes <= room:
-                    room -= found.spec.nbytes
-                    keep.append(found)
-                else:
-                    left.append(found)
-            for found in reversed(keep):  # oldest first, so LRU order follows write time
-                record = Record(uid=next(self._uids), spec=found.spec, last_used=self.clock())
-                tier.adopt(record.uid, found)
-                record.tiers.append(name)
-                self.orders[name].inserted(record.uid, self._usage(record, name))
-                self.records[found.spec.key] = record
-                self.by_uid[record.uid] = record
-            if left:
-                left_out.append((name, left))
-        return left_out
+            changes = tier.refresh()
+            for uid in changes.gone:  # the tier has forgotten them already
+                record = self.by_uid.get(uid)
+                if record is None or name not in record.tiers:
+                    continue
+                record.tiers.remove(name)
+                record.aside = [t for t in record.aside if t != name]
+                self.orders[name].removed(uid)
+                if not record.tiers:
+                    self._remove(record)
+            for found in changes.found:
+                self._adopt(name, tier, found)
+        self.expire()
+
+    def _adopt(self, name: str, tier: Tier, found: Found) -> None:
+        """Index an entry a tier found, unless this cache holds a newer version of its key (last write wins)."""
+        current = self.records.get(found.spec.key)
+        if current is not None:
+            if current.written_ns >= found.written_ns:
+                tier.ignore(found)
+                return
+            self._remove(current)
+        record = Record(uid=next(self._uids), spec=found.spec, last_used=self.clock(), written_ns=found.written_ns)
+        tier.adopt(record.uid, found)
+        record.tiers.append(name)
+        self.orders[name].inserted(record.uid, self._usage(record, name))
+        self.records[found.spec.key] = record
+        self.by_uid[record.uid] = record
 
     def expire(self) -> None:
         """Remove entries unused for longer than eviction.ttl_s (never pinned or busy ones)."""
@@ -254,12 +264,15 @@ class Engine:
 
     # ---- queries and close ------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
+        self.refresh()
         return list(self.records)
 
     def __contains__(self, key: object) -> bool:
+        self.refresh()
         return key in self.records
 
     def __len__(self) -> int:
+        self.refresh()
         return len(self.records)
 
     def usage(self) -> dict[str, TierUsage]:
@@ -310,9 +323,12 @@ class Engine:
     def _can_make_room(self, attempt: Attempt, nbytes: int, replacing: Record | None, priority: int) -> bool:
         """Whether `_make_room` would succeed, computed without moving anything."""
         tier = self.tiers[attempt.tier]
+        if not tier.writable:
+            return False
         free = tier.free
         if (
             replacing is not None
+            and not tier.shared  # a shared tier frees the old version only when the new one commits
             and attempt.tier in replacing.tiers
             and attempt.tier not in replacing.aside
             and replacing.readers == 0
@@ -347,9 +363,11 @@ class Engine:
         """Free `nbytes` in a tier: first the old version being replaced (`sacrifice`), then, if `evict`, by
         demoting the tier's victims in policy order. False if it cannot."""
         tier = self.tiers[tier_name]
+        if not tier.writable:
+            return False
         if tier.free >= nbytes:
             return True
-        if sacrifice is not None and tier_name in sacrifice.tiers and sacrifice.readers == 0:
+        if sacrifice is not None and not tier.shared and tier_name in sacrifice.tiers and sacrifice.readers == 0:
             if tier.persistent:  # the old version stays readable until the new one is stored
                 if tier_name not in sacrifice.aside:
                     tier.set_aside(sacrifice.uid)

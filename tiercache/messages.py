@@ -51,7 +51,7 @@ def no_write_through(spec: EntrySpec, free: int, capacity: int, source: str) -> 
     )
 
 
-def explain(key: str, info: EntryInfo, profile: Profile) -> str:
+def explain(key: str, info: EntryInfo, profile: Profile, chosen: str = "") -> str:
     """Why an entry is where it is: the placement decision, its reason, the predicted reloads."""
     d = info.decision
     times = "time" if info.uses == 1 else "times"
@@ -67,4 +67,6 @@ def explain(key: str, info: EntryInfo, profile: Profile) -> str:
         if d.tier != info.tiers[0]:
             lines.append(f"since moved to {info.tiers[0]} (promoted on a read, or demoted by eviction)")
     lines.append(f"cost model: {profile.describe()}")
+    if chosen:
+        lines.append(f"policy {chosen}")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ class Record:
     deadline_ms: float | None = None
     decision: Decision | None = None
     aside: list[str] = field(default_factory=list)  # tiers that set it aside for its replacement (Tier.set_aside)
+    written_ns: int = 0  # wall-clock time of the put (or of the write a tier found): the newer version wins
 
     @property
     def busy(self) -> bool:

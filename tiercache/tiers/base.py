@@ -101,7 +101,8 @@ class DataPath:
     root: Path | None = None
     on_transfer: OnTransfer = field(default=lambda pathway, nbytes, seconds: None)
     files: FileOps = field(default_factory=FileOps)
-    lock_timeout: float = 0.0  # seconds a tier that locks its root waits for another holder
+    lock_timeout: float = 30.0  # seconds a tier sharing its root waits for another member's transaction
+    read_only: bool = False  # persistent tiers: read entries others wrote, never write or remove any
 
     def endpoint(self, device: torch.device) -> str:
         """A device as a pathway names it: "hbm" (the compute device), "host" (CPU memory) or the device itself."""
@@ -124,13 +125,16 @@ class Tier(ABC):
     that would take it over `capacity` raises instead of storing (the cache makes room first)."""
 
     name: str
-    persistent: ClassVar[bool] = False  # True: entries outlive the process (scan() finds them at the next open)
+    persistent: ClassVar[bool] = False  # True: entries outlive the process (refresh() finds them at the next open)
+    # True: other caches (other processes) share the tier's entries and budget: `used` counts theirs too, `refresh`
+    # reports what they added and removed, and an old version's room is free only once its replacement commits.
+    shared: ClassVar[bool] = False
 
     def __init__(self, name: str, capacity: int, path: DataPath) -> None:
         self.name = name
         self.capacity = capacity
         self.path = path
-        self.used = 0
+        self._used = 0
         self._specs: dict[EntryId, EntrySpec] = {}
         self._aside: set[EntryId] = set()  # held, readable, but not counted in `used` (see set_aside)
 
@@ -140,8 +144,18 @@ class Tier(ABC):
         return cls(name, budget.capacity, path)
 
     @property
+    def used(self) -> int:
+        """Bytes of the budget taken: this cache's entries (and, in a shared tier, every other member's)."""
+        return self._used
+
+    @property
     def free(self) -> int:
         return self.capacity - self.used
+
+    @property
+    def writable(self) -> bool:
+        """Whether entries can be stored, demoted into or removed from this tier (False: a read-only cache's)."""
+        return True
 
     def __contains__(self, entry: object) -> bool:
         return entry in self._specs
@@ -163,14 +177,14 @@ class Tier(ABC):
                 f"tier {self.name}: entry {spec.key!r} needs {spec.nbytes} bytes, {self.free} of {self.capacity} free"
             )
         self._specs[entry] = spec
-        self.used += spec.nbytes
+        self._used += spec.nbytes
 
     def _forget(self, entry: EntryId) -> EntrySpec:
         spec = self._specs.pop(entry)
         if entry in self._aside:
             self._aside.discard(entry)
         else:
-            self.used -= spec.nbytes
+            self._used -= spec.nbytes
         return spec
 
     def set_aside(self, entry: EntryId) -> None:
@@ -180,14 +194,14 @@ class Tier(ABC):
         already in use, so the old bytes can stay while the new ones are written."""
         if entry not in self._aside:
             self._aside.add(entry)
-            self.used -= self._specs[entry].nbytes
+            self._used -= self._specs[entry].nbytes
 
     def restore(self, entry: EntryId) -> None:
         """Count an entry set aside again (its replacement failed); `used` may exceed the capacity until the
         caller makes room."""
         if entry in self._aside:
             self._aside.discard(entry)
-            self.used += self._specs[entry].nbytes
+            self._used += self._specs[entry].nbytes
 
     def _log(self, source: str, dest: str, nbytes: int, seconds: float, mode: str | None = None) -> None:
         """Log a completed transfer; `mode` is this tier's, kept where the pathway's mode belongs to this tier's
@@ -207,13 +221,18 @@ class Tier(ABC):
         """What bringing an entry from this tier back to the compute device costs in the cost model (None: free)."""
         return Pathway(self.name, "hbm", self.mode).costed()
 
-    def scan(self) -> list[Found]:
-        """Entries this tier already holds when it opens (persistent tiers), oldest first; none by default."""
-        return []
+    def refresh(self) -> Refresh:
+        """Entries the tier holds that this cache does not know yet (persistent tiers: found at open; shared ones:
+        committed by other caches since), and those it knew that are gone (another cache removed them; the tier
+        has already forgotten them). Nothing, by default."""
+        return Refresh()
 
     def adopt(self, entry: EntryId, found: Found) -> None:
-        """Account an entry scan() found, under a new entry id."""
-        raise NotImplementedError(f"tier {self.name} finds no entries at open")
+        """Account an entry refresh() found, under a new entry id."""
+        raise NotImplementedError(f"tier {self.name} finds no entries")
+
+    def ignore(self, found: Found) -> None:  # noqa: B027 - a no-op unless the tier reports found entries
+        """The cache holds a newer version of a found entry's key: do not report that one again."""
 
     @abstractmethod
     def put(
@@ -241,6 +260,14 @@ class Tier(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release what the tier holds in memory (persistent entries stay). Idempotent."""
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What `Tier.refresh` reports: entries found (oldest first) and entry ids gone."""
+
+    found: list[Found] = field(default_factory=list)
+    gone: list[EntryId] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -45,4 +45,4 @@ class SizeOnlyTier(Tier):
 
     def close(self) -> None:
         self._specs.clear()
-        self.used = 0
+        self._used = 0

@@ -1,10 +1,11 @@
 """The nvme tier's on-disk format: one zarr v3 group per entry, written atomically, checksummed, re-indexed on open.
 
-    ROOT/.lock                       held (a POSIX lock, lock.py) by the one cache that has ROOT open
+    ROOT/index.sqlite3               the index every cache open on ROOT shares (index.py)
+    ROOT/members/<token>.lock        one per open cache, held with a POSIX record lock (lock.py)
     ROOT/entries/zarr.json           a zarr group whose members are the entries
     ROOT/entries/<H>-<U>/zarr.json   an entry: a zarr group; attributes["tiercache"] is its sealed manifest
     ROOT/entries/<H>-<U>/t<i>/...    tensor i: a zarr array, one chunk, codecs bytes(little) + crc32c
-    ROOT/tmp/, ROOT/trash/           entries being written / being removed; emptied on open
+    ROOT/tmp/, ROOT/trash/           entries being written / being removed
 
 H hashes the key (keys are attributes, never file names, so no key can reach outside ROOT); U is unique per write,
 so a new version of a key never collides with an old one still being read. A chunk file holds the tensor's raw

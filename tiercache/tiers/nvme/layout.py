@@ -4,6 +4,7 @@ pieces read and checksummed in parallel by the I/O backend, removal through tras
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -17,7 +18,7 @@ from typing import TypeVar
 import torch
 
 from ...entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
-from ...errors import CorruptEntryError, StorageError
+from ...errors import CorruptEntryError
 from ...io import FileRead, PendingRead, PosixIO, buffer_of, round_up
 from ...io.buffers import HostBuffers
 from ...io.checksum import crc32c
@@ -37,7 +38,6 @@ from .format import (
     parse_group,
     write_json,
 )
-from .lock import RootLock
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,10 @@ class DiskLayout:
         device_io: KvikioIO | None = None,
         buffers: HostBuffers | None = None,
         files: FileOps | None = None,
-        lock: RootLock | None = None,
     ) -> None:
         """`io` moves host memory; `device_io`, where given, moves tensors on `device_io.device` without the host. Reads
-        land in `buffers` (a pool of this layout's own unless given: a cache shares one with its reloads). Names,
-        metadata files and the lock go through `files` (by default `io.files`, so that both see the same disk).
-        `lock` is the root's, taken by the caller (else here); the layout releases it at close, or if it fails to
-        open."""
+        land in `buffers` (a pool of this layout's own unless given: a cache shares one with its reloads). Names and
+        metadata files go through `files` (by default `io.files`, so that both see the same disk)."""
         self.root = root
         self.io = io
         self.device_io = device_io
@@ -69,49 +66,36 @@ class DiskLayout:
         self.entries_dir = root / "entries"
         self.tmp_dir = root / "tmp"
         self.trash_dir = root / "trash"
-        self._lock: RootLock | None = lock if lock is not None else RootLock(root, self.files)
-        try:
-            with disk_errors("opening", root, root):
-                for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
-                    self.files.mkdir(d, exist_ok=True)
-                if not self.files.exists(self.entries_dir / "zarr.json"):
-                    group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-                    write_json(self.entries_dir / "zarr.json", group, self.files)
-        except BaseException:
-            self._unlock()
-            raise
+        with disk_errors("opening", root, root):
+            for d in (self.entries_dir, self.tmp_dir, self.trash_dir):
+                self.files.mkdir(d, exist_ok=True)
+            if not self.files.exists(self.entries_dir / "zarr.json"):
+                group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+                write_json(self.entries_dir / "zarr.json", group, self.files)
         # Host memory that reads land in, reused once no tensor uses it.
         self.buffers = buffers if buffers is not None else HostBuffers()
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
         self._jobs = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
 
     def close(self) -> None:
-        try:
-            self._jobs.shutdown(wait=True)
-            self.buffers.close()
-        finally:
-            self._unlock()
-
-    def _unlock(self) -> None:
-        if self._lock is not None:
-            lock, self._lock = self._lock, None
-            lock.release()
+        self._jobs.shutdown(wait=True)
+        self.buffers.close()
 
     # ---- writing ----------------------------------------------------------------------------------------------
-    def write(self, spec: EntrySpec, tensors: Iterable[torch.Tensor]) -> StoredEntry:
-        """Write an entry durably and atomically: under tmp/, fsync everything, rename into entries/, fsync that.
+    @staticmethod
+    def new_name(key: str) -> str:
+        """A fresh directory name for a version of `key`: <H>-<U>."""
+        return f"{key_hash(key)}-{uuid.uuid4().hex[:16]}"
 
-        Tensors are written concurrently (each file's pieces go to the I/O pool), so an entry of many small
-        tensors is not a queue of one-file-at-a-time open/write/fsync round trips. Every failure raises the
-        entry's StorageError with nothing of it left in entries/: an entry that raised is never served, in this
-        process or after a reopen.
-        """
-        name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
+    def stage(self, name: str, spec: EntrySpec, tensors: Iterable[torch.Tensor]) -> StoredEntry:
+        """Write an entry durably under tmp/<name>: every file written and fsynced, nothing visible in entries/ yet
+        (`publish` does that). Tensors are written concurrently (each file's pieces go to the I/O pool), so an
+        entry of many small tensors is not a queue of one-file-at-a-time round trips. A failure raises the entry's
+        StorageError with nothing of it left."""
         tensors = list(tensors)
         for device in {t.device for t in tensors if t.is_cuda}:  # the files get what the producers' queued work wrote
             torch.cuda.current_stream(device).synchronize()
         staging = self.tmp_dir / name
-        final = self.entries_dir / name
         files = self.files
         with disk_errors("writing", self.root, staging, spec.key, spec.nbytes):
             self._check_room(spec)
@@ -126,15 +110,27 @@ class DiskLayout:
                 checksums = [checksum for checksum, _ in results]
                 written_ns = time.time_ns()
                 write_json(staging / "zarr.json", group_metadata(spec, checksums, written_ns), files, sync=False)
-                # Data files were fsynced as written; make every new name durable before the rename publishes them.
+                # Data files were fsynced as written; make every new name durable before a rename publishes them.
                 created = [staging, staging / "zarr.json", *(path for _, paths in results for path in paths)]
                 list(self._jobs.map(files.fsync_path, created))
-                files.rename(staging, final)
             except BaseException:
                 files.remove_tree(staging)
                 raise
+        return StoredEntry(spec=spec, path=staging, checksums=tuple(checksums), written_ns=written_ns)
+
+    def publish(self, staged: StoredEntry) -> StoredEntry:
+        """Rename a staged entry into entries/ and make that durable; a failure raises with nothing published (the
+        staged files are removed)."""
+        final = self.entries_dir / staged.path.name
+        spec = staged.spec
+        with disk_errors("writing", self.root, staged.path, spec.key, spec.nbytes):
             try:
-                files.fsync_path(self.entries_dir)
+                self.files.rename(staged.path, final)
+            except BaseException:
+                self.files.remove_tree(staged.path)
+                raise
+            try:
+                self.files.fsync_path(self.entries_dir)
             except OSError as exc:  # published but maybe not durable: take it back, never served
                 if self.withdraw(final, spec.key):
                     raise
@@ -147,7 +143,23 @@ class DiskLayout:
                     spec.nbytes,
                     outcome=f"It may remain at {final}: delete it",
                 ) from exc
-        return StoredEntry(spec=spec, path=final, checksums=tuple(checksums), written_ns=written_ns)
+        return dataclasses.replace(staged, path=final)
+
+    def discard(self, staging: Path) -> None:
+        """Remove a staged entry that will not be published (never raises)."""
+        self.files.remove_tree(staging)
+
+    def unpublish(self, stored: StoredEntry) -> None:
+        """Remove an entry's metadata files, the manifest first, leaving its chunks: a zarr reader opening it from
+        now on fails instead of reading fill values, while one that opened it a moment ago (and readers holding a
+        lease) still read its chunks until `remove`. Never raises: a manifest left is removed with the rest."""
+        metadata = [
+            stored.path / "zarr.json",
+            *(stored.path / f"t{i}" / "zarr.json" for i in range(len(stored.spec.tensors))),
+        ]
+        for path in metadata:
+            with contextlib.suppress(OSError):
+                self.files.unlink(path, missing_ok=True)
 
     def _check_room(self, spec: EntrySpec) -> None:
         """Refuse, before anything is written, an entry the filesystem has no room for (ENOSPC, with figures)."""
@@ -408,42 +420,40 @@ class DiskLayout:
             self.files.rename(path, target)
         return target
 
-    def scan(self) -> list[StoredEntry]:
-        """Rebuild the index from disk, oldest first. Leftovers of interrupted writes and removals are cleared;
-        of two versions of a key whose manifests verify, the newer wins. An entry whose manifest does not verify
-        (damaged, edited, or written by another format version) is skipped with a warning, left on disk, and
-        never the reason another entry is removed."""
-        files = self.files
+    def entry_names(self) -> list[str]:
+        """The names of the directories in entries/ (entries published, or withdrawn and not yet removed)."""
         with disk_errors("opening", self.root, self.entries_dir):
-            for leftover in (self.tmp_dir, self.trash_dir):
-                for name in files.listdir(leftover):
-                    files.remove_tree(leftover / name)
-            entries = sorted(self.entries_dir / name for name in files.listdir(self.entries_dir))
-        newest: dict[str, StoredEntry] = {}
-        for path in entries:
-            try:
-                if not files.is_dir(path):
-                    continue
-                if ENTRY_NAME.fullmatch(path.name) and not files.exists(path / "zarr.json"):
-                    # Writes publish whole (manifest included): an entry without one was withdrawn (Tier.release
-                    # on a disk that refused its removal). Its bytes are counted by no one: remove it now.
-                    target = self._to_trash(path)
-                    if target is not None:
-                        self.files.remove_tree(target)
-                    continue
-                stored = parse_group(path, files)
-            except (OSError, ValueError) as exc:  # never delete what does not verify
-                log.warning("tiercache: skipping entry %s (left on disk; delete it to reclaim): %s", path, exc)
-                continue
-            older = newest.get(stored.spec.key)
-            keep, drop = (stored, older) if older is None or stored.written_ns >= older.written_ns else (older, stored)
-            newest[stored.spec.key] = keep
-            if drop is not None:
-                try:
-                    self.remove(drop)
-                except StorageError as exc:  # it is older: never served; the next open tries again
-                    log.warning("tiercache: an older version of %r stays on disk: %s", stored.spec.key, exc)
-        return sorted(newest.values(), key=lambda s: s.written_ns)
+            return sorted(n for n in self.files.listdir(self.entries_dir) if ENTRY_NAME.fullmatch(n))
+
+    def parse(self, name: str) -> StoredEntry:
+        """The entry in entries/<name>, its manifest verified (OSError or DamagedEntry, a ValueError, if not)."""
+        return parse_group(self.entries_dir / name, self.files)
+
+    def is_withdrawn(self, name: str) -> bool:
+        """Whether entries/<name> is a directory without its manifest: a write publishes whole, so it was withdrawn
+        (Tier.release on a disk that refused its removal) or unpublished on its way out."""
+        path = self.entries_dir / name
+        return self.files.is_dir(path) and not self.files.exists(path / "zarr.json")
+
+    def clear(self, folder: Path, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Remove what tmp/ or trash/ holds but `keep` (writes in progress); never raises for a disk fault."""
+        try:
+            names = self.files.listdir(folder)
+        except OSError:
+            return
+        for name in names:
+            if name not in keep:
+                self.files.remove_tree(folder / name)
+
+    def remove_by_name(self, name: str) -> None:
+        """Remove entries/<name> (rename into trash/, then the files); raises OSError if the rename is refused."""
+        target = self.to_trash(name)
+        if target is not None:
+            self.files.remove_tree(target)
+
+    def to_trash(self, name: str) -> Path | None:
+        """Rename entries/<name> into trash/ (None if already gone); the caller removes the files."""
+        return self._to_trash(self.entries_dir / name)
 
 
 def _stored_crc(buffer: torch.Tensor, nbytes: int) -> int:

@@ -1,12 +1,12 @@
-"""The root's lock: one open cache per root, across threads and processes, that no forked child holds.
+"""Membership locks: how the processes sharing a root know which of them are alive.
 
-A POSIX record lock (fcntl F_SETLK) on ROOT/.lock keeps other processes out. It belongs to this process: the
-kernel drops it when the process dies (a dead holder's lock is simply taken) and a forked child never has it, so
-workers forked while a root was open cannot keep it locked after the parent closes it (an flock, shared with
-children through the open file description, would). Record locks do not tell two caches of one process apart,
-and closing any descriptor of the file drops them, so caches of this process find each other in a table of the
-lock files held here, before anything opens the file. The holder's PID and host are written into it for the
-message of whoever is refused.
+Each open cache holds ROOT/members/<token>.lock with a POSIX record lock (fcntl F_SETLK). The kernel drops the lock
+when the process dies, however it dies, so a lock another process can take belongs to a dead member: its leases
+and reservations are recovered (index.py). A forked child never holds its parent's record locks, so a worker
+forked while a cache was open never keeps a dead parent looking alive (an flock, shared with children through the
+open file description, would). Record locks do not tell two caches of one process apart, and closing any
+descriptor of a file drops them, so the lock files this process holds are kept in a table, consulted before any
+probe opens a file. The holder's PID and host are written into the file for messages.
 """
 
 from __future__ import annotations
@@ -16,106 +16,90 @@ import fcntl
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
-from ...errors import RootInUseError, StorageError, caused_by
+from ...errors import StorageError, caused_by
 from ...io.files import FileOps
 
-POLL_S = 0.05  # how often a waiting open tries the lock again
-
-FileId = tuple[int, int]  # (st_dev, st_ino) of a lock file: one root however its path is spelled
-_HELD: dict[FileId, RootLock] = {}  # the lock files this process holds
-_HELD_LOCK = threading.Lock()  # taken around every acquisition and release
+_HELD: dict[str, MemberLock] = {}  # this process's lock files, by path
+_HELD_LOCK = threading.Lock()  # taken around every acquisition, probe and release
 
 
-class RootLock:
-    """Holds ROOT/.lock from construction until `release()`; waits up to `timeout` seconds for another holder."""
+class MemberLock:
+    """Holds `path` (created) from construction until `release()`."""
 
-    def __init__(self, root: Path, files: FileOps, *, timeout: float = 0.0) -> None:
-        self.path = root / ".lock"
+    def __init__(self, path: Path, files: FileOps) -> None:
+        self.path = path
         self._files = files
-        self._fd: int | None = None
-        deadline = time.monotonic() + timeout
-        while True:
-            with _HELD_LOCK:
-                refusal = self._try()
-            if refusal is None:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                waited = f" after waiting {timeout:g} s" if timeout > 0 else ""
-                raise RootInUseError(f"{root} is already open{waited}: {refusal} holds {self.path}. " + _FIX)
-            time.sleep(min(POLL_S, left))
-
-    def _try(self) -> str | None:
-        """Take the lock (None), or say who holds it. Runs under _HELD_LOCK."""
-        files = self._files
-        with contextlib.suppress(FileNotFoundError):  # no file yet: nobody holds it
-            if _file_id(os.stat(self.path)) in _HELD:  # opening the file would drop that cache's lock: never
-                return "another TierCache in this process"
-        try:
-            fd = files.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as exc:
-            raise caused_by(
-                StorageError(f"nvme tier: cannot open the root's lock {self.path}: {exc}; make the root writable"),
-                exc,
-            ) from exc
-        try:
+        with _HELD_LOCK:
             try:
-                files.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
-                files.close(fd)  # holds no lock of ours: closing it drops nothing
-                return _describe_holder(self.path)
-            holder = f"{os.getpid()} {socket.gethostname()}\n".encode()
-            files.ftruncate(fd, 0)
-            files.pwritev(fd, [memoryview(holder)], 0)
-            key = _file_id(files.fstat(fd))
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                files.close(fd)  # whatever stopped the lock, the descriptor does not outlive it
-            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                fd = files.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as exc:
                 raise caused_by(
-                    StorageError(f"nvme tier: cannot take the root's lock {self.path}: {exc}; check the root"), exc
+                    StorageError(f"nvme tier: cannot create the member lock {path}: {exc}; make the root writable"),
+                    exc,
                 ) from exc
-            raise
-        self._fd, self._key = fd, key
-        _HELD[key] = self
-        return None
+            try:
+                files.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh, unique name: nobody else holds it
+                files.ftruncate(fd, 0)
+                files.pwritev(fd, [memoryview(f"{os.getpid()} {socket.gethostname()}\n".encode())], 0)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    files.close(fd)
+                raise caused_by(
+                    StorageError(f"nvme tier: cannot take the member lock {path}: {exc}; check the root"), exc
+                ) from exc
+            self._fd: int | None = fd
+            _HELD[str(path)] = self
 
     def release(self) -> None:
-        """Let go of the lock (idempotent)."""
+        """Let go of the lock and remove its file (idempotent)."""
         with _HELD_LOCK:
             fd, self._fd = self._fd, None
             if fd is None:
                 return
-            if _HELD.get(self._key) is self:
-                del _HELD[self._key]
+            if _HELD.get(str(self.path)) is self:
+                del _HELD[str(self.path)]
+            with contextlib.suppress(OSError):
+                self._files.unlink(self.path, missing_ok=True)  # while still held: nobody probes a half-gone file
             with contextlib.suppress(OSError):  # Linux frees the descriptor, and so the lock, even when close fails
                 self._files.close(fd)
 
 
-_FIX = (
-    "Close that cache (or end the process), pass TierCache(..., lock_timeout=seconds) to wait for it, or give this "
-    "cache a different root="
-)
+def alive(path: Path) -> bool:
+    """Whether the member whose lock file is `path` is alive: held by this process, or locked by another. A file
+    nobody holds (its process died) or that is gone is a dead member's."""
+    with _HELD_LOCK:
+        if str(path) in _HELD:
+            return True
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # cannot tell: never recover the leases of a member that may be alive
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: its holder is running
+            return True
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # not one of ours: closing it drops only the probe's own lock
+        return False
 
 
-def _file_id(st: os.stat_result) -> FileId:
-    return st.st_dev, st.st_ino
-
-
-def _describe_holder(path: Path) -> str:
-    """The process another process's lock file names, and its state, as far as they can be read."""
+def describe_holder(path: Path) -> str:
+    """The process a lock file names, and its state, as far as they can be read."""
     try:
-        fields = path.read_text().split()  # not our lock: reading it (open, close) drops nothing of ours
+        fields = path.read_text().split()
         pid, host = int(fields[0]), fields[1] if len(fields) > 1 else ""
     except (OSError, ValueError, IndexError):
-        return "another process (its PID is not recorded)"
-    return f"process {pid}{f' on {host}' if host else ''} ({_state(pid)})"
+        return "a process whose PID is not recorded"
+    return f"process {pid}{f' on {host}' if host else ''} ({state(pid)})"
 
 
-def _state(pid: int) -> str:
+def state(pid: int) -> str:
     """A process's state in words, from /proc where there is one."""
     try:
         os.kill(pid, 0)
@@ -124,7 +108,7 @@ def _state(pid: int) -> str:
     except PermissionError:
         return "running as another user"
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        code = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "running"
     return {
@@ -132,19 +116,19 @@ def _state(pid: int) -> str:
         "t": "stopped by a debugger",
         "Z": "exited, not yet reaped by its parent",
         "D": "waiting on the disk",
-    }.get(state, "running")
+    }.get(code, "running")
 
 
 def _after_fork_in_child() -> None:
-    """A child holds no record lock: it forgets the parent's table (and its descriptors) so that it can open a
-    root the parent has closed, and is refused, naming the parent, one the parent holds."""
+    """A child holds no record lock: it forgets the parent's table and closes its copies of the descriptors (which
+    drops nothing of the parent's), so that it never passes for the parent's caches."""
     global _HELD_LOCK
     _HELD_LOCK = threading.Lock()  # a thread of the parent may have held it at the fork: it never lets go here
     for lock in _HELD.values():
         fd, lock._fd = lock._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)  # the child's copy; closing it drops nothing of the parent's
+                os.close(fd)
     _HELD.clear()
 
 

@@ -13,27 +13,37 @@ from pathlib import Path
 import torch
 
 from ...entry import EntrySpec, Tensors
-from ...errors import StorageError, caused_by
+from ...errors import CapacityError, EntryNotFoundError, StorageError, caused_by
 from ...io import PosixIO
 from ...io.device_io import KvikioIO, why_not_kvikio
 from ...policy.schema import NvmeBudget, TierBudget
 from ...transfer import Event, all_of
 from ...units import format_size
-from ..base import DataPath, EntryId, Found, Load, Tier, TierState, select
+from ..base import DataPath, EntryId, Found, Load, Refresh, Tier, TierState, select
 from .failures import describe, disk_errors
 from .format import StoredEntry
+from .index import RootIndex, Transaction
 from .layout import DiskLayout
-from .lock import RootLock
+from .lock import alive
 
 log = logging.getLogger(__name__)
+
+
+SWEEP_EVERY_S = 1.0  # how often a member recovers dead members' leases and removes the files of removed entries
 
 
 class NvmeTier(Tier):
     """Host memory moves through the POSIX backend; tensors on the compute device through kvikio where it works
     (`device_io`), without a stop in host memory. The POSIX backend and the layout make their system calls through
-    `DataPath.files` (kvikio makes its own)."""
+    `DataPath.files` (kvikio and SQLite make their own).
+
+    The root is shared: every cache that opens it, in any process, is a member of its index (index.py), which
+    holds the entries committed, the budget taken, and the leases of readers. An entry is written under tmp/ with
+    room reserved in the index, then published (renamed into entries/) and indexed in one transaction; a removal
+    marks it in the index, then its metadata goes, and its chunks once nobody reads it."""
 
     persistent = True
+    shared = True
 
     def __init__(self, name: str, budget: NvmeBudget, path: DataPath) -> None:
         super().__init__(name, budget.capacity, path)
@@ -52,25 +62,47 @@ class NvmeTier(Tier):
                 ),
                 exc,
             ) from exc
-        self.lock = RootLock(root, path.files, timeout=path.lock_timeout)  # before any work: a held root is refused
+        self.read_only = path.read_only
         self.verify = budget.verify_checksums
-        self._leftovers: list[StoredEntry] = []  # unindexed, files not yet removed; their bytes still counted
+        self.grace_ns = int(budget.removal_grace_s * 1e9)
+        self._stored: dict[EntryId, StoredEntry] = {}
+        self._uids: dict[str, EntryId] = {}  # directory name -> entry id, for what this cache has indexed
+        self._ignored: set[str] = set()  # found but not taken: damaged, or an older version than this cache's
+        self._total = 0  # the budget taken, by every member: refreshed after each transaction
+        self._leaving = 0  # of which removed entries in their grace period: they free their room by themselves
+        self._last_sweep = 0.0
+        self._closed = False
+        self.index = RootIndex(root, path.files, read_only=self.read_only, timeout=path.lock_timeout)
         try:
             self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io, files=path.files)
             try:
                 self.device_io, self.why_not_device_io = _open_device_io(root, budget, path.device)
-                self.layout = DiskLayout(root, self.io, self.device_io, path.buffers, path.files, self.lock)
+                self.layout = DiskLayout(root, self.io, self.device_io, path.buffers, path.files)
+                self._reconcile()
             except BaseException:
                 self.io.close()
                 raise
         except BaseException:
-            self.lock.release()
+            self.index.close()
             raise
-        self._stored: dict[EntryId, StoredEntry] = {}
 
     @classmethod
     def open(cls, name: str, budget: TierBudget, path: DataPath) -> NvmeTier:
         return cls(name, budget if isinstance(budget, NvmeBudget) else NvmeBudget(capacity=budget.capacity), path)
+
+    @property
+    def used(self) -> int:
+        """Bytes taken by every member, less removed entries that leave by themselves within the grace period (a
+        put needing their room waits for them): what eviction plans with."""
+        return self._total - self._leaving
+
+    def _account(self, tx: Transaction) -> None:
+        self._total = tx.total()
+        self._leaving = tx.leaving(self.grace_ns)[0]
+
+    @property
+    def writable(self) -> bool:
+        return not self.read_only
 
     @property
     def mode(self) -> str:
@@ -96,69 +128,242 @@ class NvmeTier(Tier):
                 f"{'available' if self.device_io.gds_available else 'unavailable'}); bytes by backend: "
                 + (", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in carried) or "n/a")
             )
+        with contextlib.suppress(StorageError):
+            members = [m for m in self.index.members() if m.alive]
+            others = [f"{m.pid}{' (read-only)' if m.read_only else ''}" for m in members if m.token != self.index.token]
+            notes.append(
+                f"nvme: root {self.layout.root} shared by {len(members)} open cache(s)"
+                + (f"; other processes: {', '.join(others)}" if others else "")
+                + ("; this one read-only" if self.read_only else "")
+            )
         return TierState(self.io.mode, self.device_io.mode if self.device_io is not None else None, tuple(notes))
 
-    # ---- entries found on disk --------------------------------------------------------------------------------
-    def scan(self) -> list[Found]:
-        found = [Found(s.spec, s.written_ns, s) for s in self.layout.scan()]
-        on_disk = sum(f.spec.nbytes for f in found)
+    # ---- the shared index -------------------------------------------------------------------------------------
+    def _reconcile(self) -> None:
+        """At open: recover dead members, index entries on disk the index lacks (a crash between publish and
+        commit, or a root from before the index), forget rows whose directories are gone, clear tmp/ and trash/.
+        Runs under the index's write lock: no member publishes meanwhile."""
+        if self.read_only:
+            self._sweep()
+            return
+        layout = self.layout
+        with self.index.transaction() as tx:
+            self._recover(tx)
+            rows = {row.name: row for row in tx.all_rows()}
+            for name in layout.entry_names():
+                if name in rows:
+                    continue
+                if layout.is_withdrawn(name):
+                    with contextlib.suppress(OSError):
+                        layout.remove_by_name(name)
+                    continue
+                try:
+                    stored = layout.parse(name)
+                except (OSError, ValueError) as exc:  # never delete what does not verify
+                    log.warning(
+                        "tiercache: skipping entry %s (left on disk; delete it to reclaim): %s",
+                        layout.entries_dir / name,
+                        exc,
+                    )
+                    continue
+                live = tx.live(stored.spec.key)
+                if live is not None and live.written_ns >= stored.written_ns:  # an older version, never served
+                    with contextlib.suppress(OSError):
+                        layout.remove_by_name(name)
+                    continue
+                tx.insert(name, stored.spec.key, stored.spec.nbytes, stored.written_ns)
+            for name, row in rows.items():
+                if not self.path.files.exists(layout.entries_dir / name):
+                    if row.doomed_ns is None:
+                        log.warning("tiercache: entry %r (%s) is indexed but its files are gone", row.key, name)
+                    tx.forget(name)
+            layout.clear(layout.tmp_dir, keep=tx.staging_names())
+            layout.clear(layout.trash_dir)
+        self._sweep()
         with contextlib.suppress(OSError):
-            free = self.path.files.free_bytes(self.layout.root)
-            if self.capacity > free + on_disk:
+            free = self.path.files.free_bytes(layout.root)
+            if self.capacity > free + self._total:
                 log.warning(
                     "tiercache: tiers.nvme.capacity is %s but the filesystem of %s has %s free (%s more in entries "
                     "found there): puts will fail with ENOSPC before the budget is reached; lower the capacity or "
                     "free space",
                     format_size(self.capacity),
-                    self.layout.root,
+                    layout.root,
                     format_size(free),
-                    format_size(on_disk),
+                    format_size(self._total),
                 )
-        return found
+
+    def _recover(self, tx: Transaction) -> None:
+        """Drop the leases, reservations and staging directories of members whose process is gone."""
+        for token, *_ in tx.members():
+            lock_file = self.index.members_dir / f"{token}.lock"
+            if token != self.index.token and not alive(lock_file):
+                for staging in tx.drop_member(token):
+                    self.layout.discard(self.layout.tmp_dir / staging)
+                with contextlib.suppress(OSError):
+                    self.path.files.unlink(lock_file, missing_ok=True)
+
+    def _sweep(self) -> None:
+        """Recover dead members, then remove the files of removed entries nobody reads (after the grace period)."""
+        self._last_sweep = time.monotonic()
+        trashed = []
+        with self.index.transaction() as tx:
+            self._recover(tx)
+            if not self.read_only:
+                for row in tx.reapable(self.grace_ns):
+                    try:
+                        trashed.append(self.layout.to_trash(row.name))
+                    except OSError as exc:  # stays counted (overdue); the next sweep tries again
+                        log.warning("tiercache: the files of removed entry %r stay for now: %s", row.key, exc)
+                        continue
+                    tx.forget(row.name)
+                tx.prune_removed()
+            self._account(tx)
+        for target in trashed:
+            if target is not None:
+                self.layout.discard(target)
+
+    def refresh(self) -> Refresh:
+        if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
+            self._sweep()
+        if not self.index.changed():
+            return Refresh()
+        changes = self.index.changes()
+        self._total, self._leaving = self.index.usage(self.grace_ns)
+        gone = [self._uids[name] for name in changes.removed if name in self._uids]
+        self._ignored.difference_update(changes.removed)
+        if changes.everything:
+            live = {row.name for row in changes.added}
+            gone += [uid for name, uid in self._uids.items() if name not in live and uid not in gone]
+        for uid in gone:
+            self._forget_local(uid)
+        found = []
+        for row in changes.added:
+            if row.name in self._uids or row.name in self._ignored:
+                continue
+            try:
+                stored = self.layout.parse(row.name)
+            except (OSError, ValueError) as exc:  # removed meanwhile (its manifest goes first), or damaged
+                if self.path.files.exists(self.layout.entries_dir / row.name / "zarr.json"):
+                    log.warning(
+                        "tiercache: skipping entry %s (left on disk; delete it to reclaim): %s",
+                        self.layout.entries_dir / row.name,
+                        exc,
+                    )
+                self._ignored.add(row.name)
+                continue
+            found.append(Found(stored.spec, stored.written_ns, stored))
+        return Refresh(found, gone)
 
     def adopt(self, entry: EntryId, found: Found) -> None:
-        self._admit(entry, found.spec)
-        self._stored[entry] = found.handle
+        stored: StoredEntry = found.handle
+        self._specs[entry] = stored.spec
+        self._stored[entry] = stored
+        self._uids[stored.path.name] = entry
+
+    def ignore(self, found: Found) -> None:
+        self._ignored.add(found.handle.path.name)
+
+    def _forget_local(self, entry: EntryId) -> None:
+        stored = self._stored.pop(entry)
+        self._uids.pop(stored.path.name, None)
+        self._specs.pop(entry, None)
+
+    def _read_only_error(self, what: str, key: str) -> StorageError:
+        return StorageError(
+            f"nvme tier: cannot {what} entry {key!r}: this cache opened {self.layout.root} read-only; open it with "
+            "read_only=False to write"
+        )
 
     # ---- the verbs --------------------------------------------------------------------------------------------
     def put(
         self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
     ) -> None:
+        if self.read_only:
+            raise self._read_only_error("write", spec.key)
+        if entry in self._specs:
+            raise ValueError(f"tier {self.name} already holds entry {entry!r}")
         if after is not None:  # tensors a copy is still filling (an entry promoted moments ago)
             after.synchronize()
-        self._clear_leftovers()
-        self._admit(entry, spec)
+        name = self.layout.new_name(spec.key)
+        self._reserve(name, spec)
         devices = {t.device for t in tensors.values()}
         mode = self.mode_for(devices.pop()) if len(devices) == 1 else self.io.mode
         start = time.perf_counter()
+        published: StoredEntry | None = None
         try:
-            self._stored[entry] = self.layout.write(spec, [tensors[t.name] for t in spec.tensors])
+            staged = self.layout.stage(name, spec, [tensors[t.name] for t in spec.tensors])
+            with self.index.transaction() as tx:
+                published = self.layout.publish(staged)
+                tx.insert(name, spec.key, spec.nbytes, published.written_ns)
+                tx.cancel(name)
         except BaseException:
-            self._forget(entry)
+            if published is not None:  # renamed in, but the index did not commit it: never served
+                self.layout.withdraw(published.path, spec.key)
+            with contextlib.suppress(StorageError), self.index.transaction() as tx:
+                tx.cancel(name)
+                self._account(tx)
             raise
+        self._specs[entry] = spec
+        self._stored[entry] = published
+        self._uids[name] = entry
         self._log(source, self.name, spec.nbytes, time.perf_counter() - start, mode)
 
+    def _reserve(self, name: str, spec: EntrySpec) -> None:
+        """Take the entry's room in the shared budget, waiting (at most the grace period) for removed entries that
+        leave by themselves when only they are in the way; CapacityError when the room is not there."""
+        give_up = time.monotonic() + self.grace_ns / 1e9 + 1.0
+        while True:
+            with self.index.transaction() as tx:
+                self._account(tx)
+                if self._total + spec.nbytes <= self.capacity:
+                    tx.reserve(name, spec.key, spec.nbytes)
+                    self._total += spec.nbytes
+                    return
+                _, oldest = tx.leaving(self.grace_ns)
+            if self.used + spec.nbytes > self.capacity or oldest is None or time.monotonic() > give_up:
+                raise CapacityError(
+                    f"tier {self.name}: entry {spec.key!r} needs {spec.nbytes} bytes, {self.capacity - self._total} "
+                    f"of {self.capacity} free in {self.layout.root} (its budget is shared by every cache open on it)"
+                )
+            time.sleep(max(0.0, (oldest + self.grace_ns - time.time_ns()) / 1e9) + 0.005)
+            self._sweep()
+
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
-        """Queue the reads now, on the calling thread (its warm memory; no hand-off before the disk starts); the
-        Load's host work waits for them, checks them and moves them to `device` where kvikio did not read there.
-        Every disk error is the entry's StorageError; a chunk missing, truncated or failing its checksum is a
-        CorruptEntryError."""
+        """Lease the entry (its files stay while this read runs, whoever removes it), then queue the reads on the
+        calling thread (its warm memory; no hand-off before the disk starts); the Load's host work waits for them,
+        checks them and moves them to `device` where kvikio did not read there. Every disk error is the entry's
+        StorageError; a chunk missing, truncated or failing its checksum is a CorruptEntryError."""
         stored = self._stored[entry]
+        with self.index.transaction() as tx:
+            leased = tx.lease(stored.path.name)
+        if not leased:
+            raise EntryNotFoundError(
+                f"entry {stored.spec.key!r} was removed from {self.layout.root} by another cache just before this "
+                "read; nothing was read"
+            )
         start = time.perf_counter()
         reading = functools.partial(
             disk_errors, "reading", self.layout.root, stored.path, stored.spec.key, stored.spec.nbytes, reading=True
         )
-        with reading():
-            if names is None:
-                landing: Callable[[], Tensors] = self.layout.start_entry_read(stored, self.verify, device)
-            else:
-                landing = self.layout.start_reads(stored, select(stored.spec, names), self.verify, device)
+        try:
+            with reading():
+                if names is None:
+                    landing: Callable[[], Tensors] = self.layout.start_entry_read(stored, self.verify, device)
+                else:
+                    landing = self.layout.start_reads(stored, select(stored.spec, names), self.verify, device)
+        except BaseException:
+            self._unlease(stored)
+            raise
         dest = self.path.endpoint(device) if device is not None else "host"
         mode = self.mode_for(device)
 
         def finish() -> tuple[Tensors, Event]:
-            with reading():
-                tensors = landing()
+            try:
+                with reading():
+                    tensors = landing()
+            finally:
+                self._unlease(stored)
             if device is not None:
                 tensors = {n: t.to(device) for n, t in tensors.items()}
             self._log(self.name, dest, sum(t.nbytes for t in tensors.values()), time.perf_counter() - start, mode)
@@ -166,52 +371,65 @@ class NvmeTier(Tier):
 
         return Load(finish=finish)
 
+    def _unlease(self, stored: StoredEntry) -> None:
+        try:
+            with self.index.transaction() as tx:
+                tx.unlease(stored.path.name)
+        except StorageError as exc:  # the lease ends with this cache at the latest
+            log.warning("tiercache: the lease on entry %r stays until this cache closes: %s", stored.spec.key, exc)
+
     def delete(self, entry: EntryId) -> None:
-        """Remove the entry's files; a disk that refuses raises StorageError with the entry still stored."""
-        self.layout.remove(self._stored[entry])
-        del self._stored[entry]
-        self._forget(entry)
+        """Remove the entry for every member: committed in the index (an index that refuses raises StorageError
+        with the entry still stored), then its metadata files go, and its chunks once nobody reads them."""
+        stored = self._stored[entry]
+        if self.read_only:
+            raise self._read_only_error("remove", stored.spec.key)
+        with self.index.transaction() as tx:
+            tx.doom(stored.path.name)
+            self._account(tx)
+        self.layout.unpublish(stored)
+        self._forget_local(entry)
+        if self.grace_ns == 0:
+            self._sweep()
 
     def release(self, entry: EntryId) -> None:
-        """Delete, or where the disk refuses, unpublish the entry (never served again) and keep its files as
-        leftovers, counted in `used`, removed at a later put, at close, or (a directory without its manifest) at
-        the next open."""
+        """Delete, or where the index refuses, forget the entry here (the other members may still serve it: it is
+        whole) and say so. A read-only cache only forgets it."""
+        if self.read_only:
+            self._forget_local(entry)
+            return
         try:
             self.delete(entry)
         except StorageError as exc:
-            stored = self._stored.pop(entry)
-            self._forget(entry)
-            if not self.layout.withdraw(stored.path, stored.spec.key):  # a second try (rename) may yet work
-                self.used += stored.spec.nbytes  # _forget took them out of `used`; on disk, they count
-                self._leftovers.append(stored)
-                log.warning(
-                    "tiercache: nvme tier: the files of entry %r at %s could not be removed (%s); it is unpublished "
-                    "(never served), and its bytes stay counted until a later removal succeeds",
-                    stored.spec.key,
-                    stored.path,
-                    describe(exc.__cause__ or exc),
-                )
-
-    def _clear_leftovers(self) -> None:
-        for leftover in list(self._leftovers):
-            try:
-                self.layout.remove(leftover)
-            except StorageError:
-                return  # the disk still refuses; the next put tries again
-            self._leftovers.remove(leftover)
-            self.used -= leftover.spec.nbytes
+            stored = self._stored[entry]
+            self._forget_local(entry)
+            self._ignored.add(stored.path.name)
+            log.warning(
+                "tiercache: nvme tier: entry %r at %s could not be removed from the index (%s); it stays on disk, "
+                "whole, for the next cache that opens the root",
+                stored.spec.key,
+                stored.path,
+                exc,
+            )
 
     def close(self) -> None:
-        with contextlib.suppress(StorageError):
-            self._clear_leftovers()
-        self._stored.clear()
-        self._specs.clear()
-        self._leftovers.clear()
-        self.used = 0
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self.layout.close()  # releases the root's lock
+            with contextlib.suppress(StorageError):
+                self._sweep()
         finally:
-            self.io.close()
+            self._stored.clear()
+            self._specs.clear()
+            self._uids.clear()
+            try:
+                self.index.close()
+            finally:
+                try:
+                    self.layout.close()
+                finally:
+                    self.io.close()
 
 
 def _open_device_io(root: Path, budget: NvmeBudget, device: torch.device) -> tuple[KvikioIO | None, str | None]:
