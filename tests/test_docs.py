@@ -47,7 +47,7 @@ def test_the_readme_cpu_quick_start_runs(tmp_path: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         exec(snippet.replace('root="/tmp/tc"', f"root={str(tmp_path / 'tc')!r}"), {})
     lines = printed.getvalue().splitlines()
-    assert lines[0] == "hbm" and lines[-2:] == ["nvme", "False"], lines
+    assert lines[0] == "hbm" and lines[-2:] == ["nvme", "True"], lines
 
 
 def test_no_tracked_file_refers_outside_the_repository() -> None:

@@ -70,7 +70,7 @@ def test_lower_priority_puts_cannot_demote_higher_priority_entries(make_cache: C
 
 
 def test_write_through_puts_a_copy_on_nvme_at_once(make_cache: CacheFactory, tmp_path: Path) -> None:
-    pol = policy(placement={"write": "through"})
+    pol = policy(placement={"write": "through", "flush_on_close": False})
     cache = make_cache(pol)
     cache.put("durable", kv(1))
     cache.put("not", kv(2), write_through=False)

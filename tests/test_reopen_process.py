@@ -48,10 +48,20 @@ def run_writer(tmp_path: Path, ending: str) -> dict[str, list[str]]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_new_process_finds_every_entry_that_reached_nvme(tmp_path: Path) -> None:
+def test_a_new_process_finds_every_entry_after_a_close(tmp_path: Path) -> None:
     where = run_writer(tmp_path, ending="cache.close()")
     on_disk = sorted(k for k, tiers in where.items() if "nvme" in tiers)
     assert on_disk == ["e0", "e1", "e2", "e3"]  # 64 KiB each: hbm and host hold one each, the rest went to nvme
+    with tiercache.TierCache(root=tmp_path / "root", policy=tmp_path / "reopen.toml") as cache:
+        assert sorted(cache.keys()) == sorted(where)  # and close() wrote the two in memory down
+        for key in where:
+            assert cache.tier_of(key) == "nvme"
+            assert_same(cache.get(key), kv(int(key[1:])))
+
+
+def test_a_process_that_dies_leaves_only_what_reached_nvme(tmp_path: Path) -> None:
+    where = run_writer(tmp_path, ending="os._exit(0)")  # no close(): nothing in memory is written down
+    on_disk = sorted(k for k, tiers in where.items() if "nvme" in tiers)
     with tiercache.TierCache(root=tmp_path / "root", policy=tmp_path / "reopen.toml") as cache:
         assert sorted(cache.keys()) == on_disk
         for key in on_disk:

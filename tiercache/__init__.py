@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cache import Decision, EntryInfo, PrefetchHandle, TierCache, default_device
+from .cache import Decision, EntryInfo, Flushed, PrefetchHandle, TierCache, default_device
 from .entry import DTYPES, EntrySpec, TensorSpec
 from .errors import (
     CacheClosedError,
@@ -30,6 +30,7 @@ __all__ = [
     "CorruptEntryError",
     "DTYPES",
     "EntryInfo",
+    "Flushed",
     "EntryNotFoundError",
     "EntrySpec",
     "EntryTypeError",

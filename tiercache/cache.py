@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -31,17 +31,20 @@ from .io.buffers import HostBuffers
 from .io.files import FileOps
 from .policy import Machine, Policy, Profile, load_policy
 from .prefetch import PrefetchHandle
-from .records import Decision, EntryInfo, PutHints, Read
+from .records import Decision, EntryInfo, Flushed, PutHints, Read
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import DataPath, Load, Tier, open_tiers
 from .tiers.base import same_device
 from .tiers.nvme.index import stored_bytes
+from .tools.progress import progress_callback
 from .transfer import Event, Stream, Transfers, consumer_stream
 from .units import format_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Decision", "EntryInfo", "PrefetchHandle", "TierCache", "default_device"]
+__all__ = ["Decision", "EntryInfo", "Flushed", "PrefetchHandle", "TierCache", "default_device"]
+
+FLUSH_BAR_FROM = 256 << 20  # a flush of this many bytes or more shows a progress bar (on a terminal)
 
 
 def default_device() -> torch.device:
@@ -331,9 +334,30 @@ class TierCache:
             notes=notes,
         )
 
+    def flush(self, keys: str | Iterable[str] | None = None) -> Flushed:
+        """Write every entry (or the keys given) not yet on nvme down to it now, within its budget (nothing there
+        is evicted for it), the most recently used first; the memory copies stay. Returns what was written and,
+        for each entry not written, why. A bar shows progress on a terminal for long flushes."""
+        self._check_open()
+        wanted = None if keys is None else [check_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
+        with self._lock:
+            self._check_open()
+            return self._flush(wanted)
+
+    def _flush(self, keys: list[str] | None) -> Flushed:
+        pending = self._engine.flush_size(keys)
+        bar = progress_callback(pending, f"tiercache: writing to {self.root}") if pending >= FLUSH_BAR_FROM else None
+        try:
+            return self._engine.flush(keys, bar.relative_update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
     def close(self) -> None:
-        """Wait for gets and prefetches in flight, free the memory tiers and release the root. Entries in nvme
-        stay on disk. A cache that is never closed releases its root when it is garbage-collected."""
+        """Wait for gets and prefetches in flight, write what is only in memory down to nvme (with a root you gave
+        and `placement.flush_on_close`, the default; `flush()`), free the memory tiers and leave the root. Entries
+        in nvme stay on disk; a later miss on one that could not be kept says why. A cache that is never closed
+        releases its root when it is garbage-collected (without flushing)."""
         with self._lock:
             if self._closed:
                 return
@@ -347,6 +371,7 @@ class TierCache:
         try:
             with self._lock:
                 self._idle.wait_for(lambda: self._active_reads == 0)
+                self._keep_at_close()
                 self._engine.close()  # under the lock: a stats() or info() running now sees all or nothing
         finally:
             self._finalizer()
@@ -426,6 +451,26 @@ class TierCache:
                 self._active_reads -= 1
                 if self._active_reads == 0:
                     self._idle.notify_all()
+
+    def _keep_at_close(self) -> None:
+        """With a root the user gave: flush (or not, by the policy), then remember in the root what was let go of
+        and why, and say so. Never stops the close."""
+        if self._temp_root is not None or self.read_only:
+            return
+        try:
+            if self.policy.placement.flush_on_close:
+                flushed = self._flush(None)
+            else:
+                reason = "placement.flush_on_close is false in the policy"
+                flushed = Flushed(left=dict.fromkeys(self._engine.memory_only(), reason))
+            self._tiers["nvme"].remember_dropped(flushed.left)
+        except (TierCacheError, OSError) as exc:
+            log.warning("tiercache: closing %s: entries in memory could not be written down: %s", self.root, exc)
+            return
+        if flushed.left:
+            log.warning("tiercache: closing %s: %s", self.root, flushed.describe())
+        elif flushed.kept:
+            log.info("tiercache: closing %s: %s", self.root, flushed.describe())
 
     # ---- small helpers ----------------------------------------------------------------------------------------
     def _adopt_found(self) -> None:

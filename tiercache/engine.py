@@ -26,14 +26,15 @@ from typing import cast
 
 from . import messages
 from .entry import EntrySpec, Tensors
-from .errors import CapacityError, EntryNotFoundError, EntryValueError
+from .errors import CapacityError, EntryNotFoundError, EntryValueError, StorageError
 from .policy.costmodel import Profile
 from .policy.eviction import EvictionPolicy, Usage, make_eviction_policy
 from .policy.placement import Attempt, PlacementPolicy, Plan, make_placement_policy
 from .policy.schema import TIER_NAMES, Policy
-from .records import Counters, Decision, EntryInfo, PutHints, Read, Record, TierUsage
+from .records import Counters, Decision, EntryInfo, Flushed, PutHints, Read, Record, TierUsage
 from .tiers.base import Found, Tier
 from .transfer import Event
+from .units import format_size
 
 Clock = Callable[[], float]
 Landed = tuple[Tensors, Event]  # a load's tensors and the event after which they hold their values
@@ -259,6 +260,56 @@ class Engine:
             self._remove(record)
             self.expired += 1
 
+    def flush(self, keys: list[str] | None = None, on_write: Callable[[int], None] | None = None) -> Flushed:
+        """Write every entry (or those of `keys`) not yet on a persistent tier down to nvme, within its budget and
+        without evicting anything there, the most recently used first; each memory copy stays. Returns what was
+        written and, for the rest, why not. `on_write(nbytes)` is called after each entry written."""
+        self.refresh()
+        nvme = self.tiers["nvme"]
+        budget = self.policy.tiers.nvme
+        records = [self.record(k) for k in keys] if keys is not None else list(self.records.values())
+        pending = [r for r in records if not any(self.tiers[t].persistent for t in r.tiers)]
+        pending.sort(key=lambda r: r.last_used, reverse=True)
+        kept: list[str] = []
+        left: dict[str, str] = {}
+        written = 0
+        for record in pending:
+            key, size = record.spec.key, record.spec.nbytes
+            if not nvme.writable:
+                left[key] = "this cache opened the root read-only"
+            elif not budget.admits(size):
+                left[key] = f"tiers.nvme admits no entry of {format_size(size)} (capacity or max_entry)"
+            elif nvme.free < size:
+                left[key] = (
+                    f"the nvme budget has {format_size(max(nvme.free, 0))} free of {format_size(nvme.capacity)} "
+                    f"and it needs {format_size(size)}; raise tiers.nvme.capacity to keep it"
+                )
+            else:
+                source = record.tiers[0]
+                record.readers += 1
+                try:
+                    data, ready = self.tiers[source].load(record.uid, None).result()
+                    self._store(record, "nvme", data, copy=False, source=source, after=ready)
+                except (CapacityError, StorageError) as exc:
+                    left[key] = str(exc)
+                    continue
+                finally:
+                    record.readers -= 1
+                kept.append(key)
+                written += size
+                if on_write is not None:
+                    on_write(size)
+        return Flushed(tuple(kept), left, written)
+
+    def flush_size(self, keys: list[str] | None = None) -> int:
+        """Bytes a flush of `keys` (None: every entry) would write at most."""
+        records = [self.record(k) for k in keys] if keys is not None else list(self.records.values())
+        return sum(r.spec.nbytes for r in records if not any(self.tiers[t].persistent for t in r.tiers))
+
+    def memory_only(self) -> list[str]:
+        """Keys held by no persistent tier: what a close without flushing lets go of."""
+        return [k for k, r in self.records.items() if not any(self.tiers[t].persistent for t in r.tiers)]
+
     def free(self) -> dict[str, int]:
         return {name: tier.free for name, tier in self.tiers.items()}
 
@@ -470,7 +521,8 @@ class Engine:
 
     # ---- messages ---------------------------------------------------------------------------------------------
     def _miss_message(self, key: str) -> str:
-        return messages.miss(key, len(self.records))
+        why = next((w for t in self.tiers.values() if t.persistent and (w := t.why_missing(key)) is not None), None)
+        return messages.miss(key, len(self.records), why)
 
     def _no_tier_admits(self, spec: EntrySpec) -> str:
         return messages.no_tier_admits(spec, self.policy)

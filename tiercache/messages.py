@@ -9,7 +9,9 @@ from .records import EntryInfo
 from .units import format_size
 
 
-def miss(key: str, cached: int) -> str:
+def miss(key: str, cached: int, why: str | None = None) -> str:
+    if why is not None:
+        return f"{key!r} is not in the cache: {why}. {cached} entries are cached. put() it again."
     return (
         f"{key!r} is not in the cache (never put, deleted, expired, or evicted from the last tier); "
         f"{cached} entries are cached. put() it again."

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .entry import EntrySpec, TensorSpec
 from .tiers.base import EntryId, Tier
+from .units import format_size
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,21 @@ class Read:
     entry: EntryId
     spec: EntrySpec
     tier: Tier  # the fastest tier holding it: the one to load from
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """What a flush wrote down to nvme (`kept`) and what it could not, each with the reason (`left`)."""
+
+    kept: tuple[str, ...] = ()
+    left: dict[str, str] = field(default_factory=dict)
+    nbytes: int = 0  # bytes written
+
+    def describe(self) -> str:
+        text = f"{len(self.kept)} entries ({format_size(self.nbytes)}) written to nvme"
+        if self.left:
+            text += f"; {len(self.left)} not kept: " + "; ".join(f"{k!r}: {why}" for k, why in self.left.items())
+        return text
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,11 @@ class PlacementSettings(_Section):
         default="back",
         doc="'back': an entry reaches nvme when demoted; 'through': every put also writes it to nvme at once",
     )
+    flush_on_close: bool = _bool(
+        default=True,
+        doc="close() writes every entry not yet on nvme down to it, within its budget, so that a later process finds "
+        "it (a root the user gave; a temporary root is removed at close)",
+    )
 
 
 @dataclass(frozen=True)

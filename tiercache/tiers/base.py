@@ -231,6 +231,13 @@ class Tier(ABC):
         """Account an entry refresh() found, under a new entry id."""
         raise NotImplementedError(f"tier {self.name} finds no entries")
 
+    def remember_dropped(self, dropped: dict[str, str]) -> None:  # noqa: B027 - persistent tiers remember
+        """Keys this cache held in memory only and let go of at close, each with the reason, for a later miss."""
+
+    def why_missing(self, key: str) -> str | None:
+        """What this tier knows of a key it does not hold (a persistent tier: dropped at a cache's close), or None."""
+        return None
+
     def ignore(self, found: Found) -> None:  # noqa: B027 - a no-op unless the tier reports found entries
         """The cache holds a newer version of a found entry's key: do not report that one again."""
 

@@ -11,8 +11,9 @@ with a sealed manifest (format.py), and the index is rebuilt from the directorie
 Rows: `entries` (one live version per key; a removed one is `doomed` until its files go), `removed` (what left, in
 commit order, so members apply others' changes without re-listing), `members` (token, PID, host), `leases` (a
 member reading an entry: its files stay), `reservations` (room taken by a write in progress, and its staging
-directory). A member is alive while it holds its lock file (lock.py); a dead member's leases, reservations and
-staging directories are recovered by whoever notices first.
+directory), `dropped` (keys a cache held in memory only and let go of at close, and why, for a later miss). A
+member is alive while it holds its lock file (lock.py); a dead member's leases, reservations and staging
+directories are recovered by whoever notices first.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 CREATE TABLE IF NOT EXISTS reservations (
     staging TEXT PRIMARY KEY, token TEXT NOT NULL, key TEXT NOT NULL, nbytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dropped (
+    key TEXT PRIMARY KEY, reason TEXT NOT NULL, dropped_ns INTEGER NOT NULL, pid INTEGER NOT NULL
 );
 """
 
@@ -144,6 +148,7 @@ class Transaction:
         older = self.live(key)
         if older is not None:
             self.doom(older.name)
+        self.db.execute("DELETE FROM dropped WHERE key = ?", (key,))
         self.db.execute(
             "INSERT INTO entries (name, key, nbytes, written_ns, seq, last_used_ns) VALUES (?, ?, ?, ?, ?, ?)",
             (name, key, nbytes, written_ns, self._next_seq(), time.time_ns()),
@@ -215,6 +220,18 @@ class Transaction:
             "SELECT name, key, nbytes, written_ns, uses, last_used_ns, doomed_ns FROM entries ORDER BY written_ns"
         ).fetchall()
         return [Row(*r) for r in rows]
+
+    def drop(self, key: str, reason: str) -> None:
+        """Remember that a cache let go of `key` at close without writing it here, and why."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO dropped (key, reason, dropped_ns, pid) VALUES (?, ?, ?, ?)",
+            (key, reason, time.time_ns(), os.getpid()),
+        )
+
+    def dropped(self, key: str) -> tuple[str, int, int] | None:
+        """(reason, when, by which PID) a cache let go of `key` at close, or None."""
+        row = self.db.execute("SELECT reason, dropped_ns, pid FROM dropped WHERE key = ?", (key,)).fetchone()
+        return (str(row[0]), int(row[1]), int(row[2])) if row else None
 
     def prune_removed(self) -> None:
         """Keep the last KEEP_REMOVED removals; a member further behind re-reads every entry (Changes.everything)."""

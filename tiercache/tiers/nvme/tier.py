@@ -269,6 +269,25 @@ class NvmeTier(Tier):
         self._uids.pop(stored.path.name, None)
         self._specs.pop(entry, None)
 
+    def remember_dropped(self, dropped: dict[str, str]) -> None:
+        if self.read_only or not dropped:
+            return
+        with self.index.transaction() as tx:
+            for key, reason in dropped.items():
+                tx.drop(key, reason)
+
+    def why_missing(self, key: str) -> str | None:
+        try:
+            with self.index.transaction() as tx:
+                found = tx.dropped(key)
+        except StorageError:
+            return None
+        if found is None:
+            return None
+        reason, when, pid = found
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when / 1e9))
+        return f"process {pid} held it in memory only and let go of it when its cache closed ({stamp}): {reason}"
+
     def _read_only_error(self, what: str, key: str) -> StorageError:
         return StorageError(
             f"nvme tier: cannot {what} entry {key!r}: this cache opened {self.layout.root} read-only; open it with "
