@@ -33,10 +33,10 @@ def test_flush_writes_the_keys_given_and_keeps_the_memory_copies(make_cache: Any
     cache.put("a", kv(1))
     cache.put("b", kv(2))
     flushed = cache.flush("a")
-    assert flushed.kept == ("a",) and flushed.left == {} and flushed.nbytes == 64 * KiB
+    assert flushed.moved == ("a",) and flushed.left == {} and flushed.nbytes == 64 * KiB
     assert cache.info("a").tiers == ("hbm", "nvme") and cache.info("b").tiers == ("hbm",)
-    assert cache.flush().kept == ("b",)  # everything not yet on nvme: only b is left
-    assert cache.flush().kept == ()
+    assert cache.flush().moved == ("b",)  # everything not yet on nvme: only b is left
+    assert cache.flush().moved == ()
     with pytest.raises(EntryNotFoundError):
         cache.flush(["missing"])
 

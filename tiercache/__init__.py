@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from .cache import Decision, EntryInfo, Flushed, PrefetchHandle, TierCache, default_device
+from .cache import Decision, EntryInfo, Moved, PrefetchHandle, TierCache, default_device
 from .entry import DTYPES, EntrySpec, TensorSpec
 from .errors import (
     CacheClosedError,
     CapacityError,
     CorruptEntryError,
+    DeviceMemoryError,
     EntryNotFoundError,
     EntryTypeError,
     EntryValueError,
@@ -27,10 +28,11 @@ __all__ = [
     "Decision",
     "CacheStats",
     "CapacityError",
+    "DeviceMemoryError",
     "CorruptEntryError",
     "DTYPES",
     "EntryInfo",
-    "Flushed",
+    "Moved",
     "EntryNotFoundError",
     "EntrySpec",
     "EntryTypeError",

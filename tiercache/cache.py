@@ -31,18 +31,18 @@ from .io.buffers import HostBuffers
 from .io.files import FileOps
 from .policy import Machine, Policy, Profile, load_policy
 from .prefetch import PrefetchHandle
-from .records import Decision, EntryInfo, Flushed, PutHints, Read
+from .records import Decision, EntryInfo, Moved, PutHints, Read
 from .stats import CacheStats, TierStats, TransferLog
 from .tiers import DataPath, Load, Tier, open_tiers
 from .tiers.base import same_device
 from .tiers.nvme.index import stored_bytes
 from .tools.progress import progress_callback
 from .transfer import Event, Stream, Transfers, consumer_stream
-from .units import format_size
+from .units import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Decision", "EntryInfo", "Flushed", "PrefetchHandle", "TierCache", "default_device"]
+__all__ = ["Decision", "EntryInfo", "Moved", "PrefetchHandle", "TierCache", "default_device"]
 
 FLUSH_BAR_FROM = 256 << 20  # a flush of this many bytes or more shows a progress bar (on a terminal)
 
@@ -269,10 +269,86 @@ class TierCache:
         """Why the entry is where it is, in words: the placement decision, its reason, the predicted reloads."""
         return messages.explain(key, self.info(key), self.profile, self.policy.chosen)
 
-    def delete(self, key: str) -> None:
-        """Remove an entry from every tier (pinned or not). A miss raises KeyError."""
-        with self._checked(key):
-            self._engine.delete(key)
+    def delete(self, key: str | None = None, *, prefix: str | None = None) -> int:
+        """Remove an entry from every tier (pinned or not), or with `prefix=` every entry whose key starts with it (a
+        request's or a tenant's group: "tenant7/"); returns how many. A miss on `key` raises KeyError."""
+        if (key is None) == (prefix is None):
+            raise EntryValueError("delete(): give a key or prefix=, not both")
+        if key is not None:
+            with self._checked(key):
+                self._engine.delete(key)
+            return 1
+        with self._lock:
+            self._check_open()
+            matching = self._engine.keys(_prefix(prefix, "delete"))
+            for k in matching:
+                self._engine.delete(k)
+            return len(matching)
+
+    def offload(self, keys: str | Iterable[str] | None = None, *, prefix: str | None = None, to: str = "host") -> Moved:
+        """Move entries down now, to `to` ("host" or "nvme"; further down where it cannot take one), to hand their
+        memory to the next stage: the keys given, those starting with `prefix`, or (neither) every entry. Room is
+        made below by the policy's eviction rules. Pinned entries and entries being read stay, named in the result
+        with the reason; entries already at or below `to` are left as they are."""
+        if to not in ("host", "nvme"):
+            raise EntryValueError(f'offload(to=): "host" or "nvme", got {to!r}')
+        self._check_open()
+        with self._lock:
+            self._check_open()
+            wanted = self._select(keys, prefix, "offload")
+            return self._engine.offload(wanted, to)
+
+    def set_capacity(self, tier: str, nbytes: int | str) -> None:
+        """Change a tier's budget now: shrinking demotes what no longer fits (any priority; a CapacityError,
+        changing nothing, where pinned entries or entries being read alone exceed it); growing makes room for
+        more. The host tier's pinned pool keeps its size: budget beyond it is held in pageable memory. On CUDA,
+        shrinking hbm hands the freed device memory back to the driver for other processes."""
+        size = self._budget_size(tier, nbytes, "set_capacity")
+        with self._lock:
+            self._check_open()
+            self._engine.set_capacity(tier, size)
+            self._release_device_memory(tier)
+
+    @contextlib.contextmanager
+    def reserved(self, tier: str, nbytes: int | str) -> Iterator[None]:
+        """Keep `nbytes` of a tier's budget free for what runs inside (the next stage's model on the GPU): the budget
+        shrinks by that much, demoting what no longer fits, and is given back after."""
+        size = self._budget_size(tier, nbytes, "reserved")
+        with self._lock:
+            self._check_open()
+            before = self._tiers[tier].capacity
+            taken = min(size, before)
+            self._engine.set_capacity(tier, before - taken)
+            self._release_device_memory(tier)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if not self._closed:
+                    self._engine.set_capacity(tier, self._tiers[tier].capacity + taken)
+
+    def _budget_size(self, tier: str, nbytes: int | str, where: str) -> int:
+        if tier not in self._tiers:
+            raise EntryValueError(f"{where}(): tier is one of {', '.join(map(repr, self._tiers))}, got {tier!r}")
+        try:
+            size = parse_size(nbytes) if isinstance(nbytes, str) else nbytes
+        except ValueError as exc:
+            raise EntryValueError(f"{where}({tier!r}, {nbytes!r}): {exc}") from None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise EntryValueError(f"{where}({tier!r}, {nbytes!r}): a number of bytes >= 0 or a size such as '4GiB'")
+        return size
+
+    def _release_device_memory(self, tier: str) -> None:
+        """What the hbm tier let go of goes back to the CUDA driver, not only to this process's allocator cache."""
+        if tier == "hbm" and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _select(self, keys: str | Iterable[str] | None, prefix: str | None, where: str) -> list[str]:
+        if keys is not None and prefix is not None:
+            raise EntryValueError(f"{where}(): give keys or prefix=, not both")
+        if keys is None:
+            return self._engine.keys(_prefix(prefix, where) if prefix is not None else "")
+        return [check_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
 
     def pin(self, key: str) -> None:
         """Keep an entry from being evicted until a matching unpin(); pins nest."""
@@ -283,10 +359,12 @@ class TierCache:
         with self._checked(key):
             self._engine.unpin(key)
 
-    def keys(self) -> list[str]:
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys of every entry, or of those starting with `prefix` ("tenant7/", "request-42/")."""
+        prefix = _prefix(prefix, "keys") if prefix else ""
         with self._lock:
             self._check_open()
-            return self._engine.keys()
+            return self._engine.keys(prefix)
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -334,7 +412,7 @@ class TierCache:
             notes=notes,
         )
 
-    def flush(self, keys: str | Iterable[str] | None = None) -> Flushed:
+    def flush(self, keys: str | Iterable[str] | None = None) -> Moved:
         """Write every entry (or the keys given) not yet on nvme down to it now, within its budget (nothing there
         is evicted for it), the most recently used first; the memory copies stay. Returns what was written and,
         for each entry not written, why. A bar shows progress on a terminal for long flushes."""
@@ -344,7 +422,7 @@ class TierCache:
             self._check_open()
             return self._flush(wanted)
 
-    def _flush(self, keys: list[str] | None) -> Flushed:
+    def _flush(self, keys: list[str] | None) -> Moved:
         pending = self._engine.flush_size(keys)
         bar = progress_callback(pending, f"tiercache: writing to {self.root}") if pending >= FLUSH_BAR_FROM else None
         try:
@@ -462,14 +540,14 @@ class TierCache:
                 flushed = self._flush(None)
             else:
                 reason = "placement.flush_on_close is false in the policy"
-                flushed = Flushed(left=dict.fromkeys(self._engine.memory_only(), reason))
+                flushed = Moved(left=dict.fromkeys(self._engine.memory_only(), reason))
             self._tiers["nvme"].remember_dropped(flushed.left)
         except (TierCacheError, OSError) as exc:
             log.warning("tiercache: closing %s: entries in memory could not be written down: %s", self.root, exc)
             return
         if flushed.left:
             log.warning("tiercache: closing %s: %s", self.root, flushed.describe())
-        elif flushed.kept:
+        elif flushed.moved:
             log.info("tiercache: closing %s: %s", self.root, flushed.describe())
 
     # ---- small helpers ----------------------------------------------------------------------------------------
@@ -504,6 +582,12 @@ class TierCache:
 
     def _target(self, device: str | torch.device | None) -> torch.device:
         return self.device if device is None else _device(device, "device=")
+
+
+def _prefix(prefix: object, where: str) -> str:
+    if not isinstance(prefix, str) or not prefix:
+        raise EntryValueError(f"{where}(prefix=): a non-empty string, got {prefix!r}")
+    return prefix
 
 
 def _device(device: object, where: str) -> torch.device:

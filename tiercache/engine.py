@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Mapping
@@ -26,17 +27,18 @@ from typing import cast
 
 from . import messages
 from .entry import EntrySpec, Tensors
-from .errors import CapacityError, EntryNotFoundError, EntryValueError, StorageError
+from .errors import CapacityError, DeviceMemoryError, EntryNotFoundError, EntryValueError, StorageError
 from .policy.costmodel import Profile
 from .policy.eviction import EvictionPolicy, Usage, make_eviction_policy
 from .policy.placement import Attempt, PlacementPolicy, Plan, make_placement_policy
 from .policy.schema import TIER_NAMES, Policy
-from .records import Counters, Decision, EntryInfo, Flushed, PutHints, Read, Record, TierUsage
+from .records import Counters, Decision, EntryInfo, Moved, PutHints, Read, Record, TierUsage
 from .tiers.base import Found, Tier
 from .transfer import Event
 from .units import format_size
 
 Clock = Callable[[], float]
+ANY_PRIORITY = 1 << 62  # making room for an explicit resize: entries of every priority may be demoted
 Landed = tuple[Tensors, Event]  # a load's tensors and the event after which they hold their values
 
 
@@ -110,11 +112,9 @@ class Engine:
                     raise CapacityError(self._no_write_through(spec))
                 self._store(record, "nvme", data, copy=False, source="put", after=None)
                 feasible = [a for a in feasible if a.tier != "nvme"] or [nvme_copy]
-            tier = self._first_fit(feasible, spec.nbytes, record.priority, sacrifice=old)
+            tier = self._place(record, feasible, data, copy, old)
             if tier is None:  # _can_make_room said otherwise; refuse rather than keep half an entry
                 raise CapacityError(self._tiers_full(spec, plan.attempts))
-            if tier not in record.tiers:
-                self._store(record, tier, data, copy=copy, source="put", after=None)
         except BaseException:
             for tier_name in list(record.tiers):
                 self._drop(record, tier_name)
@@ -126,7 +126,7 @@ class Engine:
             record.readers -= 1
         record.decision = Decision(
             tier,
-            self._reason(tier, plan, hints.deadline_ms),
+            self._reason(tier, plan, hints.deadline_ms, record.refused),
             hints.deadline_ms,
             hints.priority,
             through,
@@ -137,6 +137,35 @@ class Engine:
             old.aside.clear()
             self._retire(old)
         return tier
+
+    def _place(
+        self, record: Record, attempts: list[Attempt], data: Tensors, copy: bool, old: Record | None
+    ) -> str | None:
+        """Store a new entry in the first attempt's tier that makes room; where the device then refuses the memory
+        (DeviceMemoryError), demote that tier's victims and retry once, then go on to the next tier down."""
+        while attempts:
+            tier = self._first_fit(attempts, record.spec.nbytes, record.priority, sacrifice=old)
+            if tier is None or tier in record.tiers:
+                return tier
+            try:
+                self._store_retrying(record, tier, data, copy=copy, source="put", after=None)
+                return tier
+            except DeviceMemoryError:
+                record.refused.append(tier)
+                rank = TIER_NAMES.index(tier)
+                attempts = [a for a in attempts if TIER_NAMES.index(a.tier) > rank]
+        return None
+
+    def _store_retrying(
+        self, record: Record, tier_name: str, data: Tensors, *, copy: bool, source: str, after: Event | None
+    ) -> None:
+        """`_store`, and where the device refuses the memory, once more after demoting victims worth the entry."""
+        try:
+            self._store(record, tier_name, data, copy=copy, source=source, after=after)
+        except DeviceMemoryError:
+            tier = self.tiers[tier_name]
+            self._make_room(tier_name, tier.free + record.spec.nbytes, True, record.priority)
+            self._store(record, tier_name, data, copy=copy, source=source, after=after)
 
     def _restore(self, old: Record) -> None:
         """A failed put gives the version it replaced back whatever of it is left: re-indexed, its room counted."""
@@ -149,12 +178,16 @@ class Engine:
         else:
             self.by_uid.pop(old.uid, None)
 
-    def _reason(self, tier: str, plan: Plan, deadline_ms: float | None) -> str:
+    def _reason(self, tier: str, plan: Plan, deadline_ms: float | None, refused: list[str] | None = None) -> str:
         """The plan's reason when its first choice was taken; otherwise where the entry went instead, and why."""
         first = plan.attempts[0].tier
         if tier == first:
             return plan.reason
-        reason = f"{tier}: {first} could not make room (pinned, in-use or higher-priority entries); "
+        if refused:
+            why = f"the device refused {', '.join(refused)} the memory (out of memory, after demoting to retry)"
+        else:
+            why = f"{first} could not make room (pinned, in-use or higher-priority entries)"
+        reason = f"{tier}: {why}; "
         reason += f"the plan was {plan.reason}"
         if deadline_ms is not None and plan.reload_ms.get(tier, 0.0) > deadline_ms:
             reason += f"; {tier}'s predicted reload ({plan.reload_ms[tier]:.3g} ms) misses the deadline"
@@ -260,7 +293,7 @@ class Engine:
             self._remove(record)
             self.expired += 1
 
-    def flush(self, keys: list[str] | None = None, on_write: Callable[[int], None] | None = None) -> Flushed:
+    def flush(self, keys: list[str] | None = None, on_write: Callable[[int], None] | None = None) -> Moved:
         """Write every entry (or those of `keys`) not yet on a persistent tier down to nvme, within its budget and
         without evicting anything there, the most recently used first; each memory copy stays. Returns what was
         written and, for the rest, why not. `on_write(nbytes)` is called after each entry written."""
@@ -299,7 +332,72 @@ class Engine:
                 written += size
                 if on_write is not None:
                     on_write(size)
-        return Flushed(tuple(kept), left, written)
+        return Moved(tuple(kept), left, written)
+
+    def offload(self, keys: list[str], to: str) -> Moved:
+        """Move the entries of `keys` down to tier `to` now (or further down where it cannot take one), evicting
+        there by the policy's rules to make room; entries already at or below it stay. Pinned entries and entries
+        being read are left, with the reason."""
+        rank = TIER_NAMES.index(to)
+        moved: list[str] = []
+        left: dict[str, str] = {}
+        nbytes = 0
+        for key in keys:
+            record = self.record(key)
+            above = [t for t in record.tiers if TIER_NAMES.index(t) < rank]
+            if not above:
+                continue
+            if record.busy:
+                left[key] = "pinned" if record.pins else "being read"
+                continue
+            try:
+                self._move_down(record, rank)
+            except (CapacityError, StorageError) as exc:
+                left[key] = str(exc)
+                continue
+            moved.append(key)
+            nbytes += record.spec.nbytes
+        return Moved(tuple(moved), left, nbytes, to)
+
+    def _move_down(self, record: Record, rank: int) -> None:
+        """Store the record in the first tier at or below `rank` that can make room (unless one already holds it),
+        then drop every copy above that tier."""
+        size = record.spec.nbytes
+        if not any(TIER_NAMES.index(t) >= rank for t in record.tiers):
+            attempts = [Attempt(t, evict=True) for t in TIER_NAMES[rank:] if self.policy.tiers[t].admits(size)]
+            record.readers += 1  # never a victim of the room made for it
+            try:
+                target = self._first_fit(attempts, size, record.priority)
+                if target is None:
+                    raise CapacityError(
+                        f"offload({record.spec.key!r}): no tier from {TIER_NAMES[rank]} down can make room for "
+                        f"{format_size(size)} (pinned, in-use or higher-priority entries)"
+                    )
+                source = record.tiers[0]
+                data, ready = self.tiers[source].load(record.uid, None).result()
+                self._store(record, target, data, copy=False, source=source, after=ready)
+            finally:
+                record.readers -= 1
+        for tier_name in [t for t in record.tiers if TIER_NAMES.index(t) < rank]:
+            self._drop(record, tier_name, evicted=True)
+
+    def set_capacity(self, name: str, nbytes: int) -> None:
+        """Change a tier's budget now. Shrinking demotes what no longer fits (whatever its priority; never pinned
+        entries or entries being read): a CapacityError, changing nothing, when they alone exceed the new budget."""
+        tier = self.tiers[name]
+        stuck = sum(self.by_uid[u].spec.nbytes for u in tier if self.by_uid[u].busy)
+        if tier.used > nbytes and stuck > nbytes:
+            raise CapacityError(
+                f"set_capacity({name!r}, {format_size(nbytes)}): {format_size(stuck)} of {name} is pinned or being "
+                "read and cannot move; unpin those entries or wait for their reads"
+            )
+        budget = dataclasses.replace(self.policy.tiers[name], capacity=nbytes)
+        tiers = dataclasses.replace(self.policy.tiers, **{name: budget})  # type: ignore[arg-type]
+        self.policy = dataclasses.replace(self.policy, tiers=tiers)
+        self.placement = make_placement_policy(self.policy.placement, self.policy.tiers, self.reload_seconds)
+        tier.capacity = nbytes
+        if tier.free < 0:
+            self._make_room(name, 0, True, ANY_PRIORITY)
 
     def flush_size(self, keys: list[str] | None = None) -> int:
         """Bytes a flush of `keys` (None: every entry) would write at most."""
@@ -314,9 +412,9 @@ class Engine:
         return {name: tier.free for name, tier in self.tiers.items()}
 
     # ---- queries and close ------------------------------------------------------------------------------------
-    def keys(self) -> list[str]:
+    def keys(self, prefix: str = "") -> list[str]:
         self.refresh()
-        return list(self.records)
+        return [k for k in self.records if k.startswith(prefix)]
 
     def __contains__(self, key: object) -> bool:
         self.refresh()
@@ -365,7 +463,10 @@ class Engine:
             target = self._first_fit(attempts, record.spec.nbytes, record.priority)
             if target is not None:
                 # The tensors are on the compute device (the read landed them there), handed over without a copy.
-                self._store(record, target, data, copy=False, source="hbm", after=ready)
+                try:
+                    self._store_retrying(record, target, data, copy=False, source="hbm", after=ready)
+                except DeviceMemoryError:
+                    return  # the device has no room after all: the entry stays where it is
                 if not self.tiers[current].persistent:  # memory tiers are exclusive; a persistent copy stays
                     self._drop(record, current)
         finally:

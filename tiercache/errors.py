@@ -28,6 +28,11 @@ class CapacityError(TierCacheError, MemoryError):
     """An entry that no tier can hold, even after evicting everything evictable."""
 
 
+class DeviceMemoryError(CapacityError):
+    """The device refused memory its tier's budget allowed (a CUDA out-of-memory): the cache demotes and retries,
+    then falls back to the next tier, so this reaches a caller only where no tier could take the entry."""
+
+
 class PolicyError(TierCacheError, ValueError):
     """A policy file or object that is malformed: unknown key, wrong type, bad size."""
 
@@ -42,7 +47,7 @@ class CorruptEntryError(StorageError):
 
 
 class RootInUseError(StorageError):
-    """Another open cache (in this process or another) holds the same root directory; the message names its PID."""
+    """Another cache on the same root held its index longer than `lock_timeout`; the message names its PID."""
 
 
 class CacheClosedError(TierCacheError, RuntimeError):

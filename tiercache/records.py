@@ -45,6 +45,7 @@ class Record:
     decision: Decision | None = None
     aside: list[str] = field(default_factory=list)  # tiers that set it aside for its replacement (Tier.set_aside)
     written_ns: int = 0  # wall-clock time of the put (or of the write a tier found): the newer version wins
+    refused: list[str] = field(default_factory=list)  # tiers whose device ran out of memory placing it
 
     @property
     def busy(self) -> bool:
@@ -76,15 +77,16 @@ class Read:
 
 
 @dataclass(frozen=True)
-class Flushed:
-    """What a flush wrote down to nvme (`kept`) and what it could not, each with the reason (`left`)."""
+class Moved:
+    """What a flush or an offload moved (`moved`, by key) and what it could not, each with the reason (`left`)."""
 
-    kept: tuple[str, ...] = ()
+    moved: tuple[str, ...] = ()
     left: dict[str, str] = field(default_factory=dict)
-    nbytes: int = 0  # bytes written
+    nbytes: int = 0  # bytes moved
+    to: str = "nvme"
 
     def describe(self) -> str:
-        text = f"{len(self.kept)} entries ({format_size(self.nbytes)}) written to nvme"
+        text = f"{len(self.moved)} entries ({format_size(self.nbytes)}) written to {self.to}"
         if self.left:
             text += f"; {len(self.left)} not kept: " + "; ".join(f"{k!r}: {why}" for k, why in self.left.items())
         return text

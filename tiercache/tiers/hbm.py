@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..entry import EntrySpec, Tensors
+from ..errors import DeviceMemoryError
 from ..transfer import Event, consumer_stream
 from .base import DataPath, EntryId, Load, Tier, same_device, select
 
@@ -31,12 +32,22 @@ class HbmTier(Tier):
             stream.wait(after)  # the copies read values that another copy is still filling
         start = time.perf_counter()
         # Copied here, before accounting, so that a failed copy (out of memory) leaves the tier as it was.
-        held = {name: t.to(device, copy=copy) for name, t in tensors.items()}
+        try:
+            held = self._copy_in(tensors, device, copy)
+        except torch.OutOfMemoryError as exc:
+            raise DeviceMemoryError(
+                f"tier {self.name}: {device} could not allocate {spec.nbytes} bytes for entry {spec.key!r} within "
+                f"the budget ({self.free} of {self.capacity} free): other allocations on the device hold the memory"
+            ) from exc
         self._admit(entry, spec)
         # The values are there once the device's queued work is done (the caller's, or these copies).
         self._data[entry] = (held, stream.record() if moves or after is None else after)
         if moves:
             self._log(source, self.name, spec.nbytes, time.perf_counter() - start)
+
+    def _copy_in(self, tensors: Tensors, device: torch.device, copy: bool) -> Tensors:
+        """The tensors on the device (copies, or themselves where they are there and `copy` is False)."""
+        return {name: t.to(device, copy=copy) for name, t in tensors.items()}
 
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
         held, ready = self._data[entry]
