@@ -108,8 +108,17 @@ class TierCache:
         if read_only and root is None:
             raise EntryValueError("TierCache(read_only=True) needs the root= of entries another cache wrote")
         self.read_only = read_only
+        self._lock = threading.RLock()
         path = DataPath(
-            self.device, self._transfers, self._landing, self.root, self._log.record, files, lock_timeout, read_only
+            self.device,
+            self._transfers,
+            self._landing,
+            self.root,
+            self._log.record,
+            files,
+            lock_timeout,
+            read_only,
+            unlocked=self._unlocked,
         )
         try:
             self._tiers: dict[str, Tier] = open_tiers(self.policy.tiers, path)
@@ -123,8 +132,7 @@ class TierCache:
         self._finalizer = weakref.finalize(
             self, _shut_down, self._engine, self._transfers, self._prefetcher, self._temp_root
         )
-        self._lock = threading.RLock()
-        self._active_reads = 0
+        self._active_reads = 0  # reads in flight and disk writes running outside the lock: close() waits for them
         self._open_streams: weakref.WeakSet[Iterator[tuple[str, torch.Tensor]]] = weakref.WeakSet()
         self._idle = threading.Condition(self._lock)
         self._closed = False
@@ -549,6 +557,22 @@ class TierCache:
             log.warning("tiercache: closing %s: %s", self.root, flushed.describe())
         elif flushed.moved:
             log.info("tiercache: closing %s: %s", self.root, flushed.describe())
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        """Let go of the cache's lock for a disk write (a tier's slow part: plan under the lock, write outside it,
+        commit under it), so that gets, puts and stats of other entries never wait on the disk. The engine's
+        records stay consistent meanwhile: the entry being written is protected as if read, and an old version of
+        its key is served until the new one commits. close() waits for the write."""
+        self._active_reads += 1  # the caller (the engine, inside a call of ours) holds the lock
+        state = self._lock._release_save()  # type: ignore[attr-defined]  # every level, as Condition.wait does
+        try:
+            yield
+        finally:
+            self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+            self._active_reads -= 1
+            if self._active_reads == 0:
+                self._idle.notify_all()
 
     # ---- small helpers ----------------------------------------------------------------------------------------
     def _adopt_found(self) -> None:

@@ -102,8 +102,8 @@ class Engine:
             last_used=self.clock(),
             written_ns=time.time_ns(),
         )
-        if old is not None:
-            self._unindex(old)  # out of sight, but its bytes stay until the new version is stored
+        if old is not None:  # served until the new version is stored (a write may run outside the cache's lock)
+            self._unorder(old)  # but no victim meanwhile: it is about to go
         self.by_uid[record.uid] = record
         record.readers += 1  # not a victim of its own placement
         try:
@@ -132,6 +132,9 @@ class Engine:
             through,
             plan.reload_ms,
         )
+        current = self.records.get(spec.key)
+        if current is not None and current is not old:  # another put of this key committed meanwhile: the last wins
+            self._remove(current)
         self.records[spec.key] = record
         if old is not None:
             old.aside.clear()
@@ -173,10 +176,12 @@ class Engine:
             self.tiers[tier_name].restore(old.uid)
             self._make_room(tier_name, 0, True, max(old.priority, 0))  # over budget where others took that room
         old.aside.clear()
-        if old.tiers:
+        if old.tiers and not old.deleted:
             self._reindex(old)
         else:
-            self.by_uid.pop(old.uid, None)
+            self._unindex(old)
+            if not old.readers:
+                self.by_uid.pop(old.uid, None)
 
     def _reason(self, tier: str, plan: Plan, deadline_ms: float | None, refused: list[str] | None = None) -> str:
         """The plan's reason when its first choice was taken; otherwise where the entry went instead, and why."""
@@ -526,6 +531,8 @@ class Engine:
                     sacrifice.aside.append(tier_name)
             else:
                 self._drop(sacrifice, tier_name)
+                if not sacrifice.tiers and self.records.get(sacrifice.spec.key) is sacrifice:
+                    del self.records[sacrifice.spec.key]  # its room went to the new version: nothing left to serve
             if tier.free >= nbytes:
                 return True
         if not evict:
@@ -602,6 +609,10 @@ class Engine:
         """Hide an entry from lookups and from eviction; its storage and accounting stay."""
         if self.records.get(record.spec.key) is record:
             del self.records[record.spec.key]
+        self._unorder(record)
+
+    def _unorder(self, record: Record) -> None:
+        """Take an entry out of every eviction order (removing one that is not there is a no-op)."""
         for tier_name in record.tiers:
             self.orders[tier_name].removed(record.uid)
 

@@ -9,9 +9,11 @@ still to do (disk reads landing): `landed()` tells them apart, so a prefetch nee
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -103,6 +105,8 @@ class DataPath:
     files: FileOps = field(default_factory=FileOps)
     lock_timeout: float = 30.0  # seconds a tier sharing its root waits for another member's transaction
     read_only: bool = False  # persistent tiers: read entries others wrote, never write or remove any
+    # Held around a tier's slow disk writes: lets go of the cache's lock meanwhile (the default: nothing to let go).
+    unlocked: Callable[[], AbstractContextManager[None]] = field(default=contextlib.nullcontext)
 
     def endpoint(self, device: torch.device) -> str:
         """A device as a pathway names it: "hbm" (the compute device), "host" (CPU memory) or the device itself."""

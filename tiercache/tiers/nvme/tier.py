@@ -311,7 +311,8 @@ class NvmeTier(Tier):
         start = time.perf_counter()
         published: StoredEntry | None = None
         try:
-            staged = self.layout.stage(name, spec, [tensors[t.name] for t in spec.tensors])
+            with self.path.unlocked():  # the slow part, outside the cache's lock: the room is reserved already
+                staged = self.layout.stage(name, spec, [tensors[t.name] for t in spec.tensors])
             with self.index.transaction() as tx:
                 published = self.layout.publish(staged)
                 tx.insert(name, spec.key, spec.nbytes, published.written_ns)
