@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -130,7 +131,7 @@ class TierCache:
         )
         self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="tiercache-prefetch")
         self._finalizer = weakref.finalize(
-            self, _shut_down, self._engine, self._transfers, self._prefetcher, self._temp_root
+            self, _shut_down, self._engine, self._transfers, self._prefetcher, self._temp_root, os.getpid()
         )
         self._active_reads = 0  # reads in flight and disk writes running outside the lock: close() waits for them
         self._open_streams: weakref.WeakSet[Iterator[tuple[str, torch.Tensor]]] = weakref.WeakSet()
@@ -635,9 +636,13 @@ def _device(device: object, where: str) -> torch.device:
     return target
 
 
-def _shut_down(engine: Engine, transfers: Transfers, prefetcher: ThreadPoolExecutor, temp_root: Path | None) -> None:
+def _shut_down(
+    engine: Engine, transfers: Transfers, prefetcher: ThreadPoolExecutor, temp_root: Path | None, pid: int
+) -> None:
     """Release what outlives a cache's Python object: the prefetch threads, the tiers (the host pool, the root's
-    lock), the copy streams, a temporary root."""
+    membership), the copy streams, a temporary root. Not in a forked child: all of that is its parent's."""
+    if os.getpid() != pid:
+        return
     prefetcher.shutdown(wait=False)  # close() has already waited; the garbage collector must not block
     try:
         engine.close()

@@ -267,7 +267,7 @@ class Engine:
                 record.tiers.remove(name)
                 record.aside = [t for t in record.aside if t != name]
                 self.orders[name].removed(uid)
-                if not record.tiers:
+                if not record.tiers or uid in changes.deleted:  # deleted elsewhere: no copy here serves it either
                     self._remove(record)
             for found in changes.found:
                 self._adopt(name, tier, found)
@@ -587,7 +587,9 @@ class Engine:
         self, record: Record, tier_name: str, data: Tensors, *, copy: bool, source: str, after: Event | None
     ) -> None:
         """Put the record's data in a tier and account it; `source` names where the data comes from."""
-        self.tiers[tier_name].put(record.uid, record.spec, data, source=source, copy=copy, after=after)
+        self.tiers[tier_name].put(
+            record.uid, record.spec, data, source=source, copy=copy, after=after, written_ns=record.written_ns
+        )
         record.tiers.append(tier_name)
         record.tiers.sort(key=TIER_NAMES.index)
         self.orders[tier_name].inserted(record.uid, self._usage(record, tier_name))

@@ -247,11 +247,20 @@ class Tier(ABC):
 
     @abstractmethod
     def put(
-        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors,
+        *,
+        source: str,
+        copy: bool,
+        after: Event | None,
+        written_ns: int | None = None,
     ) -> None:
         """Store an entry. `source` names where the tensors come from ("put": the caller; else a tier's name), for
         the pathway logged. With `copy` False the tier may keep the given tensors. `after` is an event the
-        tensors' values wait on (a copy still filling them), which the tier orders its reads after."""
+        tensors' values wait on (a copy still filling them), which the tier orders its reads after. `written_ns`:
+        when this version of the entry was first put (kept through demotions), for tiers that compare versions."""
 
     @abstractmethod
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
@@ -279,6 +288,7 @@ class Refresh:
 
     found: list[Found] = field(default_factory=list)
     gone: list[EntryId] = field(default_factory=list)
+    deleted: list[EntryId] = field(default_factory=list)  # of `gone`, those whose key another cache deleted
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,15 @@ class HbmTier(Tier):
         self._data: dict[EntryId, tuple[Tensors, Event]] = {}
 
     def put(
-        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors,
+        *,
+        source: str,
+        copy: bool,
+        after: Event | None,
+        written_ns: int | None = None,
     ) -> None:
         device = self.path.device
         stream = consumer_stream(device)

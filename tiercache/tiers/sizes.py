@@ -27,7 +27,15 @@ class SizeOnlyTier(Tier):
         return None if self.name == "hbm" else super().reload_pathway()  # the simulated compute device itself
 
     def put(
-        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors,
+        *,
+        source: str,
+        copy: bool,
+        after: Event | None,
+        written_ns: int | None = None,
     ) -> None:
         self._admit(entry, spec)
         if source != self.name:

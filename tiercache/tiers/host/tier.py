@@ -78,7 +78,15 @@ class HostTier(Tier):
 
     # ---- offload ----------------------------------------------------------------------------------------------
     def put(
-        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors,
+        *,
+        source: str,
+        copy: bool,
+        after: Event | None,
+        written_ns: int | None = None,
     ) -> None:
         """Offload: copy the tensors into the pool on the offload stream, after the work that produced them (the
         producers' current streams, and `after`: the copy that filled them, for tensors the cache promoted)."""

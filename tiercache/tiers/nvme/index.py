@@ -42,14 +42,16 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
     name TEXT PRIMARY KEY, key TEXT NOT NULL, nbytes INTEGER NOT NULL, written_ns INTEGER NOT NULL,
-    seq INTEGER NOT NULL, doomed_ns INTEGER, uses INTEGER NOT NULL DEFAULT 0, last_used_ns INTEGER NOT NULL
+    seq INTEGER NOT NULL, doomed_ns INTEGER, uses INTEGER NOT NULL DEFAULT 0, last_used_ns INTEGER NOT NULL,
+    stuck INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_version ON entries (key) WHERE doomed_ns IS NULL;
 CREATE INDEX IF NOT EXISTS entries_by_seq ON entries (seq);
-CREATE TABLE IF NOT EXISTS removed (seq INTEGER PRIMARY KEY, name TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_removed ON entries (doomed_ns) WHERE doomed_ns IS NOT NULL;
+CREATE TABLE IF NOT EXISTS removed (seq INTEGER PRIMARY KEY, name TEXT NOT NULL, why TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS members (
     token TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, opened_ns INTEGER NOT NULL,
-    read_only INTEGER NOT NULL
+    read_only INTEGER NOT NULL, capacity INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT NOT NULL, token TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (name, token)
@@ -62,16 +64,19 @@ CREATE TABLE IF NOT EXISTS dropped (
 );
 """
 
-# Bytes the budget counts: every entry whose files are on disk (live, or removed and not yet swept: still read by
-# a member, inside its grace period, or refused by the disk) and every write in progress. Counting them all keeps
-# the budget exact whenever it is read; `_LEAVING` is the part that goes by itself within the grace period.
+# Bytes the budget counts: live entries (a running total in meta, kept by the transactions that change it, so that
+# no call sums every row), removed ones a member still reads or whose files the disk refused to remove (`stuck`),
+# and writes in progress. A removed
+# entry nobody reads is on its way out: its files go at the next sweep after its grace period (for zarr readers),
+# so the disk may hold more than the budget by what was removed in the last grace period.
 _TOTAL = """
-SELECT (SELECT COALESCE(SUM(nbytes), 0) FROM entries) + (SELECT COALESCE(SUM(nbytes), 0) FROM reservations)
+SELECT (SELECT v FROM meta WHERE k = 'live_bytes')
+     + (SELECT COALESCE(SUM(nbytes), 0) FROM entries e WHERE doomed_ns IS NOT NULL
+            AND (stuck OR EXISTS (SELECT 1 FROM leases l WHERE l.name = e.name)))
+     + (SELECT COALESCE(SUM(nbytes), 0) FROM reservations)
 """
-_LEAVING = """
-SELECT COALESCE(SUM(nbytes), 0), MIN(doomed_ns) FROM entries e WHERE doomed_ns IS NOT NULL AND doomed_ns > :cutoff
-    AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.name = e.name)
-"""
+# The root's budget: the smallest of the open members' (each member's puts also keep within its own).
+_BUDGET = "SELECT MIN(capacity) FROM members"
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,13 @@ class Changes:
     `everything` means the log no longer reaches back that far, and `added` lists every live entry."""
 
     added: list[Row]
-    removed: list[str]
+    removed: list[tuple[str, str]]  # (directory name, why: "delete", "evict" or "replace")
     everything: bool
     seq: int
+
+
+class Busy(StorageError):
+    """Another member holds the index's write lock right now (a transaction that was asked not to wait)."""
 
 
 @dataclass(frozen=True)
@@ -121,11 +130,15 @@ class Transaction:
     def total(self) -> int:
         return int(self.db.execute(_TOTAL).fetchone()[0])
 
-    def leaving(self, grace_ns: int) -> tuple[int, int | None]:
-        """Bytes of removed entries nobody reads that are inside their grace period (they go by themselves), and
-        when the oldest of them was removed."""
-        nbytes, oldest = self.db.execute(_LEAVING, {"cutoff": time.time_ns() - grace_ns}).fetchone()
-        return int(nbytes), oldest
+    def budget(self) -> int | None:
+        value = self.db.execute(_BUDGET).fetchone()[0]
+        return None if value is None else int(value)
+
+    def set_capacity(self, capacity: int) -> None:
+        self.db.execute("UPDATE members SET capacity = ? WHERE token = ?", (capacity, self.token))
+
+    def _add_live(self, nbytes: int) -> None:
+        self.db.execute("UPDATE meta SET v = v + ? WHERE k = 'live_bytes'", (nbytes,))
 
     def reserve(self, staging: str, key: str, nbytes: int) -> None:
         self.db.execute(
@@ -143,30 +156,53 @@ class Transaction:
         ).fetchone()
         return Row(*row) if row else None
 
-    def insert(self, name: str, key: str, nbytes: int, written_ns: int) -> None:
-        """Index an entry (its reservation, if any, is the caller's to cancel); an older live version is doomed."""
+    def insert(self, name: str, key: str, nbytes: int, written_ns: int) -> bool:
+        """Index an entry (its reservation, if any, is the caller's to cancel) and mark the live version of its key
+        replaced; True. Where that live version was written later (`written_ns`: a version's own time, kept through
+        demotions), the new row is the one superseded: indexed as removed at once, never served; False."""
         older = self.live(key)
+        superseded = older is not None and older.written_ns > written_ns
+        now = time.time_ns()
+        if superseded:
+            self.db.execute(
+                "INSERT INTO entries (name, key, nbytes, written_ns, seq, last_used_ns, doomed_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, key, nbytes, written_ns, self._next_seq(), now, now),
+            )
+            return False
         if older is not None:
-            self.doom(older.name)
+            self.doom(older.name, "replace")
         self.db.execute("DELETE FROM dropped WHERE key = ?", (key,))
         self.db.execute(
             "INSERT INTO entries (name, key, nbytes, written_ns, seq, last_used_ns) VALUES (?, ?, ?, ?, ?, ?)",
-            (name, key, nbytes, written_ns, self._next_seq(), time.time_ns()),
+            (name, key, nbytes, written_ns, self._next_seq(), now),
         )
-
-    def doom(self, name: str) -> bool:
-        """Mark an entry removed (hidden from every member; its files stay while leased). False if it was not live."""
-        cursor = self.db.execute(
-            "UPDATE entries SET doomed_ns = ? WHERE name = ? AND doomed_ns IS NULL", (time.time_ns(), name)
-        )
-        if cursor.rowcount == 0:
-            return False
-        self.db.execute("INSERT INTO removed (seq, name) VALUES (?, ?)", (self._next_seq(), name))
+        self._add_live(nbytes)
         return True
+
+    def doom(self, name: str, why: str) -> bool:
+        """Mark an entry removed (hidden from every member; its files stay while leased), `why` being "delete",
+        "evict" or "replace" (other members drop their memory copies of a deleted key). False if it was not live."""
+        row = self.db.execute(
+            "UPDATE entries SET doomed_ns = ? WHERE name = ? AND doomed_ns IS NULL RETURNING nbytes",
+            (time.time_ns(), name),
+        ).fetchone()
+        if row is None:
+            return False
+        self._add_live(-int(row[0]))
+        self.db.execute("INSERT INTO removed (seq, name, why) VALUES (?, ?, ?)", (self._next_seq(), name, why))
+        return True
+
+    def stuck(self, name: str) -> None:
+        """The disk refused to remove a removed entry's files: they count against the budget until a sweep succeeds."""
+        self.db.execute("UPDATE entries SET stuck = 1 WHERE name = ?", (name,))
 
     def forget(self, name: str) -> None:
         """Drop an entry's row (its files are gone, or never were)."""
-        self.db.execute("DELETE FROM entries WHERE name = ?", (name,))
+        row = self.db.execute("DELETE FROM entries WHERE name = ? RETURNING nbytes, doomed_ns", (name,)).fetchone()
+        if row is not None and row[1] is None:  # a live row (its directory vanished): tell the members too
+            self._add_live(-int(row[0]))
+            self.db.execute("INSERT INTO removed (seq, name, why) VALUES (?, ?, 'delete')", (self._next_seq(), name))
         self.db.execute("DELETE FROM leases WHERE name = ?", (name,))
 
     def lease(self, name: str) -> bool:
@@ -262,7 +298,10 @@ _OPEN: weakref.WeakSet[RootIndex] = weakref.WeakSet()
 class RootIndex:
     """One member's connection to the root's index. Thread-safe: one transaction at a time per member."""
 
-    def __init__(self, root: Path, files: FileOps, *, read_only: bool = False, timeout: float = 0.0) -> None:
+    def __init__(
+        self, root: Path, files: FileOps, *, capacity: int, read_only: bool = False, timeout: float = 0.0
+    ) -> None:
+        """Join the root as a member whose nvme budget is `capacity` (the root's budget is the smallest member's)."""
         self.root = root
         self.path = root / "index.sqlite3"
         self.read_only = read_only
@@ -270,7 +309,7 @@ class RootIndex:
         self._mutex = threading.RLock()
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.members_dir = root / "members"
-        self._seq = 0
+        self._seq: int | None = None  # the log position this member has applied (None: it has not looked yet)
         self._version = -1
         self._forked = False
         try:
@@ -289,7 +328,8 @@ class RootIndex:
                     if statement.strip():
                         tx.db.execute(statement)
                 tx.db.execute(
-                    "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?), ('seq', 0), ('pruned_to', 0)",
+                    "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?), ('seq', 0), ('pruned_to', 0), "
+                    "('live_bytes', 0)",
                     (SCHEMA_VERSION,),
                 )
                 version = tx.db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0]
@@ -300,8 +340,8 @@ class RootIndex:
                         "the entries)"
                     )
                 tx.db.execute(
-                    "INSERT INTO members (token, pid, host, opened_ns, read_only) VALUES (?, ?, ?, ?, ?)",
-                    (self.token, os.getpid(), socket.gethostname(), time.time_ns(), int(read_only)),
+                    "INSERT INTO members (token, pid, host, opened_ns, read_only, capacity) VALUES (?, ?, ?, ?, ?, ?)",
+                    (self.token, os.getpid(), socket.gethostname(), time.time_ns(), int(read_only), capacity),
                 )
         except BaseException:
             self.lock.release()
@@ -334,34 +374,48 @@ class RootIndex:
         return db
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, wait: bool = True) -> Iterator[Transaction]:
         """One write transaction: everything inside commits together or not at all. Waits up to `timeout` seconds
-        for another member's transaction, then raises RootInUseError naming the members."""
+        for another member's transaction, then raises RootInUseError naming the members; with `wait` False, raises
+        Busy at once instead (for work that can be left to the next call). Every SQLite error is a StorageError."""
         with self._mutex:
             self._check_fork()
             try:
-                self.db.execute("BEGIN IMMEDIATE")
+                if not wait:
+                    self.db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    self.db.execute("BEGIN IMMEDIATE")
+                finally:
+                    if not wait:
+                        self.db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
+                    if not wait:
+                        raise Busy(str(exc)) from exc
                     raise RootInUseError(
-                        f"{self.root}: its index stayed locked for {self.timeout:g} s by another process "
+                        f"{self.root}: its index stayed locked for {self.timeout:g} s by another cache "
                         f"({self._holders()}). Pass TierCache(..., lock_timeout=seconds) to wait longer"
                     ) from exc
                 raise StorageError(f"nvme tier: the index {self.path} cannot be written: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StorageError(f"nvme tier: the index {self.path} cannot be written: {exc}") from exc
             try:
                 yield Transaction(self.db, self.token)
-            except BaseException:
-                self.db.execute("ROLLBACK")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back by itself (FULL, IOERR)
+                    self.db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"nvme tier: the index {self.path} failed: {exc}") from exc
                 raise
             try:
                 self.db.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                with contextlib.suppress(sqlite3.DatabaseError):
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
                     self.db.execute("ROLLBACK")
                 raise StorageError(f"nvme tier: the index {self.path} could not commit: {exc}") from exc
 
     def _holders(self) -> str:
-        names = sorted(self.members_dir.glob("*.lock"))
+        names = sorted(self.members_dir.glob("*.lock"))  # describe_holder never opens one this process holds
         return "; ".join(describe_holder(p) for p in names if p.name != f"{self.token}.lock") or "no member listed"
 
     def changed(self) -> bool:
@@ -382,8 +436,8 @@ class RootIndex:
             try:
                 seq = int(db.execute("SELECT v FROM meta WHERE k = 'seq'").fetchone()[0])
                 pruned_to = int(db.execute("SELECT v FROM meta WHERE k = 'pruned_to'").fetchone()[0])
-                everything = self._seq == 0 or self._seq < pruned_to
-                since = 0 if everything else self._seq
+                everything = self._seq is None or self._seq < pruned_to
+                since = 0 if self._seq is None or everything else self._seq
                 added = [
                     Row(*r)
                     for r in db.execute(
@@ -392,21 +446,24 @@ class RootIndex:
                         (since,),
                     )
                 ]
-                removed = (
-                    [] if everything else [n for (n,) in db.execute("SELECT name FROM removed WHERE seq > ?", (since,))]
+                removed: list[tuple[str, str]] = (
+                    []
+                    if everything
+                    else [(n, w) for n, w in db.execute("SELECT name, why FROM removed WHERE seq > ?", (since,))]
                 )
             finally:
                 db.execute("COMMIT")
             self._seq = seq
             return Changes(added, removed, everything, seq)
 
-    def usage(self, grace_ns: int) -> tuple[int, int]:
-        """(bytes counted, of which leaving by themselves within the grace period), in one snapshot."""
+    def usage(self) -> tuple[int, int | None]:
+        """(bytes the budget counts, the root's budget), in one snapshot."""
         with self._mutex:
             self._check_fork()
             self.db.execute("BEGIN")
             try:
-                return Transaction(self.db, self.token).total(), Transaction(self.db, self.token).leaving(grace_ns)[0]
+                tx = Transaction(self.db, self.token)
+                return tx.total(), tx.budget()
             finally:
                 self.db.execute("COMMIT")
 

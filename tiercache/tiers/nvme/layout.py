@@ -87,11 +87,14 @@ class DiskLayout:
         """A fresh directory name for a version of `key`: <H>-<U>."""
         return f"{key_hash(key)}-{uuid.uuid4().hex[:16]}"
 
-    def stage(self, name: str, spec: EntrySpec, tensors: Iterable[torch.Tensor]) -> StoredEntry:
+    def stage(
+        self, name: str, spec: EntrySpec, tensors: Iterable[torch.Tensor], written_ns: int | None = None
+    ) -> StoredEntry:
         """Write an entry durably under tmp/<name>: every file written and fsynced, nothing visible in entries/ yet
-        (`publish` does that). Tensors are written concurrently (each file's pieces go to the I/O pool), so an
-        entry of many small tensors is not a queue of one-file-at-a-time round trips. A failure raises the entry's
-        StorageError with nothing of it left."""
+        (`publish` does that); the manifest's `written_ns` is the version's own time where given. Tensors are
+        written concurrently (each file's pieces go to the I/O pool), so an entry of many small tensors is not a
+        queue of one-file-at-a-time round trips. A failure raises the entry's StorageError with nothing of it
+        left."""
         tensors = list(tensors)
         for device in {t.device for t in tensors if t.is_cuda}:  # the files get what the producers' queued work wrote
             torch.cuda.current_stream(device).synchronize()
@@ -108,7 +111,7 @@ class DiskLayout:
                 wait(jobs)  # all of them, even after a failure: none may still be writing when staging is removed
                 results = [job.result() for job in jobs]
                 checksums = [checksum for checksum, _ in results]
-                written_ns = time.time_ns()
+                written_ns = time.time_ns() if written_ns is None else written_ns
                 write_json(staging / "zarr.json", group_metadata(spec, checksums, written_ns), files, sync=False)
                 # Data files were fsynced as written; make every new name durable before a rename publishes them.
                 created = [staging, staging / "zarr.json", *(path for _, paths in results for path in paths)]

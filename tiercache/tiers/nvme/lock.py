@@ -21,7 +21,8 @@ from pathlib import Path
 from ...errors import StorageError, caused_by
 from ...io.files import FileOps
 
-_HELD: dict[str, MemberLock] = {}  # this process's lock files, by path
+FileId = tuple[int, int]  # (st_dev, st_ino): one lock file however its path is spelled (relative, symlinked)
+_HELD: dict[FileId, MemberLock] = {}  # this process's lock files
 _HELD_LOCK = threading.Lock()  # taken around every acquisition, probe and release
 
 
@@ -50,7 +51,8 @@ class MemberLock:
                     StorageError(f"nvme tier: cannot take the member lock {path}: {exc}; check the root"), exc
                 ) from exc
             self._fd: int | None = fd
-            _HELD[str(path)] = self
+            self._id = _file_id(os.fstat(fd))
+            _HELD[self._id] = self
 
     def release(self) -> None:
         """Let go of the lock and remove its file (idempotent)."""
@@ -58,31 +60,42 @@ class MemberLock:
             fd, self._fd = self._fd, None
             if fd is None:
                 return
-            if _HELD.get(str(self.path)) is self:
-                del _HELD[str(self.path)]
+            if _HELD.get(self._id) is self:
+                del _HELD[self._id]
             with contextlib.suppress(OSError):
                 self._files.unlink(self.path, missing_ok=True)  # while still held: nobody probes a half-gone file
             with contextlib.suppress(OSError):  # Linux frees the descriptor, and so the lock, even when close fails
                 self._files.close(fd)
 
 
+def _file_id(st: os.stat_result) -> FileId:
+    return st.st_dev, st.st_ino
+
+
+def held_here(path: Path) -> bool:
+    """Whether this process holds the lock file `path` (one of its caches is that member). Opening such a file,
+    even to read it, and closing it would drop that lock: callers check this first."""
+    try:
+        return _file_id(os.stat(path)) in _HELD
+    except OSError:
+        return False
+
+
 def alive(path: Path) -> bool:
     """Whether the member whose lock file is `path` is alive: held by this process, or locked by another. A file
     nobody holds (its process died) or that is gone is a dead member's."""
     with _HELD_LOCK:
-        if str(path) in _HELD:
-            return True
         try:
-            fd = os.open(path, os.O_RDWR)
+            if _file_id(os.stat(path)) in _HELD:
+                return True
+            fd = os.open(path, os.O_RDONLY)  # read access suffices for a shared probe, whoever owns the file
         except FileNotFoundError:
             return False
         except OSError:
             return True  # cannot tell: never recover the leases of a member that may be alive
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: its holder is running
-            return True
-        except OSError:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with the holder's exclusive lock
+        except OSError:  # EAGAIN / EACCES: its holder is running (or we cannot tell: the same answer)
             return True
         finally:
             os.close(fd)  # not one of ours: closing it drops only the probe's own lock
@@ -91,6 +104,8 @@ def alive(path: Path) -> bool:
 
 def describe_holder(path: Path) -> str:
     """The process a lock file names, and its state, as far as they can be read."""
+    if held_here(path):
+        return f"another TierCache in this process ({os.getpid()})"
     try:
         fields = path.read_text().split()
         pid, host = int(fields[0]), fields[1] if len(fields) > 1 else ""

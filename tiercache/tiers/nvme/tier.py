@@ -69,10 +69,12 @@ class NvmeTier(Tier):
         self._uids: dict[str, EntryId] = {}  # directory name -> entry id, for what this cache has indexed
         self._ignored: set[str] = set()  # found but not taken: damaged, or an older version than this cache's
         self._total = 0  # the budget taken, by every member: refreshed after each transaction
-        self._leaving = 0  # of which removed entries in their grace period: they free their room by themselves
+        self._root_budget: int | None = None  # the smallest budget of the members open on the root
         self._last_sweep = 0.0
         self._closed = False
-        self.index = RootIndex(root, path.files, read_only=self.read_only, timeout=path.lock_timeout)
+        self.index = RootIndex(
+            root, path.files, capacity=budget.capacity, read_only=self.read_only, timeout=path.lock_timeout
+        )
         try:
             self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io, files=path.files)
             try:
@@ -92,13 +94,26 @@ class NvmeTier(Tier):
 
     @property
     def used(self) -> int:
-        """Bytes taken by every member, less removed entries that leave by themselves within the grace period (a
-        put needing their room waits for them): what eviction plans with."""
-        return self._total - self._leaving
+        """Bytes of the root's budget taken, by every member (index.py says what counts)."""
+        return self._total
+
+    @property
+    def capacity(self) -> int:
+        """This cache's budget, or the root's where a member with a smaller one is open: the budget is shared."""
+        own = self._own_capacity
+        return own if self._root_budget is None else min(own, self._root_budget)
+
+    @capacity.setter
+    def capacity(self, nbytes: int) -> None:
+        self._own_capacity = nbytes
+        if hasattr(self, "index"):  # a resize at run time (not the base class's first assignment)
+            with self.index.transaction() as tx:
+                tx.set_capacity(nbytes)
+                self._account(tx)
 
     def _account(self, tx: Transaction) -> None:
         self._total = tx.total()
-        self._leaving = tx.leaving(self.grace_ns)[0]
+        self._root_budget = tx.budget()
 
     @property
     def writable(self) -> bool:
@@ -150,8 +165,9 @@ class NvmeTier(Tier):
         with self.index.transaction() as tx:
             self._recover(tx)
             rows = {row.name: row for row in tx.all_rows()}
+            in_progress = tx.staging_names()  # a write publishing, or one whose commit failed and is taken back
             for name in layout.entry_names():
-                if name in rows:
+                if name in rows or name in in_progress:
                     continue
                 if layout.is_withdrawn(name):
                     with contextlib.suppress(OSError):
@@ -177,7 +193,7 @@ class NvmeTier(Tier):
                     if row.doomed_ns is None:
                         log.warning("tiercache: entry %r (%s) is indexed but its files are gone", row.key, name)
                     tx.forget(name)
-            layout.clear(layout.tmp_dir, keep=tx.staging_names())
+            layout.clear(layout.tmp_dir, keep=in_progress)
             layout.clear(layout.trash_dir)
         self._sweep()
         with contextlib.suppress(OSError):
@@ -203,18 +219,20 @@ class NvmeTier(Tier):
                 with contextlib.suppress(OSError):
                     self.path.files.unlink(lock_file, missing_ok=True)
 
-    def _sweep(self) -> None:
-        """Recover dead members, then remove the files of removed entries nobody reads (after the grace period)."""
+    def _sweep(self, wait: bool = True) -> None:
+        """Recover dead members, then remove the files of removed entries nobody reads (after the grace period).
+        With `wait` False, a member holding the index now means the sweep is left to a later call (Busy)."""
         self._last_sweep = time.monotonic()
         trashed = []
-        with self.index.transaction() as tx:
+        with self.index.transaction(wait=wait) as tx:
             self._recover(tx)
             if not self.read_only:
                 for row in tx.reapable(self.grace_ns):
                     try:
                         trashed.append(self.layout.to_trash(row.name))
-                    except OSError as exc:  # stays counted (overdue); the next sweep tries again
+                    except OSError as exc:  # counted from now on; the next sweep tries again
                         log.warning("tiercache: the files of removed entry %r stay for now: %s", row.key, exc)
+                        tx.stuck(row.name)
                         continue
                     tx.forget(row.name)
                 tx.prune_removed()
@@ -225,13 +243,15 @@ class NvmeTier(Tier):
 
     def refresh(self) -> Refresh:
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
-            self._sweep()
+            with contextlib.suppress(StorageError):  # best effort: another member holds the index now (Busy)
+                self._sweep(wait=False)
         if not self.index.changed():
             return Refresh()
         changes = self.index.changes()
-        self._total, self._leaving = self.index.usage(self.grace_ns)
-        gone = [self._uids[name] for name in changes.removed if name in self._uids]
-        self._ignored.difference_update(changes.removed)
+        self._total, self._root_budget = self.index.usage()
+        gone = [self._uids[name] for name, _ in changes.removed if name in self._uids]
+        deleted = [self._uids[name] for name, why in changes.removed if why == "delete" and name in self._uids]
+        self._ignored.difference_update(name for name, _ in changes.removed)
         if changes.everything:
             live = {row.name for row in changes.added}
             gone += [uid for name, uid in self._uids.items() if name not in live and uid not in gone]
@@ -253,7 +273,7 @@ class NvmeTier(Tier):
                 self._ignored.add(row.name)
                 continue
             found.append(Found(stored.spec, stored.written_ns, stored))
-        return Refresh(found, gone)
+        return Refresh(found, gone, deleted)
 
     def adopt(self, entry: EntryId, found: Found) -> None:
         stored: StoredEntry = found.handle
@@ -296,7 +316,15 @@ class NvmeTier(Tier):
 
     # ---- the verbs --------------------------------------------------------------------------------------------
     def put(
-        self, entry: EntryId, spec: EntrySpec, tensors: Tensors, *, source: str, copy: bool, after: Event | None
+        self,
+        entry: EntryId,
+        spec: EntrySpec,
+        tensors: Tensors,
+        *,
+        source: str,
+        copy: bool,
+        after: Event | None,
+        written_ns: int | None = None,
     ) -> None:
         if self.read_only:
             raise self._read_only_error("write", spec.key)
@@ -312,11 +340,13 @@ class NvmeTier(Tier):
         published: StoredEntry | None = None
         try:
             with self.path.unlocked():  # the slow part, outside the cache's lock: the room is reserved already
-                staged = self.layout.stage(name, spec, [tensors[t.name] for t in spec.tensors])
+                staged = self.layout.stage(name, spec, [tensors[t.name] for t in spec.tensors], written_ns)
             with self.index.transaction() as tx:
                 published = self.layout.publish(staged)
-                tx.insert(name, spec.key, spec.nbytes, published.written_ns)
+                if not tx.insert(name, spec.key, spec.nbytes, published.written_ns):
+                    log.debug("tiercache: %r was written to nvme after a newer version: indexed as removed", spec.key)
                 tx.cancel(name)
+                self._account(tx)
         except BaseException:
             if published is not None:  # renamed in, but the index did not commit it: never served
                 self.layout.withdraw(published.path, spec.key)
@@ -330,31 +360,25 @@ class NvmeTier(Tier):
         self._log(source, self.name, spec.nbytes, time.perf_counter() - start, mode)
 
     def _reserve(self, name: str, spec: EntrySpec) -> None:
-        """Take the entry's room in the shared budget, waiting (at most the grace period) for removed entries that
-        leave by themselves when only they are in the way; CapacityError when the room is not there."""
-        give_up = time.monotonic() + self.grace_ns / 1e9 + 1.0
-        while True:
-            with self.index.transaction() as tx:
-                self._account(tx)
-                if self._total + spec.nbytes <= self.capacity:
-                    tx.reserve(name, spec.key, spec.nbytes)
-                    self._total += spec.nbytes
-                    return
-                _, oldest = tx.leaving(self.grace_ns)
-            if self.used + spec.nbytes > self.capacity or oldest is None or time.monotonic() > give_up:
+        """Take the entry's room in the shared budget, or raise CapacityError when it is not there."""
+        with self.index.transaction() as tx:
+            self._account(tx)
+            if self._total + spec.nbytes > self.capacity:
                 raise CapacityError(
                     f"tier {self.name}: entry {spec.key!r} needs {spec.nbytes} bytes, {self.capacity - self._total} "
                     f"of {self.capacity} free in {self.layout.root} (its budget is shared by every cache open on it)"
                 )
-            time.sleep(max(0.0, (oldest + self.grace_ns - time.time_ns()) / 1e9) + 0.005)
-            self._sweep()
+            tx.reserve(name, spec.key, spec.nbytes)
+            self._total += spec.nbytes
 
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
         """Lease the entry (its files stay while this read runs, whoever removes it), then queue the reads on the
         calling thread (its warm memory; no hand-off before the disk starts); the Load's host work waits for them,
         checks them and moves them to `device` where kvikio did not read there. Every disk error is the entry's
         StorageError; a chunk missing, truncated or failing its checksum is a CorruptEntryError."""
-        stored = self._stored[entry]
+        stored = self._stored.get(entry)
+        if stored is None:  # another cache removed it since this read began (refresh forgot it here)
+            raise EntryNotFoundError(f"an entry in {self.layout.root} was removed by another cache as it was read")
         with self.index.transaction() as tx:
             leased = tx.lease(stored.path.name)
         if not leased:
@@ -399,30 +423,38 @@ class NvmeTier(Tier):
             log.warning("tiercache: the lease on entry %r stays until this cache closes: %s", stored.spec.key, exc)
 
     def delete(self, entry: EntryId) -> None:
-        """Remove the entry for every member: committed in the index (an index that refuses raises StorageError
-        with the entry still stored), then its metadata files go, and its chunks once nobody reads them."""
+        """Remove the entry for every member (their memory copies too): committed in the index (an index that refuses
+        raises StorageError with the entry still stored), then its metadata files go, and its chunks once nobody
+        reads them."""
+        self._remove(entry, "delete")
+
+    def _remove(self, entry: EntryId, why: str) -> None:
         stored = self._stored[entry]
         if self.read_only:
             raise self._read_only_error("remove", stored.spec.key)
         with self.index.transaction() as tx:
-            tx.doom(stored.path.name)
+            tx.doom(stored.path.name, why)
             self._account(tx)
         self.layout.unpublish(stored)
         self._forget_local(entry)
         if self.grace_ns == 0:
-            self._sweep()
+            with contextlib.suppress(StorageError):  # the removal has happened; its files wait for the next sweep
+                self._sweep(wait=False)
 
     def release(self, entry: EntryId) -> None:
-        """Delete, or where the index refuses, forget the entry here (the other members may still serve it: it is
-        whole) and say so. A read-only cache only forgets it."""
+        """Remove an entry evicted or replaced (other members keep their memory copies), or where the index refuses,
+        forget it here (the other members may still serve it: it is whole) and say so. A read-only cache only
+        forgets it."""
+        stored = self._stored[entry]
         if self.read_only:
             self._forget_local(entry)
             return
         try:
-            self.delete(entry)
+            self._remove(entry, "evict")
         except StorageError as exc:
-            stored = self._stored[entry]
-            self._forget_local(entry)
+            self._stored.pop(entry, None)
+            self._uids.pop(stored.path.name, None)
+            self._specs.pop(entry, None)
             self._ignored.add(stored.path.name)
             log.warning(
                 "tiercache: nvme tier: entry %r at %s could not be removed from the index (%s); it stays on disk, "
