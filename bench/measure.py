@@ -20,7 +20,7 @@ from tiercache.pathway import Pathway
 LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
 
 
-SUITES = ("tiers", "gpu", "peers", "workloads")
+SUITES = ("tiers", "gpu", "peers", "workloads", "latency")
 
 
 @dataclass
@@ -34,8 +34,9 @@ class Row:
     target: float | None = None  # the least acceptable ratio, where the project states one
     pathway: Pathway | None = None  # the tiercache pathway timed; None where no data moves (a hit in hbm)
     # Which benchmark made it: "tiers" (hbm is host memory), "gpu" (bench/cuda.py, hbm is a CUDA device),
-    # "peers" (tiercache beside other libraries), "workloads" (bench/workloads.py's entries). Charts and the seed table
-    # pick rows by suite and pathway.
+    # "peers" (tiercache beside other libraries), "workloads" (bench/workloads.py's entries), "latency" (a hot get
+    # while a demotion writes, bench/latency.py; ratio = idle over busy: >= 0.5 is "p99 at most 2x idle").
+    # Charts and the seed table pick rows by suite and pathway.
     suite: str = "tiers"
     checksums: bool | None = None  # an nvme read: whether crc32c was checked; None where that does not apply
     detail: str = ""  # what the title says beside the pathway (the peer, the workload, kvikio's settings)

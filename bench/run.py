@@ -42,6 +42,7 @@ from tiercache.tools.progress import Callback, progress_callback
 from .chart import latency_chart
 from .cuda import bench_cuda
 from .environment import describe, stolen_cpu_seconds
+from .latency import bench_latency
 from .measure import (
     LAYERS,
     Row,
@@ -203,7 +204,7 @@ def run(bar: Callback) -> int:
     env = describe(root.parent)
     stolen_at_start = stolen_cpu_seconds()
     overlap_steps = len(overlap_cases(tiercache.default_device()))
-    bar.set_size(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + overlap_steps)
+    bar.set_size(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + overlap_steps + 1)
 
     def progress(step: str) -> None:  # a step starts: the bar counts it and names it
         bar.set_description(step)
@@ -235,6 +236,7 @@ def run(bar: Callback) -> int:
         measured(bench_peers(size, root, peer_reps(size), progress))
     workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
     measured(bench_workloads(workload_cap, root, min(repeat, 3), progress))
+    measured(bench_latency(tiercache.parse_size(os.environ.get("BENCH_DEMOTION", "1GiB")), root, progress))
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
     overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)
     chart = latency_chart(rows, out / "latency_chart.png")

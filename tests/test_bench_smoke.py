@@ -25,6 +25,7 @@ def tiny_bench(monkeypatch: pytest.MonkeyPatch, out: Path, *, sizes: str, gpu_si
         "BENCH_REPEAT": str(repeat),
         "BENCH_OVERLAP_LAYER": "256KiB",
         "BENCH_WORKLOAD_CAP": "512KiB",
+        "BENCH_DEMOTION": "4MiB",
         "BENCH_OUT": str(out),
     }
     for name, value in settings.items():

@@ -554,9 +554,9 @@ class TierCache:
         except (TierCacheError, OSError) as exc:
             log.warning("tiercache: closing %s: entries in memory could not be written down: %s", self.root, exc)
             return
-        if flushed.left:
+        if flushed.left and self.policy.placement.flush_on_close:
             log.warning("tiercache: closing %s: %s", self.root, flushed.describe())
-        elif flushed.moved:
+        elif flushed.moved or flushed.left:
             log.info("tiercache: closing %s: %s", self.root, flushed.describe())
 
     @contextlib.contextmanager
