@@ -1,10 +1,13 @@
-"""The `tiercache` command: model pathway costs, calibrate this machine, simulate policies on a trace."""
+"""The `tiercache` command: model pathway costs, calibrate this machine, simulate policies on a trace, and look
+after an nvme root (ls, info, verify, du, stats read it while caches use it; gc tidies it). See docs/cli.md."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +21,16 @@ from .plotting import pyplot, save_loglog
 from .progress import progress_callback
 
 DISTRIBUTION = "tiercache-gpu"  # the name on the package index (pip install), not the import name
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -117,6 +130,130 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- an nvme root ---------------------------------------------------------------------------------------------
+# Exit codes: 0 done (all verify); 1 a key missing, an entry that does not verify, a removal gc could not do; 2 a
+# usage error or a directory that cannot be read as a root (main() prints the message).
+
+
+def _bar(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()  # a bar only on a terminal: never in a log or a pipe
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from .root import format_listing, listing, read_snapshot
+
+    snapshot = read_snapshot(Path(args.root), from_manifests=True)
+    if not snapshot.indexed:
+        print(
+            f"tiercache ls: {args.root} has no index: listed from the manifests on disk (uses and leases unknown)",
+            file=sys.stderr,
+        )
+    entries = listing(snapshot)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+    elif entries:
+        print(format_listing(entries))
+    else:
+        print(f"tiercache ls: {args.root} holds no entries", file=sys.stderr)
+    unreadable = sum(e["tensors"] is None for e in entries)
+    if unreadable:
+        print(
+            f"tiercache ls: the manifests of {unreadable} entr{'y' if unreadable == 1 else 'ies'} could not be read "
+            f"(removed meanwhile, or damaged: run tiercache verify {args.root})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .root import entry_info, format_info, read_snapshot
+
+    snapshot = read_snapshot(Path(args.root))
+    info = entry_info(snapshot, args.key)
+    if info is None:
+        count = len(snapshot.live)
+        print(
+            f"tiercache info: key {args.key!r} is not in {args.root} ({count} entr{'y' if count == 1 else 'ies'}: "
+            f"tiercache ls {args.root} lists them)",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 1 if info["problem"] else 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ..units import format_size
+    from .root import read_snapshot, show_key, unindexed, verify_entries
+
+    root = Path(args.root)
+    live = read_snapshot(root).live
+    with progress_callback(description="verify", enabled=_bar(args)) as progress:
+        checks = verify_entries(root, [(r.name, r.key, r.nbytes) for r in live], progress, args.jobs)
+    failed = [c for c in checks if not c.ok]
+    gone = []
+    if failed:  # an entry removed by a member while it was read is no damage
+        after = read_snapshot(root)
+        still = {r.name for r in after.live}
+        gone = [c for c in failed if c.name not in still]
+        failed = [c for c in failed if c.name in still]
+    else:
+        after = None
+    total = sum(r.nbytes for r in live)
+    print(
+        f"verified {len(checks)} entries ({format_size(total)}) in {root}: {len(checks) - len(failed) - len(gone)} good"
+    )
+    for check in failed:
+        what = "damaged" if check.damaged else "unreadable"
+        key = "?" if check.key is None else show_key(check.key)
+        print(f"{what}: {key} ({root / 'entries' / check.name}): {'; '.join(check.problems)}")
+    for check in gone:
+        print(f"removed while being verified (not counted): {show_key(check.key or '?')}")
+    stray = unindexed(root, after or read_snapshot(root))
+    if stray:
+        print(
+            f"{len(stray)} director{'y' if len(stray) == 1 else 'ies'} of entries/ not in the index: see "
+            f"tiercache gc --dry-run {root}"
+        )
+    if failed:
+        verb = "y does" if len(failed) == 1 else "ies do"
+        print(f"{len(failed)} entr{verb} not verify: tiercache gc {root} removes them")
+    return 1 if failed else 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from .root import collect_garbage, format_gc, gc_json
+
+    with progress_callback(description="gc: verifying", enabled=_bar(args)) as progress:
+        plan = collect_garbage(
+            Path(args.root),
+            dry_run=args.dry_run,
+            grace_s=args.grace,
+            lock_timeout=args.lock_timeout,
+            jobs=args.jobs,
+            progress=progress,
+            chunks=not args.no_verify,
+        )
+    print(json.dumps(gc_json(plan), indent=1) if args.json else format_gc(plan))
+    return 1 if any(a.error for a in plan.actions) else 0
+
+
+def _cmd_du(args: argparse.Namespace) -> int:
+    from .root import disk_usage, format_usage, read_snapshot
+
+    usage = disk_usage(read_snapshot(Path(args.root), from_manifests=True))
+    print(json.dumps(usage, indent=1) if args.json else format_usage(usage))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .root import format_stats, read_snapshot, root_stats
+
+    stats = root_stats(read_snapshot(Path(args.root)))
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiercache", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -157,7 +294,140 @@ def build_parser() -> argparse.ArgumentParser:
         help="eviction rules to compare, e.g. lru,lfu,fifo,gdsf (default: each policy's own)",
     )
     sim.set_defaults(run=_cmd_simulate)
+    _root_commands(sub)
     return parser
+
+
+READ_ONLY = (
+    "Safe while caches in other processes use ROOT: it reads the index read-only and the entries' files, never "
+    "joins the root and changes nothing there."
+)
+
+
+def _root_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def command(name: str, summary: str, details: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(
+            name,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument("root", metavar="ROOT", help="the nvme tier's directory (TierCache(root=...))")
+        return parser
+
+    def wrap(text: str) -> str:
+        return "\n\n".join(textwrap.fill(p, 100) for p in text.split("\n"))  # a paragraph a line
+
+    ls = command(
+        "ls",
+        "list the live entries of a root, sorted by key",
+        wrap(
+            "One line per entry: its size (the tensors' bytes), tensors, age (since it was written), uses (reads "
+            "counted by the index), whether a live cache is reading it now, and its key. A root with entries but "
+            "no index is listed from its manifests (uses and leases unknown; a note on stderr says so).\n" + READ_ONLY
+        ),
+    )
+    ls.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list of objects: key, name, nbytes, tensors, written_ns, age_s, uses, last_used_ns, leases, "
+        "leased",
+    )
+    ls.set_defaults(run=_cmd_ls)
+
+    info = command(
+        "info",
+        "everything about one entry",
+        wrap(
+            "Its directory, when it was written, its size, every tensor (name, dtype, shape, bytes, CRC32C), uses, "
+            "last use and leases. Exit status 1 if KEY is not in ROOT, or its manifest cannot be read.\n" + READ_ONLY
+        ),
+    )
+    info.add_argument("key", metavar="KEY", help="the entry's key")
+    info.add_argument("--json", action="store_true", help="one JSON object")
+    info.set_defaults(run=_cmd_info)
+
+    verify = command(
+        "verify",
+        "read every chunk of every live entry and check it",
+        wrap(
+            "Each chunk's CRC32C must equal the one its file stores and the manifest's, and each manifest its seal. "
+            "Exit status 0 if every entry verifies, 1 listing the keys and directories that do not (an entry "
+            "removed by a cache while it was read is not counted). A bar on stderr where it is a terminal.\n"
+            + READ_ONLY
+        ),
+    )
+    verify.add_argument("-j", "--jobs", type=_positive, default=4, help="entries read at once (default 4)")
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(run=_cmd_verify)
+
+    gc = command(
+        "gc",
+        "remove what no cache needs",
+        wrap(
+            "Removes: removed entries nobody reads, past the grace period; dead members (their leases, "
+            "reservations, lock files and staging directories); directories of entries/ without a manifest; "
+            "older versions of a key the index does not list; tmp/ directories no write in progress names; "
+            "trash/; and entries that do not verify (damaged; each one named). Never removes a live entry that "
+            "verifies, a directory not yet indexed that verifies (the next cache to open the root indexes it), one "
+            "a write in progress names, a removed entry still read, or an entry of another format version: each "
+            "is listed as kept, with why. See docs/cli.md.\n"
+            "Safe while caches in other processes use ROOT: every entry is verified first without a lock, then gc "
+            "joins the root as a member and decides and acts inside one index write transaction, so that no cache "
+            "publishes, removes or reads a new entry meanwhile; entries that failed are verified again under it. "
+            "Exit status 1 if something could not be removed (it is left for the next sweep)."
+        ),
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would go and its bytes; change nothing")
+    gc.add_argument(
+        "--grace",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="a removed entry's files stay this long after its removal (tiers.nvme.removal_grace_s; default 1)",
+    )
+    gc.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for another process's index transaction (default 30)",
+    )
+    gc.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="read no chunk: damage is found from the manifests only (seal, key, chunk sizes); for a large root",
+    )
+    gc.add_argument("-j", "--jobs", type=_positive, default=4, help="entries verified at once (default 4)")
+    gc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gc.add_argument("--json", action="store_true", help="one JSON object: dry_run, freed, actions, kept")
+    gc.set_defaults(run=_cmd_gc)
+
+    du = command(
+        "du",
+        "bytes a root holds, by what holds them",
+        wrap(
+            "Live entries, removed entries not yet swept, directories of entries/ not in the index, reservations "
+            "(writes in progress: the bytes the index reserves; their files are under tmp/), tmp/, trash/, the "
+            "index, members/ and the rest; every file counted once, so the parts add up to the total. 'payload' is "
+            "the tensors' bytes the index counts (the shared budget), 'files' the files' sizes. A root with no "
+            "index is read from its manifests.\n" + READ_ONLY
+        ),
+    )
+    du.add_argument("--json", action="store_true", help="one JSON object, in bytes")
+    du.set_defaults(run=_cmd_du)
+
+    stats = command(
+        "stats",
+        "who uses a root now",
+        wrap(
+            "Its members (the caches open on it: PID, host, when opened, read-only, alive or dead), the leases "
+            "(reads in progress), the reservations (writes in progress), the entries' count and bytes, and the "
+            "uses counted.\n" + READ_ONLY
+        ),
+    )
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+    stats.set_defaults(run=_cmd_stats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
