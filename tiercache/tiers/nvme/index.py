@@ -24,6 +24,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from ...io.files import FileOps
 from .failures import describe
 from .lock import MemberLock, alive, describe_holder
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: removals say why, members their capacity, removed entries may be stuck, dropped keys
 KEEP_REMOVED = 100_000  # rows of `removed` kept for members catching up; one further behind re-reads every entry
 
 _SCHEMA = """
@@ -75,8 +76,8 @@ SELECT (SELECT v FROM meta WHERE k = 'live_bytes')
             AND (stuck OR EXISTS (SELECT 1 FROM leases l WHERE l.name = e.name)))
      + (SELECT COALESCE(SUM(nbytes), 0) FROM reservations)
 """
-# The root's budget: the smallest of the open members' (each member's puts also keep within its own).
-_BUDGET = "SELECT MIN(capacity) FROM members"
+# The root's budget: the smallest of the open writing members' (each member's puts also keep within its own).
+_BUDGET = "SELECT MIN(capacity) FROM members WHERE read_only = 0"  # a reader writes nothing: no say in it
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,8 @@ def stored_bytes(root: Path) -> int:
     path = root / "index.sqlite3"
     if not path.is_file():
         return 0
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    try:  # immutable: an estimate, read without creating the -wal and -shm files of a root nobody has open
+        db = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro&immutable=1", uri=True, timeout=1.0)
         try:
             return int(db.execute(_TOTAL).fetchone()[0])
         finally:
