@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,3 +124,57 @@ if __name__ == "__main__":
         reader(root_arg, int(sys.argv[3]), float(sys.argv[4]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def serve(conn: Any) -> None:
+    """A cache in another process, driven over a multiprocessing pipe (tests/test_state_machine_shared.py): each
+    request is a tuple, each reply the result or ("error", repr)."""
+    cache: tiercache.TierCache | None = None
+    while True:
+        request = conn.recv()
+        op, args = request[0], request[1:]
+        try:
+            if op == "open":
+                cache = tiercache.TierCache(root=args[0], policy=args[1], device="cpu")
+                reply: Any = None
+            elif op == "close":
+                if cache is not None:
+                    cache.close()
+                cache = None
+                reply = None
+            elif op == "exit":
+                conn.send(None)
+                return
+            else:
+                assert cache is not None
+                reply = getattr(cache_ops, op)(cache, *args)
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
+            reply = ("error", repr(exc))
+        conn.send(reply)
+
+
+class cache_ops:  # noqa: N801 - a namespace of the requests `serve` answers
+    @staticmethod
+    def put(cache: tiercache.TierCache, key: str, version: int) -> None:
+        cache.put(key, stamp(key, version, 512))
+
+    @staticmethod
+    def get(cache: tiercache.TierCache, key: str) -> int | None:
+        got = cache.get(key, device="cpu")
+        return None if got is None else check(key, got)
+
+    @staticmethod
+    def delete(cache: tiercache.TierCache, key: str) -> bool:
+        try:
+            cache.delete(key)
+        except KeyError:
+            return False
+        return True
+
+    @staticmethod
+    def keys(cache: tiercache.TierCache) -> list[str]:
+        return sorted(cache.keys())
+
+    @staticmethod
+    def used(cache: tiercache.TierCache) -> int:
+        return cache.stats().tiers["nvme"].used
