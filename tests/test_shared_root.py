@@ -368,3 +368,15 @@ def test_a_forked_child_that_exits_leaves_its_parents_temporary_root(tmp_path: P
         cache.put("a", kv(1), write_through=True)
     finally:
         cache.close()
+
+
+def test_a_newer_version_from_another_cache_keeps_this_caches_pins(make_cache: Any, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    first = make_cache(only_tier("nvme"), root=root)
+    second = make_cache(only_tier("nvme"), root=root)
+    first.put("k", kv(1))
+    first.pin("k")
+    second.put("k", kv(2))
+    assert_same(first["k"], kv(2))
+    assert first.info("k").pins == 1  # as a put of a new version would, the pin carried over
+    first.unpin("k")

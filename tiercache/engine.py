@@ -260,6 +260,7 @@ class Engine:
         other caches since the last call: a microsecond check when nothing changed), then expire."""
         for name, tier in self.tiers.items():
             changes = tier.refresh()
+            replaced: dict[str, Record] = {}  # keys whose last copy went: a newer version below may take their pins
             for uid in changes.gone:  # the tier has forgotten them already
                 record = self.by_uid.get(uid)
                 if record is None or name not in record.tiers:
@@ -269,12 +270,15 @@ class Engine:
                 self.orders[name].removed(uid)
                 if not record.tiers or uid in changes.deleted:  # deleted elsewhere: no copy here serves it either
                     self._remove(record)
+                    if uid not in changes.deleted:  # a delete takes its pins with it
+                        replaced[record.spec.key] = record
             for found in changes.found:
-                self._adopt(name, tier, found)
+                self._adopt(name, tier, found, replaced.get(found.spec.key))
         self.expire()
 
-    def _adopt(self, name: str, tier: Tier, found: Found) -> None:
-        """Index an entry a tier found, unless this cache holds a newer version of its key (last write wins)."""
+    def _adopt(self, name: str, tier: Tier, found: Found, previous: Record | None = None) -> None:
+        """Index an entry a tier found, unless this cache holds a newer version of its key (last write wins); it
+        takes the pins and priority of the version it replaces here (`previous`: one already gone)."""
         current = self.records.get(found.spec.key)
         if current is not None:
             if current.written_ns >= found.written_ns:
@@ -282,6 +286,9 @@ class Engine:
                 return
             self._remove(current)
         record = Record(uid=next(self._uids), spec=found.spec, last_used=self.clock(), written_ns=found.written_ns)
+        previous = current or previous
+        if previous is not None:  # a newer version of a key this cache held: its pins carry over, as a put's do
+            record.pins, record.priority = previous.pins, previous.priority
         tier.adopt(record.uid, found)
         record.tiers.append(name)
         self.orders[name].inserted(record.uid, self._usage(record, name))
