@@ -137,11 +137,19 @@ class TierCache:
         self._open_streams: weakref.WeakSet[Iterator[tuple[str, torch.Tensor]]] = weakref.WeakSet()
         self._idle = threading.Condition(self._lock)
         self._closed = False
+        # placement.write = "behind": puts are written down by a background thread, which reads overtake.
+        self._behind: collections.deque[str] = collections.deque()
+        self._behind_work = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        if self.policy.placement.write == "behind" and not read_only:
+            self._writer = threading.Thread(target=self._write_behind, name="tiercache-write-behind", daemon=True)
         try:
             self._adopt_found()
         except BaseException:
             self._finalizer()
             raise
+        if self._writer is not None:
+            self._writer.start()
 
     # ---- the public contract ----------------------------------------------------------------------------------
     def put(
@@ -178,7 +186,11 @@ class TierCache:
         spec = EntrySpec.of(key, data)
         with self._lock:
             self._check_open()
-            return self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
+            tier = self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
+            if self._writer is not None and not self._tiers[tier].persistent:
+                self._behind.append(key)
+                self._behind_work.notify()
+            return tier
 
     def get(
         self, key: str, default: Any = None, *, device: str | torch.device | None = None, as_: str = "torch"
@@ -449,6 +461,9 @@ class TierCache:
             if self._closed:
                 return
             self._closed = True  # no new reads start from here on
+            self._behind_work.notify_all()
+        if self._writer is not None and self._writer.is_alive():
+            self._writer.join()  # its write in progress ends; close's flush writes what it had queued
         self._prefetcher.shutdown(wait=True)
         for iterator in list(self._open_streams):  # a stream() its consumer left half-read ends here
             try:
@@ -558,6 +573,27 @@ class TierCache:
             log.warning("tiercache: closing %s: %s", self.root, flushed.describe())
         elif flushed.moved or flushed.left:
             log.info("tiercache: closing %s: %s", self.root, flushed.describe())
+
+    def _write_behind(self) -> None:
+        """The background queue of placement.write = "behind": write each queued put down to nvme, one at a time,
+        and only while no read is in flight (reads overtake it: a write waits for them to end)."""
+        with self._lock:
+            while True:
+                self._behind_work.wait_for(lambda: bool(self._behind) or self._closed)
+                if self._closed:
+                    return
+                self._idle.wait_for(lambda: self._active_reads == 0 or self._closed)
+                if self._closed:
+                    return
+                key = self._behind.popleft()
+                if key not in self._engine:
+                    continue  # deleted, evicted or replaced (its new version is queued too) meanwhile
+                try:
+                    left = self._engine.flush([key]).left
+                except TierCacheError as exc:  # removed by another cache meanwhile, or the index refused
+                    left = {key: str(exc)}
+                if left:
+                    log.info("tiercache: write-behind left %r in memory: %s", key, left[key])
 
     @contextlib.contextmanager
     def _unlocked(self) -> Iterator[None]:

@@ -72,7 +72,7 @@ NvmeBackend = Literal["auto", "posix", "kvikio"]
 EvictionRule = Literal["lru", "lfu", "fifo", "gdsf"]  # policy/eviction.py registers one class for each
 PlacementRule = Literal["size"]  # policy/placement.py registers one class for each
 OnFull = Literal["demote", "next_tier"]
-WriteMode = Literal["back", "through"]
+WriteMode = Literal["back", "through", "behind"]
 
 
 def choices(section: type, name: str) -> tuple[str, ...]:
@@ -222,7 +222,9 @@ class PlacementSettings(_Section):
     promote_on_hit: bool = _bool(default=True, doc="move an entry up to its preferred tier when it is read")
     write: WriteMode = _choice(
         default="back",
-        doc="'back': an entry reaches nvme when demoted; 'through': every put also writes it to nvme at once",
+        doc="'back': an entry reaches nvme when demoted; 'through': every put also writes it to nvme at once; "
+        "'behind': a background queue writes each put down to nvme soon after (keeping the memory copy, so that its "
+        "eviction is free), giving way while reads run",
     )
     flush_on_close: bool = _bool(
         default=True,
