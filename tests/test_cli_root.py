@@ -137,6 +137,15 @@ def test_ls_lists_every_live_entry_by_key_with_size_tensors_age_uses_and_leases(
     assert lines[2].endswith(" b") and len(lines) == 3
 
 
+def test_ls_prefix_lists_one_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "root"
+    with tiercache.TierCache(root=root, policy=only_tier("nvme")) as cache:
+        for key in ("tenant7/req1", "tenant7/req2", "tenant8/req1"):
+            cache.put(key, kv(1))
+    code, out, _ = run(capsys, "ls", "--json", "--prefix", "tenant7/", root)
+    assert code == 0 and [e["key"] for e in json.loads(out)] == ["tenant7/req1", "tenant7/req2"]
+
+
 def test_ls_shows_a_lease_only_while_its_member_lives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "root"
     build(root, a=64 * KiB, b=64 * KiB)

@@ -148,7 +148,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             f"tiercache ls: {args.root} has no index: listed from the manifests on disk (uses and leases unknown)",
             file=sys.stderr,
         )
-    entries = listing(snapshot)
+    entries = [e for e in listing(snapshot) if str(e["key"]).startswith(args.prefix)]
     if args.json:
         print(json.dumps(entries, indent=1))
     elif entries:
@@ -332,6 +332,9 @@ def _root_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="a JSON list of objects: key, name, nbytes, tensors, written_ns, age_s, uses, last_used_ns, leases, "
         "leased",
+    )
+    ls.add_argument(
+        "--prefix", default="", help="only the keys that start with it (a request's or a tenant's group: tenant7/)"
     )
     ls.set_defaults(run=_cmd_ls)
 
