@@ -380,3 +380,31 @@ def test_a_newer_version_from_another_cache_keeps_this_caches_pins(make_cache: A
     assert_same(first["k"], kv(2))
     assert first.info("k").pins == 1  # as a put of a new version would, the pin carried over
     first.unpin("k")
+
+
+def test_a_write_through_replacement_that_fails_keeps_the_old_version_for_every_cache(
+    make_cache: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new version's nvme copy commits first (marking the old one replaced for every cache); when its memory
+    copy then fails, the old version is made live again, here, in the other cache and after a reopen."""
+    from tiercache.tiers.hbm import HbmTier
+
+    root = tmp_path / "root"
+    graced = policy(tiers={"host": {"capacity": 0}, "nvme": {"removal_grace_s": 5}})
+    first = make_cache(graced, root=root)
+    second = make_cache(only_tier("nvme"), root=root)
+    first.put("k", kv(1), write_through=True)
+
+    def refuse(tier: HbmTier, tensors: Any, device: Any, copy: bool) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(HbmTier, "_copy_in", refuse)
+    with pytest.raises(tiercache.CapacityError):
+        first.put("k", kv(2), write_through=True)
+    monkeypatch.undo()
+    assert_same(first.get("k", device="cpu"), kv(1))
+    assert_same(second["k"], kv(1))
+    first.close()
+    second.close()
+    with tiercache.TierCache(root=root, policy=only_tier("nvme")) as reopened:
+        assert_same(reopened["k"], kv(1))

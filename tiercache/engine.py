@@ -176,6 +176,9 @@ class Engine:
             self.tiers[tier_name].restore(old.uid)
             self._make_room(tier_name, 0, True, max(old.priority, 0))  # over budget where others took that room
         old.aside.clear()
+        for tier_name in [t for t in old.tiers if self.tiers[t].shared]:  # the new version's commit replaced it
+            if not self.tiers[tier_name].revive(old.uid):
+                self._drop(old, tier_name)
         if old.tiers and not old.deleted:
             self._reindex(old)
         else:

@@ -235,6 +235,11 @@ class Tier(ABC):
         """Account an entry refresh() found, under a new entry id."""
         raise NotImplementedError(f"tier {self.name} finds no entries")
 
+    def revive(self, entry: EntryId) -> bool:
+        """A shared tier: make an entry live again that a failed put's new version replaced (its commit marked it
+        replaced for every cache); False where that is no longer possible (its files are gone). True by default."""
+        return True
+
     def remember_dropped(self, dropped: dict[str, str]) -> None:  # noqa: B027 - persistent tiers remember
         """Keys this cache held in memory only and let go of at close, each with the reason, for a later miss."""
 

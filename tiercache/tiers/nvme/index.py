@@ -194,6 +194,19 @@ class Transaction:
         self.db.execute("INSERT INTO removed (seq, name, why) VALUES (?, ?, ?)", (self._next_seq(), name, why))
         return True
 
+    def revive(self, name: str) -> bool:
+        """Make a replaced entry live again (the put that replaced it failed), unless its key has another live version
+        or its row is gone; a new sequence number, so that members that saw it leave see it again."""
+        row = self.db.execute(
+            "UPDATE entries SET doomed_ns = NULL, seq = ? WHERE name = ? AND doomed_ns IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM entries l WHERE l.key = entries.key AND l.doomed_ns IS NULL) RETURNING nbytes",
+            (self._next_seq(), name),
+        ).fetchone()
+        if row is None:
+            return False
+        self._add_live(int(row[0]))
+        return True
+
     def stuck(self, name: str) -> None:
         """The disk refused to remove a removed entry's files: they count against the budget until a sweep succeeds."""
         self.db.execute("UPDATE entries SET stuck = 1 WHERE name = ?", (name,))

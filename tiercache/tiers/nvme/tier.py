@@ -289,6 +289,21 @@ class NvmeTier(Tier):
         self._uids.pop(stored.path.name, None)
         self._specs.pop(entry, None)
 
+    def revive(self, entry: EntryId) -> bool:
+        stored = self._stored.get(entry)
+        if stored is None or self.read_only:
+            return stored is not None
+        if not self.path.files.exists(stored.path / "zarr.json"):
+            return False
+        try:
+            with self.index.transaction() as tx:
+                live = tx.live(stored.spec.key)
+                alive = (live is not None and live.name == stored.path.name) or tx.revive(stored.path.name)
+                self._account(tx)
+        except StorageError:
+            return False
+        return alive
+
     def remember_dropped(self, dropped: dict[str, str]) -> None:
         if self.read_only or not dropped:
             return
