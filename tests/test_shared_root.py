@@ -408,3 +408,19 @@ def test_a_write_through_replacement_that_fails_keeps_the_old_version_for_every_
     second.close()
     with tiercache.TierCache(root=root, policy=only_tier("nvme")) as reopened:
         assert_same(reopened["k"], kv(1))
+
+
+def test_a_stream_keeps_its_entry_when_another_cache_deletes_it_half_way(make_cache: Any, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    reader = make_cache(only_tier("nvme"), root=root)
+    other = make_cache(only_tier("nvme"), root=root)
+    entry = {f"layer{i}": torch.full((4096,), float(i)) for i in range(6)}
+    reader.put("kv", entry)
+    got = {}
+    for index, (name, tensor) in enumerate(reader.stream("kv", lookahead=1)):
+        got[name] = tensor.clone()
+        if index == 1:
+            other.delete("kv")  # the stream's lease keeps every chunk until it ends
+            assert "kv" not in reader
+    assert_same(got, entry)
+    assert other.stats().tiers["nvme"].used == 0  # and once it ended, its bytes left the budget

@@ -528,6 +528,12 @@ class TierCache:
         names = [t.name for t in read.spec.tensors]
         started: collections.deque[tuple[str, Load]] = collections.deque()
         try:
+            holding = read.tier.hold(read.entry)  # one lease to the end: another cache's delete cannot cut it
+            holding.__enter__()
+        except BaseException:
+            self._end_read(read)
+            raise
+        try:
             for index in range(len(names)):
                 while len(started) <= lookahead and index + len(started) < len(names):
                     name = names[index + len(started)]
@@ -541,7 +547,10 @@ class TierCache:
         finally:
             for _, load in started:  # loads still in flight finish (files closed) before the entry is released
                 load.settle()
-            self._end_read(read)
+            try:
+                holding.__exit__(None, None, None)
+            finally:
+                self._end_read(read)
 
     def _end_read(self, read: Read, promote: tuple[Tensors, Event] | None = None) -> None:
         with self._lock:

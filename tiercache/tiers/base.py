@@ -235,6 +235,10 @@ class Tier(ABC):
         """Account an entry refresh() found, under a new entry id."""
         raise NotImplementedError(f"tier {self.name} finds no entries")
 
+    def hold(self, entry: EntryId) -> AbstractContextManager[None]:
+        """Keep an entry readable, whoever removes it, for a series of loads (a stream); nothing to do by default."""
+        return contextlib.nullcontext()
+
     def revive(self, entry: EntryId) -> bool:
         """A shared tier: make an entry live again that a failed put's new version replaced (its commit marked it
         replaced for every cache); False where that is no longer possible (its files are gone). True by default."""

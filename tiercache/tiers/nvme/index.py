@@ -220,10 +220,12 @@ class Transaction:
         self.db.execute("DELETE FROM leases WHERE name = ?", (name,))
 
     def lease(self, name: str) -> bool:
-        """Start a read of a live entry: its files stay until `unlease`. False if it is no longer live."""
+        """Start a read of a live entry: its files stay until `unlease`. False if it is no longer live, unless this
+        member holds a lease on it already (a stream reading it tensor by tensor keeps it to the end)."""
         cursor = self.db.execute(
-            "UPDATE entries SET uses = uses + 1, last_used_ns = ? WHERE name = ? AND doomed_ns IS NULL",
-            (time.time_ns(), name),
+            "UPDATE entries SET uses = uses + 1, last_used_ns = ? WHERE name = ? AND (doomed_ns IS NULL OR EXISTS "
+            "(SELECT 1 FROM leases l WHERE l.name = entries.name AND l.token = ?))",
+            (time.time_ns(), name, self.token),
         )
         if cursor.rowcount == 0:
             return False

@@ -7,7 +7,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -66,6 +66,7 @@ class NvmeTier(Tier):
         self.verify = budget.verify_checksums
         self.grace_ns = int(budget.removal_grace_s * 1e9)
         self._stored: dict[EntryId, StoredEntry] = {}
+        self._held: dict[EntryId, tuple[StoredEntry, int]] = {}  # held by streams (hold()), even once removed
         self._uids: dict[str, EntryId] = {}  # directory name -> entry id, for what this cache has indexed
         self._ignored: set[str] = set()  # found but not taken: damaged, or an older version than this cache's
         self._total = 0  # the budget taken, by every member: refreshed after each transaction
@@ -289,6 +290,21 @@ class NvmeTier(Tier):
         self._uids.pop(stored.path.name, None)
         self._specs.pop(entry, None)
 
+    @contextlib.contextmanager
+    def hold(self, entry: EntryId) -> Iterator[None]:
+        """One lease for a series of loads: another cache's removal meanwhile leaves the files, and this tier the
+        entry's handle, until the last load is done."""
+        stored = self._lease(entry)
+        _, holders = self._held.get(entry, (stored, 0))
+        self._held[entry] = (stored, holders + 1)
+        try:
+            yield
+        finally:
+            stored, holders = self._held.pop(entry)
+            if holders > 1:
+                self._held[entry] = (stored, holders - 1)
+            self._unlease(stored)
+
     def revive(self, entry: EntryId) -> bool:
         stored = self._stored.get(entry)
         if stored is None or self.read_only:
@@ -391,16 +407,7 @@ class NvmeTier(Tier):
         calling thread (its warm memory; no hand-off before the disk starts); the Load's host work waits for them,
         checks them and moves them to `device` where kvikio did not read there. Every disk error is the entry's
         StorageError; a chunk missing, truncated or failing its checksum is a CorruptEntryError."""
-        stored = self._stored.get(entry)
-        if stored is None:  # another cache removed it since this read began (refresh forgot it here)
-            raise EntryNotFoundError(f"an entry in {self.layout.root} was removed by another cache as it was read")
-        with self.index.transaction() as tx:
-            leased = tx.lease(stored.path.name)
-        if not leased:
-            raise EntryNotFoundError(
-                f"entry {stored.spec.key!r} was removed from {self.layout.root} by another cache just before this "
-                "read; nothing was read"
-            )
+        stored = self._lease(entry)
         start = time.perf_counter()
         reading = functools.partial(
             disk_errors, "reading", self.layout.root, stored.path, stored.spec.key, stored.spec.nbytes, reading=True
@@ -429,6 +436,20 @@ class NvmeTier(Tier):
             return tensors, all_of(())
 
         return Load(finish=finish)
+
+    def _lease(self, entry: EntryId) -> StoredEntry:
+        """Lease an entry for one load; EntryNotFoundError where another cache removed it first."""
+        stored = self._stored.get(entry) or self._held.get(entry, (None, 0))[0]
+        if stored is None:  # another cache removed it since this read began (refresh forgot it here)
+            raise EntryNotFoundError(f"an entry in {self.layout.root} was removed by another cache as it was read")
+        with self.index.transaction() as tx:
+            leased = tx.lease(stored.path.name)
+        if not leased:
+            raise EntryNotFoundError(
+                f"entry {stored.spec.key!r} was removed from {self.layout.root} by another cache just before this "
+                "read; nothing was read"
+            )
+        return stored
 
     def _unlease(self, stored: StoredEntry) -> None:
         try:
