@@ -177,7 +177,7 @@ class NvmeBudget(TierBudget):
     removal_grace_s: float = _seconds(
         default=1.0,
         doc="seconds a removed entry's chunks stay after its metadata is gone, for a zarr-python reader that opened it "
-        "just before (a put that needs their room waits for them); 0: removed at once",
+        "just before (not counted in the budget meanwhile: the disk may hold that much more); 0: removed at once",
     )
 
     def __post_init__(self) -> None:
