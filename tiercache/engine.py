@@ -137,7 +137,6 @@ class Engine:
             self._remove(current)
         self.records[spec.key] = record
         if old is not None:
-            old.aside.clear()
             self._retire(old)
         return tier
 
@@ -171,11 +170,8 @@ class Engine:
             self._store(record, tier_name, data, copy=copy, source=source, after=after)
 
     def _restore(self, old: Record) -> None:
-        """A failed put gives the version it replaced back whatever of it is left: re-indexed, its room counted."""
-        for tier_name in old.aside:
-            self.tiers[tier_name].restore(old.uid)
-            self._make_room(tier_name, 0, True, max(old.priority, 0))  # over budget where others took that room
-        old.aside.clear()
+        """A failed put gives the version it replaced back whatever of it is left: re-indexed, live again in shared
+        tiers."""
         for tier_name in [t for t in old.tiers if self.tiers[t].shared]:  # the new version's commit replaced it
             if not self.tiers[tier_name].revive(old.uid):
                 self._drop(old, tier_name)
@@ -269,7 +265,6 @@ class Engine:
                 if record is None or name not in record.tiers:
                     continue
                 record.tiers.remove(name)
-                record.aside = [t for t in record.aside if t != name]
                 self.orders[name].removed(uid)
                 if not record.tiers or uid in changes.deleted:  # deleted elsewhere: no copy here serves it either
                     self._remove(record)
@@ -497,7 +492,6 @@ class Engine:
             replacing is not None
             and not tier.shared  # a shared tier frees the old version only when the new one commits
             and attempt.tier in replacing.tiers
-            and attempt.tier not in replacing.aside
             and replacing.readers == 0
         ):
             free += replacing.spec.nbytes
@@ -535,14 +529,9 @@ class Engine:
         if tier.free >= nbytes:
             return True
         if sacrifice is not None and not tier.shared and tier_name in sacrifice.tiers and sacrifice.readers == 0:
-            if tier.persistent:  # the old version stays readable until the new one is stored
-                if tier_name not in sacrifice.aside:
-                    tier.set_aside(sacrifice.uid)
-                    sacrifice.aside.append(tier_name)
-            else:
-                self._drop(sacrifice, tier_name)
-                if not sacrifice.tiers and self.records.get(sacrifice.spec.key) is sacrifice:
-                    del self.records[sacrifice.spec.key]  # its room went to the new version: nothing left to serve
+            self._drop(sacrifice, tier_name)
+            if not sacrifice.tiers and self.records.get(sacrifice.spec.key) is sacrifice:
+                del self.records[sacrifice.spec.key]  # its room went to the new version: nothing left to serve
             if tier.free >= nbytes:
                 return True
         if not evict:

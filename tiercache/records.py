@@ -43,7 +43,6 @@ class Record:
     priority: int = 0
     deadline_ms: float | None = None
     decision: Decision | None = None
-    aside: list[str] = field(default_factory=list)  # tiers that set it aside for its replacement (Tier.set_aside)
     written_ns: int = 0  # wall-clock time of the put (or of the write a tier found): the newer version wins
     refused: list[str] = field(default_factory=list)  # tiers whose device ran out of memory placing it
 

@@ -140,7 +140,6 @@ class Tier(ABC):
         self.path = path
         self._used = 0
         self._specs: dict[EntryId, EntrySpec] = {}
-        self._aside: set[EntryId] = set()  # held, readable, but not counted in `used` (see set_aside)
 
     @classmethod
     def open(cls, name: str, budget: TierBudget, path: DataPath) -> Tier:
@@ -185,27 +184,8 @@ class Tier(ABC):
 
     def _forget(self, entry: EntryId) -> EntrySpec:
         spec = self._specs.pop(entry)
-        if entry in self._aside:
-            self._aside.discard(entry)
-        else:
-            self._used -= spec.nbytes
+        self._used -= spec.nbytes
         return spec
-
-    def set_aside(self, entry: EntryId) -> None:
-        """Stop counting an entry's bytes against the budget while keeping it stored and readable, so that a new
-        version of its key can be written before the old one is deleted; `restore` counts them again (the new
-        version failed). The engine asks it of persistent tiers only: their budget is room on a disk, not memory
-        already in use, so the old bytes can stay while the new ones are written."""
-        if entry not in self._aside:
-            self._aside.add(entry)
-            self._used -= self._specs[entry].nbytes
-
-    def restore(self, entry: EntryId) -> None:
-        """Count an entry set aside again (its replacement failed); `used` may exceed the capacity until the
-        caller makes room."""
-        if entry in self._aside:
-            self._aside.discard(entry)
-            self._used += self._specs[entry].nbytes
 
     def _log(self, source: str, dest: str, nbytes: int, seconds: float, mode: str | None = None) -> None:
         """Log a completed transfer; `mode` is this tier's, kept where the pathway's mode belongs to this tier's

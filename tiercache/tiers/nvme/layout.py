@@ -364,25 +364,6 @@ class DiskLayout:
             )
 
     # ---- removal and the index --------------------------------------------------------------------------------
-    def remove(self, stored: StoredEntry) -> None:
-        """Delete an entry: an atomic rename out of entries/, then the files. A rename the disk refuses raises the
-        entry's StorageError with the entry still in place, readable; once it is renamed the delete has happened
-        (a failed fsync after it is a warning: the removal may not survive a crash)."""
-        with disk_errors("removing", self.root, stored.path, stored.spec.key, stored.spec.nbytes):
-            target = self._to_trash(stored.path)
-        if target is None:
-            return  # already gone
-        try:
-            self.files.fsync_path(self.entries_dir)  # the removal is durable before the files go
-        except OSError as exc:
-            log.warning(
-                "tiercache: entry %r was removed, but %s could not be synced (%s): a crash now may bring it back",
-                stored.spec.key,
-                self.entries_dir,
-                exc,
-            )
-        self.files.remove_tree(target)
-
     def withdraw(self, path: Path, key: str) -> bool:
         """Make sure the entry directory `path` is never served again, whatever the disk allows: removed (True), or
         else its manifest unlinked (the next open removes a directory without one). Never raises for a disk fault."""
