@@ -369,7 +369,7 @@ class TierCache:
             raise EntryValueError(f"{where}(): give keys or prefix=, not both")
         if keys is None:
             return self._engine.keys(_prefix(prefix, where) if prefix is not None else "")
-        return [check_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
+        return _checked_keys(keys)
 
     def pin(self, key: str) -> None:
         """Keep an entry from being evicted until a matching unpin(); pins nest."""
@@ -438,7 +438,7 @@ class TierCache:
         is evicted for it), the most recently used first; the memory copies stay. Returns what was written and,
         for each entry not written, why. A bar shows progress on a terminal for long flushes."""
         self._check_open()
-        wanted = None if keys is None else [check_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
+        wanted = None if keys is None else _checked_keys(keys)
         with self._lock:
             self._check_open()
             return self._flush(wanted)
@@ -528,29 +528,23 @@ class TierCache:
         names = [t.name for t in read.spec.tensors]
         started: collections.deque[tuple[str, Load]] = collections.deque()
         try:
-            holding = read.tier.hold(read.entry)  # one lease to the end: another cache's delete cannot cut it
-            holding.__enter__()
-        except BaseException:
-            self._end_read(read)
-            raise
-        try:
-            for index in range(len(names)):
-                while len(started) <= lookahead and index + len(started) < len(names):
-                    name = names[index + len(started)]
-                    started.append((name, read.tier.load(read.entry, target, [name])))
-                name, load = started.popleft()
-                loaded, ready = load.result()
-                tensor = loaded[name]
-                del load, loaded  # a small tensor's padded read buffer must not outlive the tensor's delivery
-                self._transfers.deliver([tensor], ready, consumer)
-                yield name, tensor
+            with read.tier.hold(read.entry):  # one lease to the end: another cache's delete cannot cut it
+                try:
+                    for index in range(len(names)):
+                        while len(started) <= lookahead and index + len(started) < len(names):
+                            name = names[index + len(started)]
+                            started.append((name, read.tier.load(read.entry, target, [name])))
+                        name, load = started.popleft()
+                        loaded, ready = load.result()
+                        tensor = loaded[name]
+                        del load, loaded  # a small tensor's padded read buffer must not outlive its delivery
+                        self._transfers.deliver([tensor], ready, consumer)
+                        yield name, tensor
+                finally:
+                    for _, load in started:  # loads in flight finish (files closed) before the entry is released
+                        load.settle()
         finally:
-            for _, load in started:  # loads still in flight finish (files closed) before the entry is released
-                load.settle()
-            try:
-                holding.__exit__(None, None, None)
-            finally:
-                self._end_read(read)
+            self._end_read(read)
 
     def _end_read(self, read: Read, promote: tuple[Tensors, Event] | None = None) -> None:
         with self._lock:
@@ -652,6 +646,11 @@ class TierCache:
 
     def _target(self, device: str | torch.device | None) -> torch.device:
         return self.device if device is None else _device(device, "device=")
+
+
+def _checked_keys(keys: str | Iterable[str]) -> list[str]:
+    """One key or several, each checked."""
+    return [check_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
 
 
 def _prefix(prefix: object, where: str) -> str:

@@ -249,6 +249,10 @@ class Engine:
 
     def record(self, key: str) -> Record:
         self.refresh()
+        return self._record(key)
+
+    def _record(self, key: str) -> Record:
+        """The record of `key`, as last refreshed; a miss raises."""
         record = self.records.get(key)
         if record is None:
             raise EntryNotFoundError(self._miss_message(key))
@@ -307,12 +311,9 @@ class Engine:
         """Write every entry (or those of `keys`) not yet on a persistent tier down to nvme, within its budget and
         without evicting anything there, the most recently used first; each memory copy stays. Returns what was
         written and, for the rest, why not. `on_write(nbytes)` is called after each entry written."""
-        self.refresh()
         nvme = self.tiers["nvme"]
         budget = self.policy.tiers.nvme
-        records = [self.record(k) for k in keys] if keys is not None else list(self.records.values())
-        pending = [r for r in records if not any(self.tiers[t].persistent for t in r.tiers)]
-        pending.sort(key=lambda r: r.last_used, reverse=True)
+        pending = sorted(self._memory_only(keys), key=lambda r: r.last_used, reverse=True)
         kept: list[str] = []
         left: dict[str, str] = {}
         written = 0
@@ -328,11 +329,9 @@ class Engine:
                     f"and it needs {format_size(size)}; raise tiers.nvme.capacity to keep it"
                 )
             else:
-                source = record.tiers[0]
                 record.readers += 1
                 try:
-                    data, ready = self.tiers[source].load(record.uid, None).result()
-                    self._store(record, "nvme", data, copy=False, source=source, after=ready)
+                    self._copy(record, record.tiers[0], "nvme")
                 except (CapacityError, StorageError) as exc:
                     left[key] = str(exc)
                     continue
@@ -348,12 +347,13 @@ class Engine:
         """Move the entries of `keys` down to tier `to` now (or further down where it cannot take one), evicting
         there by the policy's rules to make room; entries already at or below it stay. Pinned entries and entries
         being read are left, with the reason."""
+        self.refresh()
         rank = TIER_NAMES.index(to)
         moved: list[str] = []
         left: dict[str, str] = {}
         nbytes = 0
         for key in keys:
-            record = self.record(key)
+            record = self._record(key)
             above = [t for t in record.tiers if TIER_NAMES.index(t) < rank]
             if not above:
                 continue
@@ -383,9 +383,7 @@ class Engine:
                         f"offload({record.spec.key!r}): no tier from {TIER_NAMES[rank]} down can make room for "
                         f"{format_size(size)} (pinned, in-use or higher-priority entries)"
                     )
-                source = record.tiers[0]
-                data, ready = self.tiers[source].load(record.uid, None).result()
-                self._store(record, target, data, copy=False, source=source, after=ready)
+                self._copy(record, record.tiers[0], target)
             finally:
                 record.readers -= 1
         for tier_name in [t for t in record.tiers if TIER_NAMES.index(t) < rank]:
@@ -411,12 +409,17 @@ class Engine:
 
     def flush_size(self, keys: list[str] | None = None) -> int:
         """Bytes a flush of `keys` (None: every entry) would write at most."""
-        records = [self.record(k) for k in keys] if keys is not None else list(self.records.values())
-        return sum(r.spec.nbytes for r in records if not any(self.tiers[t].persistent for t in r.tiers))
+        return sum(r.spec.nbytes for r in self._memory_only(keys))
 
     def memory_only(self) -> list[str]:
         """Keys held by no persistent tier: what a close without flushing lets go of."""
-        return [k for k, r in self.records.items() if not any(self.tiers[t].persistent for t in r.tiers)]
+        return [r.spec.key for r in self._memory_only(None)]
+
+    def _memory_only(self, keys: list[str] | None) -> list[Record]:
+        """The records of `keys` (None: every entry; a miss raises) that no persistent tier holds."""
+        self.refresh()
+        records = list(self.records.values()) if keys is None else [self._record(k) for k in keys]
+        return [r for r in records if not any(self.tiers[t].persistent for t in r.tiers)]
 
     def free(self) -> dict[str, int]:
         return {name: tier.free for name, tier in self.tiers.items()}
@@ -571,8 +574,7 @@ class Engine:
             if attempts and not any(TIER_NAMES.index(t) > below for t in record.tiers):  # no copy below yet
                 target = self._first_fit(attempts, size, record.priority)
                 if target is not None:
-                    data, ready = self.tiers[from_tier].load(record.uid, None).result()
-                    self._store(record, target, data, copy=False, source=from_tier, after=ready)
+                    self._copy(record, from_tier, target)
             self._drop(record, from_tier, evicted=True)
         finally:
             record.readers -= 1
@@ -592,6 +594,11 @@ class Engine:
         record.tiers.append(tier_name)
         record.tiers.sort(key=TIER_NAMES.index)
         self.orders[tier_name].inserted(record.uid, self._usage(record, tier_name))
+
+    def _copy(self, record: Record, source: str, target: str) -> None:
+        """Store the record's data, as tier `source` holds it, in tier `target` as well (a demotion or a flush)."""
+        data, ready = self.tiers[source].load(record.uid, None).result()
+        self._store(record, target, data, copy=False, source=source, after=ready)
 
     def _drop(self, record: Record, tier_name: str, *, evicted: bool = False, strict: bool = False) -> None:
         """Take a copy out of a tier for good: `release` (never raises for a disk fault), or with `strict`,

@@ -177,11 +177,7 @@ class NvmeTier(Tier):
                 try:
                     stored = layout.parse(name)
                 except (OSError, ValueError) as exc:  # never delete what does not verify
-                    log.warning(
-                        "tiercache: skipping entry %s (left on disk; delete it to reclaim): %s",
-                        layout.entries_dir / name,
-                        exc,
-                    )
+                    self._skip(name, exc)
                     continue
                 live = tx.live(stored.spec.key)
                 if live is not None and live.written_ns >= stored.written_ns:  # an older version, never served
@@ -266,15 +262,16 @@ class NvmeTier(Tier):
                 stored = self.layout.parse(row.name)
             except (OSError, ValueError) as exc:  # removed meanwhile (its manifest goes first), or damaged
                 if self.path.files.exists(self.layout.entries_dir / row.name / "zarr.json"):
-                    log.warning(
-                        "tiercache: skipping entry %s (left on disk; delete it to reclaim): %s",
-                        self.layout.entries_dir / row.name,
-                        exc,
-                    )
+                    self._skip(row.name, exc)
                 self._ignored.add(row.name)
                 continue
             found.append(Found(stored.spec, stored.written_ns, stored))
         return Refresh(found, gone, deleted)
+
+    def _skip(self, name: str, exc: BaseException) -> None:
+        log.warning(
+            "tiercache: skipping entry %s (left on disk; delete it to reclaim): %s", self.layout.entries_dir / name, exc
+        )
 
     def adopt(self, entry: EntryId, found: Found) -> None:
         stored: StoredEntry = found.handle
@@ -487,10 +484,8 @@ class NvmeTier(Tier):
             return
         try:
             self._remove(entry, "evict")
-        except StorageError as exc:
-            self._stored.pop(entry, None)
-            self._uids.pop(stored.path.name, None)
-            self._specs.pop(entry, None)
+        except StorageError as exc:  # raised before _remove forgot it here
+            self._forget_local(entry)
             self._ignored.add(stored.path.name)
             log.warning(
                 "tiercache: nvme tier: entry %r at %s could not be removed from the index (%s); it stays on disk, "
