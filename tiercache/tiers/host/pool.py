@@ -21,6 +21,7 @@ import torch
 
 from ...errors import CapacityError
 from ...io.aligned import aligned_empty, round_up
+from ...policy.machine import available_ram as machine_ram
 from ...transfer import Deferred
 from ...units import format_size
 
@@ -51,7 +52,7 @@ class HostPool:
         """`available_ram` says how many bytes of RAM this process could still get (default: what the kernel and
         a cgroup limit say); pinning more than half of it is refused."""
         self.capacity = round_up(capacity, GRAIN)
-        available_ram = available_ram or _available_ram
+        available_ram = available_ram or machine_ram
         available = available_ram() if self.capacity else None
         if available is not None and self.capacity > available:
             raise CapacityError(_above_ram(self.capacity, f"this machine has {format_size(available)} available"))
@@ -206,26 +207,6 @@ def _pin(region: torch.Tensor, pin: bool, available: int | None) -> tuple[bool, 
         _clear_cuda_error(cudart)
         return False, f"cudaHostRegister of {region.numel()} bytes failed with cudaError {error}"
     return True, None
-
-
-def _available_ram() -> int | None:
-    """Bytes this process could still get: MemAvailable of /proc/meminfo, or less where a cgroup (a container)
-    limits it; None where neither can be read."""
-    limits = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                limits.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:  # cgroup v2: "max" where unlimited
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(limits) if limits else None
 
 
 def _clear_cuda_error(cudart: object) -> None:
