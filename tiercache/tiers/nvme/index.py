@@ -442,49 +442,53 @@ class RootIndex:
             changed, self._version = version != self._version, version
             return changed
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Transaction]:
+        """A read transaction: one consistent view, taken without the write lock (WAL readers never wait for a
+        writer). Only reads may run inside. Every SQLite error is a StorageError."""
+        with self._mutex:
+            self._check_fork()
+            try:
+                self.db.execute("BEGIN")
+                try:
+                    yield Transaction(self.db, self.token)
+                finally:
+                    self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"nvme tier: the index {self.path} cannot be read: {exc}") from exc
+
     def changes(self) -> Changes:
         """Entries other members added and removed since the last call (this member's own are included: the
         caller knows them by name and skips them)."""
-        with self._mutex:
-            self._check_fork()
-            db = self.db
-            db.execute("BEGIN")  # one snapshot for both queries
-            try:
-                seq = int(db.execute("SELECT v FROM meta WHERE k = 'seq'").fetchone()[0])
-                pruned_to = int(db.execute("SELECT v FROM meta WHERE k = 'pruned_to'").fetchone()[0])
-                everything = self._seq is None or self._seq < pruned_to
-                since = 0 if self._seq is None or everything else self._seq
-                added = [
-                    Row(*r)
-                    for r in db.execute(
-                        "SELECT name, key, nbytes, written_ns, uses, last_used_ns FROM entries "
-                        "WHERE seq > ? AND doomed_ns IS NULL ORDER BY written_ns",
-                        (since,),
-                    )
-                ]
-                removed: list[tuple[str, str]] = (
-                    []
-                    if everything
-                    else [(n, w) for n, w in db.execute("SELECT name, why FROM removed WHERE seq > ?", (since,))]
+        with self.snapshot() as tx:
+            db = tx.db
+            seq = int(db.execute("SELECT v FROM meta WHERE k = 'seq'").fetchone()[0])
+            pruned_to = int(db.execute("SELECT v FROM meta WHERE k = 'pruned_to'").fetchone()[0])
+            everything = self._seq is None or self._seq < pruned_to
+            since = 0 if self._seq is None or everything else self._seq
+            added = [
+                Row(*r)
+                for r in db.execute(
+                    "SELECT name, key, nbytes, written_ns, uses, last_used_ns FROM entries "
+                    "WHERE seq > ? AND doomed_ns IS NULL ORDER BY written_ns",
+                    (since,),
                 )
-            finally:
-                db.execute("COMMIT")
+            ]
+            removed: list[tuple[str, str]] = (
+                []
+                if everything
+                else [(n, w) for n, w in db.execute("SELECT name, why FROM removed WHERE seq > ?", (since,))]
+            )
             self._seq = seq
             return Changes(added, removed, everything, seq)
 
     def usage(self) -> tuple[int, int | None]:
         """(bytes the budget counts, the root's budget), in one snapshot."""
-        with self._mutex:
-            self._check_fork()
-            self.db.execute("BEGIN")
-            try:
-                tx = Transaction(self.db, self.token)
-                return tx.total(), tx.budget()
-            finally:
-                self.db.execute("COMMIT")
+        with self.snapshot() as tx:
+            return tx.total(), tx.budget()
 
     def members(self) -> list[Member]:
-        with self.transaction() as tx:
+        with self.snapshot() as tx:
             listed = tx.members()
         return [Member(t, p, h, o, r, alive(self.members_dir / f"{t}.lock")) for t, p, h, o, r in listed]
 

@@ -326,7 +326,7 @@ class NvmeTier(Tier):
 
     def why_missing(self, key: str) -> str | None:
         try:
-            with self.index.transaction() as tx:
+            with self.index.snapshot() as tx:
                 found = tx.dropped(key)
         except StorageError:
             return None
