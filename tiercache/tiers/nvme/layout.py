@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
@@ -419,7 +420,7 @@ class DiskLayout:
         path = self.entries_dir / name
         return self.files.is_dir(path) and not self.files.exists(path / "zarr.json")
 
-    def clear(self, folder: Path, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def clear(self, folder: Path, keep: AbstractSet[str] = frozenset()) -> None:
         """Remove what tmp/ or trash/ holds but `keep` (writes in progress); never raises for a disk fault."""
         try:
             names = self.files.listdir(folder)
