@@ -170,3 +170,21 @@ class FaultAt(FileOps):
             raise error
 
         return counted
+
+
+class HeldRemoval(FileOps):
+    """A disk whose removal of trashed entries' files waits until `release()` (or 10 s): what a slow unlink of a
+    large entry looks like to whoever runs it."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.held: list[str] = []
+
+    def release(self) -> None:
+        self.released.set()
+
+    def remove_tree(self, path: StrPath) -> None:
+        if os.path.basename(os.path.dirname(path)) == "trash":
+            self.held.append(os.fspath(path))
+            self.released.wait(10)
+        super().remove_tree(path)

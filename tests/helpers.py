@@ -18,8 +18,9 @@ MiB = 1 << 20
 
 
 def policy(**sections: Any) -> tiercache.Policy:
-    """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it. Removed entries' files go
-    at once (no grace period for zarr readers), so that a test sees the disk settle when the call returns."""
+    """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it. Removed entries go at
+    once (no grace period for zarr readers): out of the index and entries/ when the call returns, their files out of
+    trash/ on the layout's remover thread (close waits for it)."""
     base: dict[str, Any] = {
         "name": "test",
         "tiers": {

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -77,9 +77,14 @@ class DiskLayout:
         self.buffers = buffers if buffers is not None else HostBuffers()
         # Whole-file jobs (one tensor's write, one fsync); their pieces go to the I/O backend's own pool.
         self._jobs = ThreadPoolExecutor(max(2, io.threads), thread_name_prefix="tiercache-files")
+        # Removed entries' files go on a thread of their own: unlinking a 1 GiB entry takes ~0.2 s, which a get that
+        # happens to run the sweep would otherwise wait through. What a crash leaves in trash/ goes at the next open.
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix="tiercache-remove")
+        self._removing: set[Future[None]] = set()
 
     def close(self) -> None:
         self._jobs.shutdown(wait=True)
+        self._remover.shutdown(wait=True)
         self.buffers.close()
 
     # ---- writing ----------------------------------------------------------------------------------------------
@@ -153,6 +158,16 @@ class DiskLayout:
         """Remove a staged entry that will not be published (never raises)."""
         self.files.remove_tree(staging)
 
+    def remove_later(self, path: Path) -> None:
+        """Remove a tree (in trash/ or tmp/, out of every reader's way) on the remover thread; never raises."""
+        future = self._remover.submit(self.files.remove_tree, path)
+        self._removing.add(future)
+        future.add_done_callback(self._removing.discard)
+
+    def _removed(self) -> None:
+        """Wait for the removals handed to the remover thread so far."""
+        wait(list(self._removing))
+
     def unpublish(self, stored: StoredEntry) -> None:
         """Remove an entry's metadata files, the manifest first, leaving its chunks: a zarr reader opening it from
         now on fails instead of reading fill values, while one that opened it a moment ago (and readers holding a
@@ -169,6 +184,9 @@ class DiskLayout:
         """Refuse, before anything is written, an entry the filesystem has no room for (ENOSPC, with figures)."""
         need = spec.nbytes + len(spec.tensors) * (CHECKSUM_BYTES + 2 * 4096) + 4096  # data, checksums, metadata
         free = self.files.free_bytes(self.root)
+        if free < need and self._removing:  # the room may be in files still being removed
+            self._removed()
+            free = self.files.free_bytes(self.root)
         if free < need:
             raise OSError(
                 errno.ENOSPC,

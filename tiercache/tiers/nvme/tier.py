@@ -212,7 +212,7 @@ class NvmeTier(Tier):
             lock_file = self.index.members_dir / f"{token}.lock"
             if token != self.index.token and not alive(lock_file):
                 for staging in tx.drop_member(token):
-                    self.layout.discard(self.layout.tmp_dir / staging)
+                    self.layout.remove_later(self.layout.tmp_dir / staging)
                 with contextlib.suppress(OSError):
                     self.path.files.unlink(lock_file, missing_ok=True)
 
@@ -236,7 +236,7 @@ class NvmeTier(Tier):
             self._account(tx)
         for target in trashed:
             if target is not None:
-                self.layout.discard(target)
+                self.layout.remove_later(target)
 
     def refresh(self) -> Refresh:
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
