@@ -3,12 +3,16 @@ large entry being moved from host to nvme by another thread, beside the same get
 
 The demotion writes outside the cache's lock (plan under it, write without it, commit under it), so the hot gets
 should only feel what the write costs the machine's cores, not wait for it. Gets are due at a fixed rate and each
-is timed from when it was due (no coordinated omission). Target on CPU: p99 <= 2x idle.
+is timed from when it was due (no coordinated omission). Target on CPU: p99 <= 2x idle. Beside it, the machine's
+floor: the same gets while another process (no shared lock, no shared GIL) writes as many bytes with one raw
+O_DIRECT pwritev loop and fsync.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +42,49 @@ def _gets(cache: tiercache.TierCache, until: Callable[[], bool], least: int) -> 
         cache.get("hot")
         samples.append(time.perf_counter() - due)
     return samples
+
+
+# The floor's writer: a process of its own, one thread, O_DIRECT pwritev from one page-aligned 64 MiB buffer, then
+# fsync. It says "ready" once its buffer is written and starts on a line from stdin, so the gets time only the write.
+RAW_WRITER = """
+import mmap, os, sys
+size, path, piece = int(sys.argv[1]), sys.argv[2], 64 << 20
+buf = mmap.mmap(-1, piece)
+buf.write(bytes([1]) * piece)
+print("ready", flush=True)
+sys.stdin.readline()
+fd = os.open(path, os.O_CREAT | os.O_WRONLY | getattr(os, "O_DIRECT", 0), 0o644)
+done = 0
+while done < size:
+    done += os.pwritev(fd, [memoryview(buf)[: min(piece, size - done)]], done)
+os.fsync(fd)
+os.close(fd)
+"""
+
+
+def _gets_beside_raw_write(cache: tiercache.TierCache, nbytes: int, path: Path) -> list[float]:
+    """The hot gets while another process writes `nbytes` to `path` raw: what any disk write costs this machine."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", RAW_WRITER, str(nbytes), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    try:
+        if writer.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the raw writer exited with {writer.wait()} before writing")
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        samples = _gets(cache, lambda: writer.poll() is not None, MIN_SAMPLES)
+        if writer.wait() != 0:
+            raise RuntimeError(f"the raw writer of {path} exited with {writer.returncode}")
+        return samples
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        path.unlink(missing_ok=True)
 
 
 def _p(samples: list[float], q: float) -> float:
@@ -89,6 +136,7 @@ def bench_latency(demotion: int, root: Path, progress: Callable[[str], None]) ->
             cache.delete(key)
             if attempt == 0:
                 continue
+            floor = _gets_beside_raw_write(cache, demotion, root / "raw-write")
             detail = f"while {tiercache.format_size(demotion)} is demoted to nvme ({took[0]:.2f} s, {len(busy)} gets)"
             results = [
                 row(
@@ -99,6 +147,15 @@ def bench_latency(demotion: int, root: Path, progress: Callable[[str], None]) ->
                     [_p(idle, 0.99)],
                     0.5,
                     detail=f"hot hbm get p99 {detail}",
+                    suite="latency",
+                ),
+                row(
+                    HOT,
+                    None,
+                    [_p(busy, 0.99)],
+                    "the same get beside a raw O_DIRECT write of as many bytes by another process (p99)",
+                    [_p(floor, 0.99)],
+                    detail=f"hot hbm get p99 {detail}, beside the machine's floor",
                     suite="latency",
                 ),
                 row(
