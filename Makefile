@@ -29,8 +29,8 @@ test: $(SETUP) $(LINT)
 	$(PYTEST) -q
 
 lint: $(SETUP)
-	$(RUN) -m ruff check tiercache bench tests
-	$(RUN) -m ruff format --check tiercache bench tests
+	$(RUN) -m ruff check tiercache bench tests examples
+	$(RUN) -m ruff format --check tiercache bench tests examples
 	$(RUN) -m mypy
 
 ## only the tests that need CUDA

@@ -18,7 +18,7 @@ from tiercache.policy.schema import describe_keys
 from tiercache.tools import policy_doc
 
 ROOT = Path(__file__).resolve().parent.parent
-README_MAX_LINES = 150
+README_MAX_LINES = 185  # what, install, three quick starts (CPU, GPU, diffusers), concepts, status
 OUTSIDE = "../" + "shared"  # spelt in two pieces, so that this file does not refer to it
 
 

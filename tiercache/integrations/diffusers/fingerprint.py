@@ -59,13 +59,16 @@ def fingerprint(module: torch.nn.Module, *, fresh: bool = False) -> str:
     if held is not None:
         return held
     tensors = module_tensors(module)
-    stamp = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in tensors)
     known = _known.get(module)
-    if known is not None and known[0] == stamp and not fresh:
+    if known is not None and known[0] == _stamp(tensors) and not fresh:
         return known[1]
     value = digest(tensors, type(module).__qualname__)
-    _known[module] = (stamp, value)
+    _known[module] = (_stamp(tensors), value)
     return value
+
+
+def _stamp(tensors: list[tuple[str, torch.Tensor]]) -> tuple[Any, ...]:
+    return tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in tensors)
 
 
 # Inputs are hashed once per tensor object and version: a pipeline passes the same prompt embedding every step.
@@ -91,5 +94,8 @@ def hold(module: torch.nn.Module, value: str) -> None:
 
 
 def release(module: torch.nn.Module) -> None:
-    """The module holds its own weights again."""
-    _held.pop(module, None)
+    """The module holds its own weights again: the bytes stored under the fingerprint it was held by (so that
+    parking it again, unchanged, does not hash it again)."""
+    value = _held.pop(module, None)
+    if value is not None:
+        _known[module] = (_stamp(module_tensors(module)), value)

@@ -18,8 +18,12 @@ import torch
 from ... import TierCache
 from ...errors import EntryValueError
 from ...prefetch import PrefetchHandle
+from ._import import ModelHook
 from .blocks import placeholder
 from .fingerprint import fingerprint, hold, module_tensors, release
+from .hooks import Attached
+
+HOOK_NAME = "tiercache_stages"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +141,11 @@ class PipelineStages:
         with stage(pipe.transformer):
             ...
 
+    or, for a whole `pipe(...)` call, `stage.auto()`: each component switches itself in when it first runs.
     Entering parks every other nn.Module component (under `<pipeline class>/<component name>`) and restores the
     named ones; `prefetch(module)` starts restoring the next stage's components in the background meanwhile.
-    On CUDA, parking hands the freed memory back to the device (torch.cuda.empty_cache)."""
+    On CUDA, parking hands the freed memory back to the device (torch.cuda.empty_cache). `remove()` restores
+    every component and takes the hooks of `auto()` off."""
 
     def __init__(self, pipe: Any, cache: TierCache, *, to: str | None = "host") -> None:
         self.cache = cache
@@ -147,6 +153,8 @@ class PipelineStages:
         self._names = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
         self._prefix = type(pipe).__name__
         self._coming: dict[int, Restoring] = {}
+        self._hooks = Attached(HOOK_NAME)
+        self._running: tuple[torch.nn.Module, ...] = ()
 
     def _name_of(self, module: torch.nn.Module) -> str:
         for name, candidate in self._names.items():
@@ -161,8 +169,8 @@ class PipelineStages:
             if parked(module) is not None and id(module) not in self._coming:
                 self._coming[id(module)] = restore(module, self.cache, wait=False)
 
-    @contextlib.contextmanager
-    def __call__(self, *running: torch.nn.Module) -> Iterator[None]:
+    def switch(self, *running: torch.nn.Module) -> None:
+        """Park every component but `running`, and make those resident."""
         for module in running:
             self._name_of(module)  # a module that is not a component is refused before anything moves
         keep = {id(m) for m in running}
@@ -172,8 +180,8 @@ class PipelineStages:
                 coming = self._coming.pop(id(module), None)
                 if coming is not None:
                     coming.wait()
+                freed = freed or any(t.is_cuda for _, t in module_tensors(module))
                 park(module, self.cache, f"{self._prefix}/{name}", to=self.to)
-                freed = freed or any(t.is_cuda for t in module.parameters())
         if freed:
             torch.cuda.empty_cache()
         for module in running:
@@ -182,4 +190,46 @@ class PipelineStages:
                 coming.wait()
             elif parked(module) is not None:
                 restore(module, self.cache)
+        self._running = running
+
+    @contextlib.contextmanager
+    def __call__(self, *running: torch.nn.Module) -> Iterator[None]:
+        self.switch(*running)
         yield
+
+    def auto(self) -> PipelineStages:
+        """Switch components in as they run: a hook on each component and on its direct children (a VAE's
+        `encode` and `decode` call those, not its `forward`) makes it the running one before its first call."""
+        for module in self._names.values():
+            hook = _SwitchHook(self, module)
+            self._hooks.attach(module, hook)
+            for child in module.children():
+                if not isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # containers never run
+                    self._hooks.attach(child, _SwitchHook(self, module))
+        return self
+
+    def _entering(self, module: torch.nn.Module) -> None:
+        if not any(m is module for m in self._running) or parked(module) is not None:
+            self.switch(module)
+
+    def remove(self) -> None:
+        """Take the hooks of auto() off and restore every parked component (the entries stay in the cache)."""
+        self._hooks.detach()
+        for module in self._names.values():
+            coming = self._coming.pop(id(module), None)
+            if coming is not None:
+                coming.wait()
+            elif parked(module) is not None:
+                restore(module, self.cache)
+        self._running = ()
+
+
+class _SwitchHook(ModelHook):  # type: ignore[misc]
+    def __init__(self, stages: PipelineStages, component: torch.nn.Module) -> None:
+        super().__init__()
+        self.stages = stages
+        self.component = component
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.stages._entering(self.component)
+        return args, kwargs
