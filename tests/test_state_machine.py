@@ -80,6 +80,7 @@ class CacheAgainstDict(RuleBasedStateMachine):
             self.sync_evictions()
             if key in self.model:
                 assert_same(self.cache.get(key), self.model[key])  # the refused put lost nothing
+                self.sync_evictions()  # that get may promote the entry, evicting another out of a tight cache
             return
         self.model[key] = entry
         self.pinned_rank.pop(key, None)  # a new version is placed afresh
