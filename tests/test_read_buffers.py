@@ -203,7 +203,8 @@ def test_host_reloads_reuse_memory_only_once_their_tensors_are_gone(tmp_path: Pa
         del second
         third = cache.get("e")
         assert third["k"].data_ptr() == address and all(torch.equal(third[n], t) for n, t in entry.items())
-        assert any("host buffers for nvme reads and reloads: 1 reused" in note for note in cache.stats().notes)
+        # the first get took the region the put prepared, the second a fresh one, the third the second's again
+        assert any("host buffers for nvme reads and reloads: 2 reused, 1 fresh" in n for n in cache.stats().notes)
 
 
 def test_nvme_reads_and_host_reloads_share_one_pool(tmp_path: Path) -> None:
@@ -228,3 +229,34 @@ def test_nvme_reads_and_host_reloads_share_one_pool(tmp_path: Path) -> None:
         from_host = cache.get("b")
         assert all(torch.equal(from_host[n], t) for n, t in b.items())
         assert any("host buffers for nvme reads and reloads: 1 reused, 1 fresh" in n for n in cache.stats().notes)
+
+
+def test_a_prepared_region_serves_the_first_buffer_of_its_size() -> None:
+    """prepare(n) faults a region in on a background thread; the next empty(n) takes it (waiting for it if it is
+    still being touched) instead of a fresh allocation; one of another size is not prepared."""
+    buffers = HostBuffers()
+    buffers.prepare(8 * MiB)
+    buffers.prepare(8 * MiB - 100)  # a region of that size is coming already: not a second one
+    first = buffers.empty(8 * MiB)
+    assert (buffers.prepared, buffers.reused, buffers.fresh) == (1, 1, 0)
+    other = buffers.empty(2 * MiB)
+    assert (buffers.reused, buffers.fresh) == (1, 1)
+    del first, other
+    buffers.close()
+    buffers.prepare(MiB)  # closed: nothing
+    assert buffers.prepared == 1
+
+
+def test_a_host_tier_entrys_first_reload_lands_in_memory_already_touched() -> None:
+    """On a CPU cache, a host-tier put prepares a landing region for the entry's reload, so the first get does not
+    fault in fresh memory (stats' note counts 0 fresh)."""
+    policy = tiercache.Policy.from_dict(
+        {"name": "t", "tiers": {"hbm": {"capacity": 0}, "host": {"capacity": 64 * MiB}, "nvme": {"capacity": 0}}},
+        source="test",
+    )
+    with tiercache.TierCache(policy=policy, device="cpu") as cache:
+        cache.put("e", {"a": torch.arange(3 * MiB, dtype=torch.int32), "b": torch.ones(5, dtype=torch.float64)})
+        got = cache.get("e")
+        assert torch.equal(got["a"], torch.arange(3 * MiB, dtype=torch.int32))
+        note = next(n for n in cache.stats().notes if n.startswith("host buffers"))
+        assert "1 reused, 0 fresh" in note, note

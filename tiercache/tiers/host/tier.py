@@ -115,6 +115,8 @@ class HostTier(Tier):
             self._forget(entry)
             raise
         self._held[entry] = _Held(spec, home, offsets, span, ready)
+        if self.path.device.type == "cpu":  # a reload lands in host memory: have it warm for the first get
+            self.transfers.host_buffers.prepare(span)
         # Sources stay allocated until copied: CUDA tensors through the allocator, others held until then.
         self.transfers.deferred.after(ready, _keep(*stream.uses(tensors.values())))
         self._log_when_done(source, self.name, spec.nbytes, start, ready)
