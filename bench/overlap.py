@@ -1,9 +1,9 @@
 """Overlap: a layer loop whose per-layer compute is attention over that layer's K/V, with the K/V reloaded
 from host or nvme. Compute-only (K/V already in memory), serial (reload layer i, then compute it), overlapped
 (prefetch the next `lookahead` layers, one entry each, while computing the current one) and streamed (one entry
-of every layer's K/V read with `cache.stream(key, lookahead=...)`) are timed side by side;
-efficiency = the share of the serial loop's reload time that the overlap hid (1.0: as fast as compute alone;
-above 1.0 is possible because prefetching also reads several layers at once).
+of every layer's K/V, read a layer's K and V at a time with `cache.stream_groups(key, ..., lookahead=...)`) are
+timed side by side; efficiency = the share of the serial loop's reload time that the overlap hid (1.0: as fast as
+compute alone; above 1.0 is possible because prefetching also reads several layers at once).
 
 Without a GPU the attention runs on the host's cores, which also read the disk (a read costs CPU time: system
 calls, checksums, the VM's I/O path). The loop is measured with the attention on all cores but one, the way a GPU
@@ -173,10 +173,8 @@ def _overlap_case(
                 attend(query, kv)
 
         def streamed() -> None:
-            tensors = cache.stream("model", lookahead=2 * lookahead)  # K and V: two tensors a layer
-            for _ in range(layers):
-                (_, k), (_, v) = next(tensors), next(tensors)
-                attend(query, {"k": k, "v": v})
+            for layer, kv in cache.stream_groups("model", lambda name: name.split(".")[0], lookahead=lookahead):
+                attend(query, {"k": kv[f"{layer}.k"], "v": kv[f"{layer}.v"]})  # a layer's K and V: one step
 
         plan = (
             ("compute", compute_only),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, MiB, assert_same, kv, policy
+from helpers import KiB, MiB, assert_same, kv, only_tier, policy
 
 import tiercache
 from tiercache import CacheClosedError, CapacityError, EntryNotFoundError, EntryValueError
@@ -145,8 +145,6 @@ def test_tiers_full_of_pinned_entries_refuse_without_moving_anything(make_cache:
 
 
 def test_replacing_a_key_frees_its_old_bytes(make_cache: CacheFactory, tier_name: str) -> None:
-    from helpers import only_tier
-
     # A memory tier reuses the old version's room; nvme's budget is shared with other processes, which may be
     # reading the old version, so there the new one needs room beside it until it commits.
     cache = make_cache(only_tier(tier_name, capacity=(130 if tier_name == "nvme" else 100) * KiB))
@@ -320,3 +318,27 @@ def test_the_cache_is_a_mapping_where_it_is_one(make_cache: CacheFactory) -> Non
     assert cache.get("a", marker) is marker
     assert_same(cache.get("b", device="cpu"), kv(2))
     assert cache.stats().misses == 4  # every read that missed: cache["a"] and the three gets
+
+
+@pytest.mark.parametrize("tier", ["hbm", "host", "nvme"])
+def test_stream_groups_yields_each_layers_tensors_together_in_stored_order(make_cache: CacheFactory, tier: str) -> None:
+    """A group is one step (a layer's K and V): by a function of the name, or by a count of consecutive tensors."""
+    cache = make_cache(only_tier(tier))
+    entry = {f"{i}.{n}": torch.full((1000,), 2 * i + (n == "v"), dtype=torch.float32) for i in range(4) for n in "kv"}
+    cache.put("m", entry)
+    layers = list(cache.stream_groups("m", lambda name: name.split(".")[0], lookahead=1))
+    assert [label for label, _ in layers] == ["0", "1", "2", "3"]
+    for label, tensors in layers:
+        assert list(tensors) == [f"{label}.k", f"{label}.v"]
+        assert_same(tensors, {name: entry[name] for name in tensors})
+    counted = list(cache.stream_groups("m", 3, lookahead=0))
+    assert [(label, list(tensors)) for label, tensors in counted] == [
+        ("0", ["0.k", "0.v", "1.k"]),
+        ("1", ["1.v", "2.k", "2.v"]),
+        ("2", ["3.k", "3.v"]),
+    ]
+    assert [name for name, _ in cache.stream("m")] == list(entry)  # one tensor a step, as before
+    with pytest.raises(EntryValueError, match="group must be"):
+        cache.stream_groups("m", 0)
+    with pytest.raises(EntryNotFoundError):
+        cache.stream_groups("missing", 2)

@@ -134,7 +134,7 @@ class TierCache:
             self, _shut_down, self._engine, self._transfers, self._prefetcher, self._temp_root, os.getpid()
         )
         self._active_reads = 0  # reads in flight and disk writes running outside the lock: close() waits for them
-        self._open_streams: weakref.WeakSet[Iterator[tuple[str, torch.Tensor]]] = weakref.WeakSet()
+        self._open_streams: weakref.WeakSet[Iterator[Any]] = weakref.WeakSet()
         self._idle = threading.Condition(self._lock)
         self._closed = False
         # placement.write = "behind": puts are written down by a background thread, which reads overtake.
@@ -260,14 +260,44 @@ class TierCache:
 
         Each tensor is ready for use when yielded: the host waited for it (CPU), or `stream` / the current CUDA
         stream was made to wait for it (GPU). Streaming reads do not promote the entry (it is counted as used).
-        A miss raises KeyError here, at once.
+        A miss raises KeyError here, at once. `stream_groups` yields several tensors a step (a layer's K and V).
         """
+        groups = self._stream_groups(key, device, 1, lookahead, stream)
+        return ((name, tensors[name]) for name, tensors in groups)
+
+    def stream_groups(
+        self,
+        key: str,
+        group: int | Callable[[str], str],
+        device: str | torch.device | None = None,
+        *,
+        lookahead: int = 2,
+        stream: Any = None,
+    ) -> Iterator[tuple[str, Tensors]]:
+        """Yield the entry's tensors a group at a time, `(label, {name: tensor})`, while the next `lookahead` groups
+        load: attention needs a layer's K and V together. `group`: how many consecutive tensors make a group
+        (labelled "0", "1", ...), or a function of a tensor's name giving its group's label (consecutive tensors
+        with one label are one group: `lambda name: name.split(".")[0]` for "0.k", "0.v", "1.k", ...). A group's
+        tensors are read together. Otherwise as `stream`."""
+        return self._stream_groups(key, device, group, lookahead, stream)
+
+    def _stream_groups(
+        self,
+        key: str,
+        device: str | torch.device | None,
+        group: int | Callable[[str], str],
+        lookahead: int,
+        stream: Any,
+    ) -> Iterator[tuple[str, Tensors]]:
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise EntryValueError(f"stream({key!r}): lookahead must be an integer >= 0, got {lookahead!r}")
+        if not callable(group) and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+            raise EntryValueError(f"stream_groups({key!r}): group must be an integer >= 1 or a function of a name")
         target = self._target(device)
         consumer = consumer_stream(target, stream)  # a bad stream= raises here, before any read begins
-        self.info(key)  # a miss raises now, not at the first next()
-        iterator = self._stream(key, target, lookahead, consumer)
+        names = [t.name for t in self.info(key).tensors]  # a miss raises now, not at the first next()
+        groups = _grouped(names, group)
+        iterator = self._stream(key, target, groups, lookahead, consumer)
         self._open_streams.add(iterator)
         return iterator
 
@@ -522,24 +552,26 @@ class TierCache:
         return landed
 
     def _stream(
-        self, key: str, target: torch.device, lookahead: int, consumer: Stream
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        self, key: str, target: torch.device, groups: list[tuple[str, list[str]]], lookahead: int, consumer: Stream
+    ) -> Iterator[tuple[str, Tensors]]:
         read = self._begin_read(key)
-        names = [t.name for t in read.spec.tensors]
+        if [t.name for t in read.spec.tensors] != [n for _, names in groups for n in names]:
+            self._end_read(read)  # replaced between info() and here by a version of other tensors
+            raise EntryValueError(f"stream({key!r}): the entry was replaced by one of other tensors; stream again")
         started: collections.deque[tuple[str, Load]] = collections.deque()
         try:
             with read.tier.hold(read.entry):  # one lease to the end: another cache's delete cannot cut it
                 try:
-                    for index in range(len(names)):
-                        while len(started) <= lookahead and index + len(started) < len(names):
-                            name = names[index + len(started)]
-                            started.append((name, read.tier.load(read.entry, target, [name])))
-                        name, load = started.popleft()
+                    for index in range(len(groups)):
+                        while len(started) <= lookahead and index + len(started) < len(groups):
+                            label, names = groups[index + len(started)]
+                            started.append((label, read.tier.load(read.entry, target, names)))
+                        label, load = started.popleft()
                         loaded, ready = load.result()
-                        tensor = loaded[name]
-                        del load, loaded  # a small tensor's padded read buffer must not outlive its delivery
-                        self._transfers.deliver([tensor], ready, consumer)
-                        yield name, tensor
+                        del load  # a small tensor's padded read buffer must not outlive its delivery
+                        self._transfers.deliver(loaded.values(), ready, consumer)
+                        yield label, loaded
+                        del loaded
                 finally:
                     for _, load in started:  # loads in flight finish (files closed) before the entry is released
                         load.settle()
@@ -696,3 +728,18 @@ def _shut_down(
         finally:
             if temp_root is not None:
                 shutil.rmtree(temp_root, ignore_errors=True)
+
+
+def _grouped(names: list[str], group: int | Callable[[str], str]) -> list[tuple[str, list[str]]]:
+    """The entry's tensor names in stored order, cut into (label, names) groups (see TierCache.stream_groups)."""
+    if not callable(group):
+        starts = range(0, len(names), group)
+        return [(names[i] if group == 1 else str(i // group), names[i : i + group]) for i in starts]
+    groups: list[tuple[str, list[str]]] = []
+    for name in names:
+        label = str(group(name))
+        if groups and groups[-1][0] == label:
+            groups[-1][1].append(name)
+        else:
+            groups.append((label, [name]))
+    return groups
