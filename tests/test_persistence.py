@@ -112,3 +112,12 @@ def test_a_long_flush_reports_progress(make_cache: Any, monkeypatch: pytest.Monk
     cache.put("b", kv(2, 64 * KiB))
     cache.flush()
     assert seen == [1600 * KiB, 64 * KiB, 1536 * KiB, -1]  # total, then each entry written, most recent first
+
+
+def test_a_policy_without_nvme_closes_without_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing can be kept where the policy gives nvme no room: close says so at info level, not as a warning."""
+    memory_only = policy(tiers={"nvme": {"capacity": 0}})
+    with caplog.at_level(logging.INFO), tiercache.TierCache(root=tmp_path / "root", policy=memory_only) as cache:
+        cache.put("a", kv(1))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "1 not kept: 'a'" in caplog.text

@@ -604,8 +604,8 @@ class TierCache:
         except (TierCacheError, OSError) as exc:
             log.warning("tiercache: closing %s: entries in memory could not be written down: %s", self.root, exc)
             return
-        if flushed.left and self.policy.placement.flush_on_close:
-            log.warning("tiercache: closing %s: %s", self.root, flushed.describe())
+        if flushed.left and self.policy.placement.flush_on_close and self._tiers["nvme"].capacity > 0:
+            log.warning("tiercache: closing %s: %s", self.root, flushed.describe())  # a policy with no nvme: info
         elif flushed.moved or flushed.left:
             log.info("tiercache: closing %s: %s", self.root, flushed.describe())
 
