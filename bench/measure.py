@@ -20,7 +20,7 @@ from tiercache.pathway import Pathway
 LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
 
 
-SUITES = ("tiers", "gpu", "peers", "workloads", "latency")
+SUITES = ("tiers", "gpu", "peers", "workloads", "latency", "diffusers", "handoff")
 
 
 @dataclass
@@ -35,7 +35,9 @@ class Row:
     pathway: Pathway | None = None  # the tiercache pathway timed; None where no data moves (a hit in hbm)
     # Which benchmark made it: "tiers" (hbm is host memory), "gpu" (bench/cuda.py, hbm is a CUDA device),
     # "peers" (tiercache beside other libraries), "workloads" (bench/workloads.py's entries), "latency" (a hot get
-    # while a demotion writes, bench/latency.py; ratio = idle over busy: >= 0.5 is "p99 at most 2x idle").
+    # while a demotion writes, bench/latency.py; ratio = idle over busy: >= 0.5 is "p99 at most 2x idle"),
+    # "diffusers" (tiercache.integrations.diffusers beside diffusers' own offloading, bench/diffusers.py),
+    # "handoff" (a fresh process's open + first get beside torch.load, safetensors and raw reads, bench/handoff.py).
     # Charts and the seed table pick rows by suite and pathway.
     suite: str = "tiers"
     checksums: bool | None = None  # an nvme read: whether crc32c was checked; None where that does not apply

@@ -17,6 +17,8 @@ Settings (environment): BENCH_SIZES="16MiB,64MiB,256MiB,1GiB"  BENCH_GPU_SIZES="
 BENCH_REPEAT=5  BENCH_OUT=bench/out  BENCH_ROOT=<out>/root
 BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)  BENCH_WORKLOAD_CAP=64MiB (the
 workloads of bench/workloads.py are scaled down in tokens to at most this many bytes)
+BENCH_DIFFUSERS_SIZE=12x768 (blocks x width of bench/diffusers.py's Wan transformer; 0: skipped)
+BENCH_HANDOFF_SIZES="16MiB,64MiB,256MiB,1GiB" (bench/handoff.py's fresh-process first gets; "": skipped)
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ from tiercache.tools.progress import Callback, progress_callback
 
 from .chart import latency_chart
 from .cuda import bench_cuda
+from .diffusers import DEFAULT_SIZE as DEFAULT_DIFFUSERS_SIZE
+from .diffusers import bench_diffusers, diffusers_steps
 from .environment import describe, stolen_cpu_seconds
+from .handoff import bench_handoff
 from .latency import bench_latency
 from .measure import (
     LAYERS,
@@ -204,7 +209,19 @@ def run(bar: Callback) -> int:
     env = describe(root.parent)
     stolen_at_start = stolen_cpu_seconds()
     overlap_steps = len(overlap_cases(tiercache.default_device()))
-    bar.set_size(len(sizes) * (5 + len(PEER_NAMES)) + 3 * len(gpu_sizes) + len(WORKLOADS) + overlap_steps + 1)
+    diffusers_size = os.environ.get("BENCH_DIFFUSERS_SIZE", DEFAULT_DIFFUSERS_SIZE)
+    handoff_sizes = [
+        tiercache.parse_size(s) for s in os.environ.get("BENCH_HANDOFF_SIZES", DEFAULT_SIZES).split(",") if s.strip()
+    ]
+    bar.set_size(
+        len(sizes) * (5 + len(PEER_NAMES))
+        + 3 * len(gpu_sizes)
+        + len(WORKLOADS)
+        + overlap_steps
+        + 1
+        + diffusers_steps(diffusers_size)
+        + len(handoff_sizes)
+    )
 
     def progress(step: str) -> None:  # a step starts: the bar counts it and names it
         bar.set_description(step)
@@ -237,6 +254,8 @@ def run(bar: Callback) -> int:
     workload_cap = tiercache.parse_size(os.environ.get("BENCH_WORKLOAD_CAP", "64MiB"))
     measured(bench_workloads(workload_cap, root, min(repeat, 3), progress))
     measured(bench_latency(tiercache.parse_size(os.environ.get("BENCH_DEMOTION", "1GiB")), root, progress))
+    measured(bench_diffusers(diffusers_size, root, min(repeat, 3), progress))
+    measured(bench_handoff(handoff_sizes, root, min(repeat, 3), progress))
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
     overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)
     chart = latency_chart(rows, out / "latency_chart.png")

@@ -26,6 +26,8 @@ def tiny_bench(monkeypatch: pytest.MonkeyPatch, out: Path, *, sizes: str, gpu_si
         "BENCH_OVERLAP_LAYER": "256KiB",
         "BENCH_WORKLOAD_CAP": "512KiB",
         "BENCH_DEMOTION": "4MiB",
+        "BENCH_DIFFUSERS_SIZE": "1x128",
+        "BENCH_HANDOFF_SIZES": "",  # a subprocess per read: tests/test_bench_handoff.py runs its reads in-process
         "BENCH_OUT": str(out),
     }
     for name, value in settings.items():

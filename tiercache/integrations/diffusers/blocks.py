@@ -9,6 +9,7 @@ goes. On CUDA the wait is the current stream's, on the copies' events: the host 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,14 +98,14 @@ class BlockOffload:
         self._blocks = [_Block(name, module, f"{prefix}{self.fingerprint}/{name}") for name, module in blocks]
         self._pending: dict[int, PrefetchHandle] = {}
         self._hooks = Attached(HOOK_NAME)
-        self._stored_here: list[str] = []  # what remove() deletes: entries found already belong to whoever put them
         for block in self._blocks:
             if block.key not in cache:  # the same weights offloaded before (this process or another): reused
                 cache.put(block.key, {name: t.detach() for name, t in block.tensors}, write_through=write_through)
-                self._stored_here.append(block.key)
+                _stored.add((id(cache), block.key))
         if to is not None:
             cache.offload([b.key for b in self._blocks], to=to)
         hold(model, self.fingerprint)
+        _readers.update((id(cache), b.key) for b in self._blocks)
         for index, block in enumerate(self._blocks):
             block.unload()
             self._hooks.attach(block.module, _BlockHook(self, index))
@@ -126,9 +127,12 @@ class BlockOffload:
             if ahead != index and ahead not in self._pending:
                 self._pending[ahead] = self.cache.prefetch(self._blocks[ahead].key, self._blocks[ahead].device)
 
-    def remove(self, *, keep_entries: bool = False) -> None:
-        """Put every block's weights back in the model (its own memory, on the device each block was on), take the
-        hooks off and, unless `keep_entries`, delete the entries it stored. The model is then as it was."""
+    def remove(self, *, delete: bool = False) -> None:
+        """Put every block's weights back in the model (its own memory, on the device each block was on) and take
+        the hooks off: the model is then as it was. The entries stay in the cache (evicted by its rules, reused by
+        the next offload of the same weights) unless `delete`: then the entries this process stored go, unless
+        another offload in this process still reads them (entries found in the cache, stored by another process
+        on a shared root, stay: that process may be reading them)."""
         for handle in self._pending.values():
             handle.wait()
         self._pending.clear()
@@ -142,9 +146,20 @@ class BlockOffload:
             block.load(stored, own=True)
         self._hooks.detach()
         release(self.model)
-        if not keep_entries:
-            for key in self._stored_here:
-                self.cache.delete(key)
+        for block in self._blocks:
+            entry = (id(self.cache), block.key)
+            _readers[entry] -= 1
+            if _readers[entry] == 0:
+                del _readers[entry]
+                if delete and entry in _stored:
+                    _stored.discard(entry)
+                    self.cache.delete(block.key)
+
+
+# Offloads in this process reading each entry, and the entries this process stored: remove(delete=True) deletes
+# only what it stored and nobody here still reads.
+_readers: collections.Counter[tuple[int, str]] = collections.Counter()  # (id of the cache, key)
+_stored: set[tuple[int, str]] = set()
 
 
 def _current_stream(device: torch.device) -> Any:

@@ -2,15 +2,16 @@
 `encode_image` (the CLIP vision encoder) answered from the cache for an input seen before, so the encoders do not
 run, and can stay parked.
 
-Keys: the pipeline class, the content fingerprint of every text encoder (or the image encoder) and a digest of
-every tokenizer's vocabulary, and every argument but the device: prompts, negative prompts, sequence length,
-guidance, count, dtype. Prompts that differ by one token differ in the key. A call given precomputed embeddings
-(`prompt_embeds=...`) goes to the pipeline's own method."""
+Keys: the pipeline class, the content fingerprint of every text encoder (or the image encoder), a digest of every
+tokenizer's (or the image processor's) whole definition, and every argument but the device: prompts, negative
+prompts, sequence length, guidance, count, dtype. Prompts that differ by one token differ in the key. A call given
+precomputed embeddings (`prompt_embeds=...`) goes to the pipeline's own method."""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 
 from ... import TierCache
-from ...errors import EntryValueError
+from ...errors import EntryValueError, TierCacheError
 from .fingerprint import content_hash, fingerprint
+
+log = logging.getLogger(__name__)
 
 COUNT = "outputs"  # the entry's tensor holding how many values the method returned (the others may be None)
 
@@ -44,35 +47,49 @@ def _plain(value: Any) -> Any:
     )
 
 
-def _vocabulary(tokenizer: Any) -> str:
-    """A digest of a tokenizer: its class, length limit and every (token, id) of its vocabulary."""
-    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
+def _preprocessing(component: Any) -> str:
+    """A digest of a tokenizer or an image processor: its class, its length limit and its whole definition (a fast
+    tokenizer's JSON: vocabulary, normalizer, pre-tokenizer, post-processor; a processor's configuration), or the
+    vocabulary where nothing else is exposed."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"{type(tokenizer).__qualname__}|{getattr(tokenizer, 'model_max_length', None)}|".encode())
-    for token, index in vocab:
-        h.update(f"{token}\0{index}\0".encode())
+    h.update(f"{type(component).__qualname__}|{getattr(component, 'model_max_length', None)}|".encode())
+    backend = getattr(component, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    elif hasattr(component, "to_json_string"):
+        h.update(component.to_json_string().encode())
+    elif hasattr(component, "get_vocab"):
+        for token, index in sorted(component.get_vocab().items()):
+            h.update(f"{token}\0{index}\0".encode())
+    else:
+        raise EntryValueError(
+            f"cache_prompts: cannot key the pipeline's {type(component).__name__} (no definition to hash): call the "
+            "pipeline without the cache"
+        )
+    for name in ("padding_side", "truncation_side", "add_bos_token", "add_eos_token"):
+        h.update(f"|{name}={getattr(component, name, None)}".encode())
     return h.hexdigest()
 
 
 class _Cached:
     """One pipeline method answered from the cache."""
 
-    def __init__(self, owner: PromptCache, method: str, encoders: list[str], tokenizers: list[str]) -> None:
+    def __init__(self, owner: PromptCache, method: str, encoders: list[str], preprocessors: list[str]) -> None:
         self.owner = owner
         self.method = method
         self.encoders = encoders
-        self.tokenizers = tokenizers
+        self.preprocessors = preprocessors
         pipe = owner.pipe
         self.had_own = method in pipe.__dict__
         self.original: Callable[..., Any] = getattr(pipe, method)
         self.signature = inspect.signature(self.original)
-        self._vocab: dict[int, tuple[Any, str]] = {}  # id(tokenizer) -> (tokenizer, digest): taken once each
+        self._digests: dict[int, tuple[Any, str]] = {}  # id(component) -> (component, digest): taken once each
         setattr(pipe, method, self)
 
-    def _tokenizer_digest(self, tokenizer: Any) -> str:
-        known = self._vocab.get(id(tokenizer))
-        if known is None or known[0] is not tokenizer:
-            known = self._vocab[id(tokenizer)] = (tokenizer, _vocabulary(tokenizer))
+    def _preprocessing_digest(self, component: Any) -> str:
+        known = self._digests.get(id(component))
+        if known is None or known[0] is not component:
+            known = self._digests[id(component)] = (component, _preprocessing(component))
         return known[1]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -86,13 +103,23 @@ class _Cached:
         device = arguments.pop("device", None) or pipe._execution_device
         parts = [type(pipe).__qualname__, self.method]
         parts += [f"{n}={fingerprint(getattr(pipe, n))}" for n in self.encoders if getattr(pipe, n, None) is not None]
-        parts += [f"{n}={self._tokenizer_digest(getattr(pipe, n))}" for n in self.tokenizers if getattr(pipe, n, None)]
+        parts += [
+            f"{n}={self._preprocessing_digest(getattr(pipe, n))}"
+            for n in self.preprocessors
+            if getattr(pipe, n, None) is not None
+        ]
         parts.append(repr(sorted((n, _plain(v)) for n, v in arguments.items())))
         key = f"{self.owner.prefix}{hashlib.blake2b('|'.join(parts).encode(), digest_size=12).hexdigest()}"
         cache = self.owner.cache
-        stored = cache.get(key, device=device)
+        try:
+            stored = cache.get(key, device=device)
+        except TierCacheError as exc:  # a damaged or unreadable entry: encoded again, never wrong
+            log.warning("tiercache: prompt embeddings %r could not be read (%s); encoding again", key, exc)
+            stored = None
         if stored is not None:
             self.owner.hits += 1
+            if cache.tier_of(key) == "hbm":  # the cache's own tensors: the caller gets a copy it may modify
+                stored = {name: tensor.clone() for name, tensor in stored.items()}
             count = int(stored[COUNT].item())
             values = [stored.get(f"{i}") for i in range(count)]
             return values[0] if count == 1 and "single" in stored else tuple(values)
@@ -104,7 +131,10 @@ class _Cached:
             entry[COUNT] = torch.tensor(len(values))
             if isinstance(result, torch.Tensor):
                 entry["single"] = torch.tensor(1)
-            cache.put(key, entry, write_through=self.owner.write_through)
+            try:
+                cache.put(key, entry, write_through=self.owner.write_through)
+            except TierCacheError as exc:  # no room, a failing disk: the encoders' result stands
+                log.warning("tiercache: prompt embeddings %r not kept: %s", key, exc)
         return result
 
     def remove(self) -> None:
@@ -133,7 +163,8 @@ class PromptCache:
             tokenizers = [n for n in names if n.startswith("tokenizer")]
             self._methods.append(_Cached(self, "encode_prompt", encoders, tokenizers))
         if callable(getattr(pipe, "encode_image", None)) and getattr(pipe, "image_encoder", None) is not None:
-            self._methods.append(_Cached(self, "encode_image", ["image_encoder"], []))
+            processors = [n for n in names if n in ("image_processor", "feature_extractor")]
+            self._methods.append(_Cached(self, "encode_image", ["image_encoder"], processors))
         if not self._methods:
             raise EntryValueError(f"cache_prompts: {type(pipe).__name__} has no encode_prompt or encode_image")
 

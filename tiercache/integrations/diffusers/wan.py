@@ -10,6 +10,7 @@ another process on the same root, or a later request with the same prompt, skips
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +18,12 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ... import TierCache
-from ...errors import EntryValueError
+from ...errors import EntryValueError, TierCacheError
 from ._import import ModelHook, WanAttnProcessor
 from .fingerprint import content_hash, fingerprint
 from .hooks import Attached
+
+log = logging.getLogger(__name__)
 
 HOOK_NAME = "tiercache_context_kv"
 TEXT_TOKENS = 512  # WanAttnProcessor's hard-coded text length: in I2V the image context is what precedes it
@@ -189,7 +192,11 @@ class ContextKV:
             self._state.image = self._find(f"{self.prefix}{model}/image/{content_hash(image)}", image.device)
 
     def _find(self, key: str, device: torch.device) -> _Context:
-        stored = self.cache.get(key, device=device)
+        try:
+            stored = self.cache.get(key, device=device)
+        except TierCacheError as exc:  # a damaged or unreadable entry: computed again, never wrong
+            log.warning("tiercache: context K/V %r could not be read (%s); computing it", key, exc)
+            stored = None
         if stored is None:
             self.misses += 1
         else:
@@ -201,7 +208,10 @@ class ContextKV:
         for context in (self._state.text, self._state.image):
             # only a context every block computed is whole: a forward that stopped half-way stores nothing
             if context is not None and len(context.computed) == 2 * len(self._attentions):
-                self.cache.put(context.key, context.computed, copy=False, write_through=self.write_through)
+                try:
+                    self.cache.put(context.key, context.computed, copy=False, write_through=self.write_through)
+                except TierCacheError as exc:  # no room, a failing disk: the forward's result stands
+                    log.warning("tiercache: context K/V %r not kept: %s", context.key, exc)
         self._state.text = self._state.image = None
 
     def remove(self) -> None:
