@@ -160,7 +160,7 @@ class NvmeTier(Tier):
         commit, or a root from before the index), forget rows whose directories are gone, clear tmp/ and trash/.
         Runs under the index's write lock: no member publishes meanwhile."""
         if self.read_only:
-            self._sweep()
+            self._sweep(now=True)
             return
         layout = self.layout
         with self.index.transaction() as tx:
@@ -192,7 +192,7 @@ class NvmeTier(Tier):
                     tx.forget(name)
             layout.clear(layout.tmp_dir, keep=in_progress)
             layout.clear(layout.trash_dir)
-        self._sweep()
+        self._sweep(now=True)
         with contextlib.suppress(OSError):
             free = self.path.files.free_bytes(layout.root)
             if self.capacity > free + self._total:
@@ -216,9 +216,11 @@ class NvmeTier(Tier):
                 with contextlib.suppress(OSError):
                     self.path.files.unlink(lock_file, missing_ok=True)
 
-    def _sweep(self, wait: bool = True) -> None:
-        """Recover dead members, then remove the files of removed entries nobody reads (after the grace period).
-        With `wait` False, a member holding the index now means the sweep is left to a later call (Busy)."""
+    def _sweep(self, wait: bool = True, *, now: bool = False) -> None:
+        """Recover dead members, then remove the files of removed entries nobody reads (after the grace period):
+        on the layout's remover thread, or before returning with `now` (at open and close, where nobody waits on
+        a hot read). With `wait` False, a member holding the index now means the sweep is left to a later call
+        (Busy)."""
         self._last_sweep = time.monotonic()
         trashed = []
         with self.index.transaction(wait=wait) as tx:
@@ -236,7 +238,7 @@ class NvmeTier(Tier):
             self._account(tx)
         for target in trashed:
             if target is not None:
-                self.layout.remove_later(target)
+                (self.layout.discard if now else self.layout.remove_later)(target)
 
     def refresh(self) -> Refresh:
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
@@ -501,7 +503,7 @@ class NvmeTier(Tier):
         self._closed = True
         try:
             with contextlib.suppress(StorageError):
-                self._sweep()
+                self._sweep(now=True)
         finally:
             self._stored.clear()
             self._specs.clear()
