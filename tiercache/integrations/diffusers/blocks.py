@@ -19,7 +19,7 @@ from ... import TierCache
 from ...errors import EntryValueError
 from ...prefetch import PrefetchHandle
 from ._import import ModelHook
-from .fingerprint import fingerprint, hold, module_tensors, release
+from .fingerprint import fingerprint, held_fingerprint, hold, module_tensors, release
 from .hooks import Attached
 
 HOOK_NAME = "tiercache_block_offload"
@@ -97,6 +97,7 @@ class BlockOffload:
         self.fingerprint = fingerprint(model)
         self._blocks = [_Block(name, module, f"{prefix}{self.fingerprint}/{name}") for name, module in blocks]
         self._pending: dict[int, PrefetchHandle] = {}
+        self._removed = False
         self._hooks = Attached(HOOK_NAME)
         for block in self._blocks:
             if block.key not in cache:  # the same weights offloaded before (this process or another): reused
@@ -116,8 +117,16 @@ class BlockOffload:
         return [b.key for b in self._blocks]
 
     @torch.compiler.disable  # type: ignore[misc]
+    @torch.inference_mode(False)  # the cache's copies are ordinary tensors, under the caller's inference_mode too
     def _onload(self, index: int) -> None:
         block = self._blocks[index]
+        first = block.tensors[0][1] if block.tensors else None
+        if first is not None and (first.dtype, first.device) != (block.placeholders[0].dtype, block.device):
+            raise EntryValueError(
+                f"offload_blocks: block {block.name!r} was moved or cast ({block.placeholders[0].dtype} on "
+                f"{block.device} -> {first.dtype} on {first.device}) while its weights were in the cache: remove() "
+                "the offload first, then move the model, then offload it again"
+            )
         handle = self._pending.pop(index, None)
         if handle is None:
             handle = self.cache.prefetch(block.key, block.device)
@@ -129,15 +138,19 @@ class BlockOffload:
 
     def remove(self, *, delete: bool = False) -> None:
         """Put every block's weights back in the model (its own memory, on the device each block was on) and take
-        the hooks off: the model is then as it was. The entries stay in the cache (evicted by its rules, reused by
+        the hooks off: the model is then as it was (a second call does nothing). The entries stay in the cache
+        (evicted by its rules, reused by
         the next offload of the same weights) unless `delete`: then the entries this process stored go, unless
         another offload in this process still reads them (entries found in the cache, stored by another process
         on a shared root, stay: that process may be reading them)."""
+        if self._removed:
+            return
         for handle in self._pending.values():
             handle.wait()
         self._pending.clear()
         for block in self._blocks:
-            stored = self.cache.get(block.key, device=block.device)
+            with torch.inference_mode(False):
+                stored = self.cache.get(block.key, device=block.device)
             if stored is None:
                 raise EntryValueError(
                     f"offload_blocks: the weights of block {block.name!r} (entry {block.key!r}) are no longer in "
@@ -146,6 +159,7 @@ class BlockOffload:
             block.load(stored, own=True)
         self._hooks.detach()
         release(self.model)
+        self._removed = True
         for block in self._blocks:
             entry = (id(self.cache), block.key)
             _readers[entry] -= 1
@@ -185,6 +199,11 @@ def offload_blocks(
     weights were on. For inference: the weights are read, never written, while offloaded."""
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise EntryValueError(f"offload_blocks: lookahead must be an integer >= 0, got {lookahead!r}")
+    if held_fingerprint(model) is not None:
+        raise EntryValueError(
+            f"offload_blocks: this {type(model).__name__}'s weights are in the cache already (blocks offloaded, or "
+            "parked): remove() that offload, or restore() it, first"
+        )
     found = find_blocks(model) if blocks is None else [(name, model.get_submodule(name)) for name in blocks]
     if not found:
         raise EntryValueError(

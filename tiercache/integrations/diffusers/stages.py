@@ -20,7 +20,7 @@ from ...errors import EntryValueError
 from ...prefetch import PrefetchHandle
 from ._import import ModelHook
 from .blocks import placeholder
-from .fingerprint import fingerprint, hold, module_tensors, release
+from .fingerprint import fingerprint, held_fingerprint, hold, module_tensors, release
 from .hooks import Attached
 
 HOOK_NAME = "tiercache_stages"
@@ -52,6 +52,11 @@ def park(
     already = _parked.get(module)
     if already is not None:
         return already
+    if held_fingerprint(module) is not None:
+        raise EntryValueError(
+            f"park: this {type(module).__name__}'s blocks are offloaded to the cache (its weights are placeholders): "
+            "remove() the offload first"
+        )
     tensors = module_tensors(module)
     value = fingerprint(module)
     record = Parked(f"{name}@{value}", value, tensors[0][1].device if tensors else torch.device("cpu"))
@@ -59,6 +64,7 @@ def park(
         cache.put(record.key, {n: t.detach() for n, t in tensors}, write_through=write_through)
     if to is not None:
         cache.offload(record.key, to=to)
+    cache.pin(record.key)  # the only copy of the weights while parked: never evicted
     hold(module, value)
     for _, tensor in tensors:
         tensor.data = placeholder(tensor)
@@ -81,7 +87,8 @@ class Restoring:
         if self._done:
             return self.module
         device = self._handle.device
-        stored = self._handle.wait(stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+        with torch.inference_mode(False):
+            stored = self._handle.wait(stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
         # An entry held in the cache's hbm tier is returned as the cache's own tensors: the module gets a copy, so
         # that nothing done to the module later can change what the cache holds under this fingerprint.
         own = self._cache.tier_of(self.record.key) == "hbm"
@@ -90,7 +97,10 @@ class Restoring:
         for name, tensor in tensors:
             tensor.data = stored[name].clone() if own else stored[name]
         release(self.module)
-        _parked.pop(self.module, None)
+        mine = _parked.pop(self.module, None)  # the park this module's pin belongs to (maybe not `record`'s)
+        if mine is not None:
+            with contextlib.suppress(EntryValueError):  # no pin left: the entry was replaced meanwhile
+                self._cache.unpin(mine.key)
         self._done = True
         return self.module
 
@@ -110,7 +120,8 @@ def restore(
     if record is None:
         raise EntryValueError(f"restore: this {type(module).__name__} is not parked; pass the Parked park() returned")
     target = torch.device(device) if device is not None else record.device
-    restoring = Restoring(module, cache, record, cache.prefetch(record.key, target))
+    with torch.inference_mode(False):
+        restoring = Restoring(module, cache, record, cache.prefetch(record.key, target))
     if wait:
         restoring.wait()
     return restoring

@@ -9,17 +9,20 @@ another process on the same root, or a later request with the same prompt, skips
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
+import diffusers
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ... import TierCache
 from ...errors import EntryValueError, TierCacheError
-from ._import import ModelHook, WanAttnProcessor
+from ._import import ModelHook, WanAttnProcessor, WanTransformer3DModel
 from .fingerprint import content_hash, fingerprint
 from .hooks import Attached
 
@@ -47,8 +50,9 @@ class _Context:
         return key, value
 
 
-class _State:
-    """What the root hook found for the forward in progress, read by every block's processor."""
+class _State(threading.local):
+    """What the root hook found for the forward in progress, read by every block's processor: one per thread, so
+    that two threads running the transformer never mix their contexts."""
 
     def __init__(self) -> None:
         self.text: _Context | None = None
@@ -73,6 +77,37 @@ def _image_kv(attn: Any, context: torch.Tensor) -> KV:
         key, value = attn.add_k_proj(context), attn.add_v_proj(context)
     key = attn.norm_added_k(key)
     return key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
+
+
+def _setting(device: torch.device, attention_kwargs: Any, attentions: list[Any]) -> str:
+    """What besides the weights and the context decides the K/V's bits: the device type, autocast, TF32, the
+    versions of torch and diffusers, the call's LoRA scale, and every LoRA adapter's state on the projections."""
+    adapters = []
+    for attn in attentions:
+        for name in ("to_k", "to_v", "to_kv", "add_k_proj", "add_v_proj", "to_added_kv"):
+            layer = getattr(attn, name, None)
+            if layer is not None and hasattr(layer, "active_adapters"):
+                adapters.append(
+                    (
+                        name,
+                        tuple(layer.active_adapters),
+                        repr(getattr(layer, "scaling", None)),
+                        getattr(layer, "disable_adapters", None),
+                        repr(getattr(layer, "merged_adapters", None)),
+                    )
+                )
+    kind = device.type
+    parts = (
+        kind,
+        torch.is_autocast_enabled(kind) and str(torch.get_autocast_dtype(kind)),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.__version__,
+        diffusers.__version__,
+        repr(attention_kwargs.get("scale") if isinstance(attention_kwargs, dict) else None),
+        tuple(adapters),
+    )
+    return hashlib.blake2b(repr(parts).encode(), digest_size=6).hexdigest()
 
 
 class CachedContextProcessor(WanAttnProcessor):  # type: ignore[misc]
@@ -145,14 +180,15 @@ class CachedContextProcessor(WanAttnProcessor):  # type: ignore[misc]
 
 
 class _RootHook(ModelHook):  # type: ignore[misc]
-    """On the transformer: finds each context's entry before forward, stores what was computed after it."""
+    """On the transformer: finds each context's entry before forward, stores what was computed after it. (Not a
+    new_forward: diffusers' registry leaves a new_forward hook calling a hook removed beneath it.)"""
 
     def __init__(self, handle: ContextKV) -> None:
         super().__init__()
         self.handle = handle
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        self.handle._begin(args, kwargs)
+        self.handle._begin(args, kwargs)  # also clears what a forward that raised left
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -175,21 +211,38 @@ class ContextKV:
         self._signature = inspect.signature(type(transformer).forward)
         self._attentions = [block.attn2 for block in transformer.blocks]  # type: ignore[union-attr]
         self._originals = [attn.processor for attn in self._attentions]
+        for original in self._originals:
+            if type(original) is not WanAttnProcessor:  # ours already, or a user's own: both would be lost
+                raise EntryValueError(
+                    f"cache_context_kv: attn2 has a {type(original).__name__}, not diffusers' WanAttnProcessor "
+                    "(a context K/V cache on this model already, or a processor of your own): remove() the first, "
+                    "or put the stock processor back"
+                )
         for index, attn in enumerate(self._attentions):
             attn.set_processor(CachedContextProcessor(self._state, index, attn.processor))
         self._hooks = Attached(HOOK_NAME)
         self._hooks.attach(transformer, _RootHook(self))
 
     @torch.compiler.disable  # type: ignore[misc]
+    @torch.inference_mode(False)  # the cache's copies are ordinary tensors, under the caller's inference_mode too
     def _begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._state.text = self._state.image = None
         bound = self._signature.bind(self.transformer, *args, **kwargs).arguments
         text, image = bound.get("encoder_hidden_states"), bound.get("encoder_hidden_states_image")
         if not isinstance(text, torch.Tensor):  # nothing to key: the stock processors run
             return
+        if (
+            self._attentions[0].add_k_proj is not None
+            and isinstance(image, torch.Tensor)
+            and text.shape[1] != TEXT_TOKENS
+        ):
+            return  # the stock processor splits at 512 text tokens: other lengths mix image into "text"; not cached
         model = fingerprint(self.transformer)
-        self._state.text = self._find(f"{self.prefix}{model}/text/{content_hash(text)}", text.device)
+        setting = _setting(text.device, bound.get("attention_kwargs"), self._attentions)
+        self._state.text = self._find(f"{self.prefix}{model}/text/{content_hash(text)}-{setting}", text.device)
         if isinstance(image, torch.Tensor):
-            self._state.image = self._find(f"{self.prefix}{model}/image/{content_hash(image)}", image.device)
+            key = f"{self.prefix}{model}/image/{content_hash(image)}-{setting}"
+            self._state.image = self._find(key, image.device)
 
     def _find(self, key: str, device: torch.device) -> _Context:
         try:
@@ -204,6 +257,7 @@ class ContextKV:
         return _Context(key, stored)
 
     @torch.compiler.disable  # type: ignore[misc]
+    @torch.inference_mode(False)
     def _end(self) -> None:
         for context in (self._state.text, self._state.image):
             # only a context every block computed is whole: a forward that stopped half-way stores nothing
@@ -217,6 +271,9 @@ class ContextKV:
     def remove(self) -> None:
         """Give every attn2 its processor back and take the hook off; the entries stay in the cache."""
         for attn, original in zip(self._attentions, self._originals, strict=True):
+            ours = attn.processor
+            if isinstance(ours, CachedContextProcessor):  # a set_attention_backend made meanwhile carries over
+                original._attention_backend = ours._attention_backend
             attn.set_processor(original)
         self._hooks.detach()
 
@@ -227,8 +284,7 @@ def cache_context_kv(
     """Compute a WanTransformer3DModel's cross-attention K/V (text, and I2V image) once per context and keep them
     in `cache`: every later step, guidance branch, request or process with the same context reuses them.
     Outputs are bit-identical to the model's own; `remove()` undoes it."""
-    blocks = getattr(transformer, "blocks", None)
-    if not isinstance(blocks, torch.nn.ModuleList) or not all(hasattr(b, "attn2") for b in blocks):
+    if not isinstance(transformer, WanTransformer3DModel):
         raise EntryValueError(
             f"cache_context_kv: {type(transformer).__name__} has no blocks with attn2 (a WanTransformer3DModel is "
             "expected; Flux's text K/V change every step and cannot be reused)"
