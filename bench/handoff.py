@@ -30,9 +30,8 @@ import torch
 
 import tiercache
 from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
-from tiercache.io.posix import O_DIRECT
 
-from .measure import Row, chunk_files, make_entry, row
+from .measure import Row, chunk_files, direct_read, make_entry, row
 
 RAW_THREADS = 4
 KEY = "handoff"
@@ -58,17 +57,7 @@ def _raw_read(files: list[tuple[str, int]], threads: int, faulted: bool) -> floa
 
     def one(index: int) -> None:
         path, size = files[index]
-        view = buffer_of(region[starts[index] : starts[index] + spans[index]])
-        fd = os.open(path, os.O_RDONLY | O_DIRECT)
-        try:
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[done:]], done)
-                if n == 0:
-                    break
-                done += n
-        finally:
-            os.close(fd)
+        direct_read(path, size, buffer_of(region[starts[index] : starts[index] + spans[index]]))
 
     if threads == 1:
         for index in range(len(files)):

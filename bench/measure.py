@@ -182,15 +182,19 @@ def raw_direct_read(files: list[tuple[Path, int]]) -> list[torch.Tensor]:
         buffer = region[offset : offset + span]
         offset += span
         buffers.append(buffer)
-        view = buffer_of(buffer)
-        fd = os.open(path, os.O_RDONLY | O_DIRECT)
-        try:
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[done:]], done)
-                if n == 0:
-                    break
-                done += n
-        finally:
-            os.close(fd)
+        direct_read(path, size, buffer_of(buffer))
     return buffers
+
+
+def direct_read(path: str | Path, size: int, view: memoryview) -> None:
+    """One thread's O_DIRECT preadv of a file's `size` bytes into `view` (page-aligned)."""
+    fd = os.open(path, os.O_RDONLY | O_DIRECT)
+    try:
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [view[done:]], done)
+            if n == 0:
+                break
+            done += n
+    finally:
+        os.close(fd)

@@ -75,3 +75,15 @@ def transfers(cache: tiercache.TierCache) -> Transfers:
     shared = cache.tiers["host"].path.transfers
     assert shared is not None
     return shared
+
+
+class CountingCache(tiercache.TierCache):
+    """A TierCache that records the keys it is asked to put: what an integration copied into it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.puts: list[str] = []
+
+    def put(self, key: str, *args: Any, **kwargs: Any) -> str:
+        self.puts.append(key)
+        return super().put(key, *args, **kwargs)

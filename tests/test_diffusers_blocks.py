@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import tiny_diffusers as td
 import torch
-from helpers import MiB, policy
+from helpers import CountingCache, MiB, policy
 
-import tiercache
 from tiercache import EntryValueError
 from tiercache.integrations.diffusers import find_blocks, fingerprint, offload_blocks
 
@@ -38,18 +37,6 @@ def inputs(model: torch.nn.Module, seed: int) -> dict[str, Any]:
 @torch.no_grad()
 def forward(model: torch.nn.Module, seed: int) -> torch.Tensor:
     return model(**inputs(model, seed))[0]
-
-
-class CountingCache(tiercache.TierCache):
-    """A TierCache that records the keys it is asked to put: what an integration copied into it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.puts: list[str] = []
-
-    def put(self, key: str, *args: Any, **kwargs: Any) -> str:
-        self.puts.append(key)
-        return super().put(key, *args, **kwargs)
 
 
 @pytest.fixture

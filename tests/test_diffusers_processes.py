@@ -16,24 +16,12 @@ from typing import Any
 import pytest
 import tiny_diffusers as td
 import torch
-from helpers import MiB, policy
+from helpers import CountingCache, MiB, policy
 
 import tiercache
 from tiercache.integrations.diffusers import cache_context_kv, cache_prompts, offload_blocks
 
 POLICY = policy(tiers={"host": {"capacity": 8 * MiB}, "nvme": {"capacity": 64 * MiB}})
-
-
-class CountingCache(tiercache.TierCache):
-    """A TierCache that records the keys it is asked to put: what an integration copied into it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.puts: list[str] = []
-
-    def put(self, key: str, *args: Any, **kwargs: Any) -> str:
-        self.puts.append(key)
-        return super().put(key, *args, **kwargs)
 
 
 def bare_transformer() -> torch.nn.Module:

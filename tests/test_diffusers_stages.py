@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import tiny_diffusers as td
 import torch
-from helpers import MiB, policy
+from helpers import CountingCache, MiB, policy
 
 import tiercache
 from tiercache import EntryValueError
@@ -27,18 +27,6 @@ from tiercache.integrations.diffusers import (
 NO_FLUSH = {"flush_on_close": False}
 POLICY = policy(placement=NO_FLUSH)
 HBM_ONLY = policy(tiers={"hbm": {"capacity": 8 * MiB}}, placement=NO_FLUSH)
-
-
-class CountingCache(tiercache.TierCache):
-    """A TierCache that records the keys it is asked to put: what an integration copied into it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.puts: list[str] = []
-
-    def put(self, key: str, *args: Any, **kwargs: Any) -> str:
-        self.puts.append(key)
-        return super().put(key, *args, **kwargs)
 
 
 @pytest.fixture
