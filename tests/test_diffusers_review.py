@@ -138,3 +138,21 @@ def test_a_model_cast_while_offloaded_is_refused_with_the_fix(cache: tiercache.T
         _run(model, {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs})
     model.to(torch.float32)
     offload.remove()
+
+
+def test_a_tokenizer_changed_in_place_gets_new_embeddings_and_a_second_prompt_cache_is_refused(
+    cache: tiercache.TierCache,
+) -> None:
+    from tiercache.integrations.diffusers import cache_prompts
+
+    pipe, reference = tiny.wan_pipeline(0), tiny.wan_pipeline(0)
+    handle = cache_prompts(pipe, cache)
+    with pytest.raises(tiercache.EntryValueError, match="cached already"):
+        cache_prompts(pipe, cache)
+    with torch.no_grad():
+        pipe.encode_prompt("a red cat", do_classifier_free_guidance=False, max_sequence_length=16)
+        pipe.tokenizer.padding_side = reference.tokenizer.padding_side = "left"
+        got = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False, max_sequence_length=16)[0]
+        want = reference.encode_prompt("a red cat", do_classifier_free_guidance=False, max_sequence_length=16)[0]
+    assert torch.equal(got, want) and handle.misses == 2
+    handle.remove()

@@ -47,6 +47,13 @@ def _plain(value: Any) -> Any:
     )
 
 
+def _preprocessing_stamp(component: Any) -> tuple[Any, ...]:
+    """What changes when a tokenizer is changed in place (tokens added, padding or truncation side, limits)."""
+    names = ("model_max_length", "padding_side", "truncation_side", "add_bos_token", "add_eos_token")
+    size = len(component) if hasattr(component, "__len__") else None
+    return (size, *(getattr(component, name, None) for name in names))
+
+
 def _preprocessing(component: Any) -> str:
     """A digest of a tokenizer or an image processor: its class, its length limit and its whole definition (a fast
     tokenizer's JSON: vocabulary, normalizer, pre-tokenizer, post-processor; a processor's configuration), or the
@@ -83,14 +90,16 @@ class _Cached:
         self.had_own = method in pipe.__dict__
         self.original: Callable[..., Any] = getattr(pipe, method)
         self.signature = inspect.signature(self.original)
-        self._digests: dict[int, tuple[Any, str]] = {}  # id(component) -> (component, digest): taken once each
+        self._digests: dict[int, tuple[Any, Any, str]] = {}  # id(component) -> (component, stamp, digest)
         setattr(pipe, method, self)
 
     def _preprocessing_digest(self, component: Any) -> str:
+        """The component's digest, taken again whenever its cheap stamp changes (length, limits, sides)."""
+        stamp = _preprocessing_stamp(component)
         known = self._digests.get(id(component))
-        if known is None or known[0] is not component:
-            known = self._digests[id(component)] = (component, _preprocessing(component))
-        return known[1]
+        if known is None or known[0] is not component or known[1] != stamp:
+            known = self._digests[id(component)] = (component, stamp, _preprocessing(component))
+        return known[2]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs)
@@ -157,6 +166,10 @@ class PromptCache:
         self.hits = 0
         self.misses = 0
         names = list(getattr(pipe, "components", {}))
+        if isinstance(getattr(pipe, "encode_prompt", None), _Cached) or isinstance(
+            getattr(pipe, "encode_image", None), _Cached
+        ):
+            raise EntryValueError("cache_prompts: this pipeline's encoders are cached already; remove() that first")
         self._methods: list[_Cached] = []
         if callable(getattr(pipe, "encode_prompt", None)):
             encoders = [n for n in names if n.startswith("text_encoder")]
