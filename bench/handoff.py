@@ -32,17 +32,10 @@ import tiercache
 from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
 
 from .measure import Row, chunk_files, direct_read, make_entry, row
+from .peers import touch
 
 RAW_THREADS = 4
 KEY = "handoff"
-
-
-def _touch(tensors: list[torch.Tensor]) -> None:
-    """Read one byte of every page, as a consumer of the result would."""
-    for tensor in tensors:
-        flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor
-        if flat.numel():
-            flat[::4096].sum()
 
 
 def _raw_read(files: list[tuple[str, int]], threads: int, faulted: bool) -> float:
@@ -65,7 +58,7 @@ def _raw_read(files: list[tuple[str, int]], threads: int, faulted: bool) -> floa
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(len(files))))
-    _touch([region])
+    touch({"region": region})
     return time.perf_counter() - start
 
 
@@ -75,21 +68,21 @@ def _child(mode: str, args: list[str]) -> float:
         start = time.perf_counter()
         with tiercache.TierCache(root=args[0], read_only=True, device="cpu") as cache:
             got = cache.get(KEY)
-            _touch(list(got.values()))
+            touch(got)
         return time.perf_counter() - start
     if mode == "torch.load":
         start = time.perf_counter()
-        _touch(list(torch.load(args[0]).values()))
+        touch(torch.load(args[0]))
         return time.perf_counter() - start
     if mode == "safetensors":
         from safetensors.torch import load_file  # noqa: PLC0415 - only this case needs it
 
         start = time.perf_counter()
-        _touch(list(load_file(args[0]).values()))
+        touch(load_file(args[0]))
         return time.perf_counter() - start
     if mode == "numpy":
         start = time.perf_counter()
-        _touch([torch.from_numpy(np.fromfile(args[0], dtype=np.uint8))])
+        touch({"bytes": torch.from_numpy(np.fromfile(args[0], dtype=np.uint8))})
         return time.perf_counter() - start
     files = json.loads(args[0])
     if mode == "raw":
