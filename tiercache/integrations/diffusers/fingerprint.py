@@ -60,22 +60,32 @@ def fingerprint(module: torch.nn.Module, *, fresh: bool = False) -> str:
     if held is not None:
         return held
     tensors = module_tensors(module)
+    stamp = _stamp(tensors)
     known = _known.get(module)
-    if known is not None and not fresh and None not in (v for _, _, v, *_ in known[0]) and known[0] == _stamp(tensors):
+    trusted = all(version is not None for _, _, version, *_ in stamp)  # inference tensors have no counter
+    if known is not None and not fresh and trusted and known[0] == stamp:
         return known[1]
     value = digest(tensors, type(module).__qualname__)
-    _known[module] = (_stamp(tensors), value)
+    _known[module] = (stamp, value)
     return value
 
 
 SAMPLE = 4096  # bytes of each tensor's start, middle and end in a stamp
 
 
-def _stamp(tensors: list[tuple[str, torch.Tensor]]) -> tuple[Any, ...]:
+def _stamp(tensors: list[tuple[str, torch.Tensor]], *, sampled: bool = True) -> tuple[Any, ...]:
     """What tells whether a module's tensors may have changed since its fingerprint: each one's address, version
-    counter, dtype, shape, and a CRC of three 4 KiB samples of its bytes (a write through `.data`, as fuse_lora
-    makes, bumps no counter and keeps the address: the samples see it)."""
-    return tuple((name, t.data_ptr(), _version(t), t.dtype, tuple(t.shape), _sample(t)) for name, t in tensors)
+    counter, dtype, shape, and, `sampled`, a CRC of three 4 KiB samples of its bytes (a write through `.data`, as
+    fuse_lora makes, bumps no counter and keeps the address: the samples see it)."""
+    return tuple(
+        (name, t.data_ptr(), _version(t), t.dtype, tuple(t.shape), _sample(t) if sampled else 0) for name, t in tensors
+    )
+
+
+def quick_stamp(module: torch.nn.Module) -> tuple[Any, ...]:
+    """The module's stamp without the byte samples: addresses, version counters, dtypes, shapes (cheap enough
+    for every forward; blind to writes through `.data`)."""
+    return _stamp(module_tensors(module), sampled=False)
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -97,29 +107,49 @@ def _sample(tensor: torch.Tensor) -> int:
     return crc
 
 
-# Inputs are hashed once per tensor object and version: a pipeline passes the same prompt embedding every step.
-# Keyed by identity (tensors compare by value) with a weak reference, so a freed tensor's reused address or id
-# never finds another's hash.
-_hashed: dict[int, tuple[weakref.ref[torch.Tensor], int, str]] = {}
+class TensorMemo:
+    """Values worked out from (or for) a tensor object, remembered while that object lives unmodified: a pipeline
+    passes the same prompt embedding at every step. Keyed by identity (tensors compare by value) with a weak
+    reference, so a freed tensor's reused address or id never finds another's value."""
+
+    def __init__(self) -> None:
+        self._values: dict[int, tuple[weakref.ref[torch.Tensor], int, Any]] = {}
+
+    def lookup(self, tensor: torch.Tensor) -> Any:
+        """What was remembered for this very tensor, unmodified since; None otherwise."""
+        version = _version(tensor)
+        known = self._values.get(id(tensor))
+        if known is not None and version is not None and known[0]() is tensor and known[1] == version:
+            return known[2]
+        return None
+
+    def remember(self, tensor: torch.Tensor, value: Any) -> None:
+        version = _version(tensor)
+        if version is not None:  # an inference tensor has no version counter: never remembered
+            ident = id(tensor)
+            self._values[ident] = (weakref.ref(tensor, lambda _: self._values.pop(ident, None)), version, value)
+
+
+_hashed = TensorMemo()
 
 
 def content_hash(tensor: torch.Tensor) -> str:
     """A 128-bit blake2b of one input tensor's dtype, shape and bytes (a context, a prompt's tensor: small, so
     hashed in full on the host, where a CRC's 32 bits would collide among some 10^5 prompts), remembered while that
     tensor object lives unmodified."""
-    version = _version(tensor)
-    known = _hashed.get(id(tensor))
-    if known is not None and version is not None and known[0]() is tensor and known[1] == version:
-        return known[2]
+    value = _hashed.lookup(tensor)
+    if value is None:
+        value = _blake2b(tensor)
+        _hashed.remember(tensor, value)
+    return str(value)
+
+
+def _blake2b(tensor: torch.Tensor) -> str:
     data = tensor.detach().contiguous()
     h = hashlib.blake2b(f"{data.dtype}|{tuple(data.shape)}|".encode(), digest_size=16)
     if data.numel():
         h.update(buffer_of(as_bytes(data if data.device.type == "cpu" else data.cpu())))
-    value = h.hexdigest()
-    if version is not None:
-        ident = id(tensor)
-        _hashed[ident] = (weakref.ref(tensor, lambda _: _hashed.pop(ident, None)), version, value)
-    return value
+    return h.hexdigest()
 
 
 def hold(module: torch.nn.Module, value: str) -> None:

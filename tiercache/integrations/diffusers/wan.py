@@ -23,7 +23,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from ... import TierCache
 from ...errors import EntryValueError, TierCacheError
 from ._import import ModelHook, WanAttnProcessor, WanTransformer3DModel
-from .fingerprint import content_hash, fingerprint
+from .fingerprint import TensorMemo, content_hash, fingerprint, quick_stamp
 from .hooks import Attached
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,7 @@ class ContextKV:
         self.hits = 0
         self.misses = 0
         self._state = _State()
+        self._models = TensorMemo()  # (quick stamp, fingerprint) of the model, by the context tensor it was taken for
         self._signature = inspect.signature(type(transformer).forward)
         self._attentions = [block.attn2 for block in transformer.blocks]  # type: ignore[union-attr]
         self._originals = [attn.processor for attn in self._attentions]
@@ -237,7 +238,15 @@ class ContextKV:
             and text.shape[1] != TEXT_TOKENS
         ):
             return  # the stock processor splits at 512 text tokens: other lengths mix image into "text"; not cached
-        model = fingerprint(self.transformer)
+        # A fingerprint's stamp samples every weight's bytes: taken once per context tensor (a request's steps pass
+        # the same one) while the weights' addresses and version counters stay as they were, not at every step.
+        quick = quick_stamp(self.transformer)
+        remembered = self._models.lookup(text)
+        if remembered is not None and remembered[0] == quick:
+            model = remembered[1]
+        else:
+            model = fingerprint(self.transformer)
+            self._models.remember(text, (quick, model))
         setting = _setting(text.device, bound.get("attention_kwargs"), self._attentions)
         self._state.text = self._find(f"{self.prefix}{model}/text/{content_hash(text)}-{setting}", text.device)
         if isinstance(image, torch.Tensor):
