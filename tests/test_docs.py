@@ -84,7 +84,14 @@ def test_the_format_spec_holds_for_an_entry_the_cache_writes(tmp_path: Path) -> 
     root = tmp_path / "tc"
     with tiercache.TierCache(root=root, policy="cpu", device="cpu") as cache:
         cache.put(key, tensors, write_through=True)
-    assert sorted(p.name for p in root.iterdir()) == ["entries", "index.sqlite3", "members", "tmp", "trash"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "entries",
+        "index.sqlite3",
+        "index.sqlite3-signal",
+        "members",
+        "tmp",
+        "trash",
+    ]
     assert not list((root / "members").iterdir())  # a closed cache leaves no member behind
     (entry,) = [p for p in (root / "entries").iterdir() if p.is_dir()]
     assert entry.name.split("-")[0] == hashlib.sha256(key.encode()).hexdigest()[:32]

@@ -160,6 +160,7 @@ def test_a_killed_members_leases_and_reservations_are_recovered(tmp_path: Path) 
             "db.execute('INSERT INTO leases VALUES (?, ?, 1)', (name, token))\n"
             "db.execute('INSERT INTO reservations VALUES (?, ?, ?, ?)', ('x-staging', token, 'b', 3 << 20))\n"
             "os.mkdir(f'{root}/tmp/x-staging')\n"
+            "open(f'{root}/index.sqlite3-signal', 'r+b').write(os.urandom(8))\n"  # as a member does after a commit
             "print('held', flush=True); time.sleep(60)\n"
         )
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -170,7 +171,11 @@ def test_a_killed_members_leases_and_reservations_are_recovered(tmp_path: Path) 
         proc.wait()
         cache.delete("a")  # leased by the dead process: its files would stay while the lease lived
         time.sleep(1.1)  # past the sweep interval again
-        cache.put("c", kv(2, 64 * KiB))  # a sweep runs: the dead member is recovered
+        cache.put("c", kv(2, 64 * KiB))  # starts a sweep (on the layout's remover thread): the dead member goes
+        deadline = time.monotonic() + 10
+        while index.execute("SELECT COUNT(*) FROM leases").fetchone()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cache.keys()  # takes in what the sweep committed
         assert index.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
         assert index.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
         assert not (root / "tmp" / "x-staging").exists()
@@ -446,3 +451,34 @@ def test_removed_files_go_on_a_thread_of_their_own_and_close_waits_for_them(tmp_
     assert list((root / "trash").iterdir()) == []
     with tiercache.TierCache(root=root, policy=only_tier("nvme", 1 << 20)) as reopened:
         assert sorted(reopened.keys()) == ["kept", "new"]
+
+
+def test_a_commit_that_never_signalled_is_seen_within_the_fallback(
+    make_cache: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member killed between its commit and its change signal: the others still see the commit, from SQLite, once
+    the fallback interval has passed; a commit that did signal is seen at once."""
+    from tiercache.tiers.nvme import index  # noqa: PLC0415 - the seam under test
+
+    root = tmp_path / "root"
+    first = make_cache(only_tier("nvme"), root=root)
+    second = make_cache(only_tier("nvme"), root=root)
+    first.put("signalled", kv(1))
+    assert "signalled" in second  # seen at once
+    monkeypatch.setattr(index.ChangeSignal, "signal", lambda self: None)  # commits from now on leave no signal
+    first.put("silent", kv(2))
+    monkeypatch.setattr(index, "FALLBACK_S", 1e9)
+    assert "silent" not in second  # nothing moved: SQLite is not asked
+    monkeypatch.setattr(index, "FALLBACK_S", 0.0)
+    assert_same(second["silent"], kv(2))
+
+
+def test_a_read_only_member_without_the_signal_file_still_sees_changes(make_cache: Any, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    writer = make_cache(only_tier("nvme"), root=root)
+    writer.put("a", kv(1))
+    (root / "index.sqlite3-signal").unlink()  # a root written by a tiercache without it
+    consumer = make_cache(only_tier("nvme"), root=root, read_only=True)
+    assert_same(consumer["a"], kv(1))
+    writer.put("b", kv(2))  # recreates nothing in the consumer's view: it asks SQLite at every get
+    assert_same(consumer["b"], kv(2))
