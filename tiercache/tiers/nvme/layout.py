@@ -164,6 +164,10 @@ class DiskLayout:
         self._removing.add(future)
         future.add_done_callback(self._removing.discard)
 
+    def in_background(self, job: Callable[[], None]) -> None:
+        """Run `job` on the remover thread, after the removals queued before it (it must not raise)."""
+        self._remover.submit(job)
+
     def _removed(self) -> None:
         """Wait for the removals handed to the remover thread so far."""
         wait(list(self._removing))

@@ -240,10 +240,22 @@ class NvmeTier(Tier):
             if target is not None:
                 (self.layout.discard if now else self.layout.remove_later)(target)
 
+    def _sweep_in_background(self) -> None:
+        """The periodic sweep, on the layout's remover thread: a write transaction (and the disk behind it) is no
+        work for the get that happens to notice the time; best effort (another member may hold the index: Busy)."""
+        if self._closed:
+            return
+        try:
+            self._sweep(wait=False)
+        except StorageError:
+            pass
+        except Exception:  # noqa: BLE001 - a thread of ours: say it, and let the next sweep try again
+            log.exception("tiercache: nvme tier: the periodic sweep of %s failed", self.layout.root)
+
     def refresh(self) -> Refresh:
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
-            with contextlib.suppress(StorageError):  # best effort: another member holds the index now (Busy)
-                self._sweep(wait=False)
+            self._last_sweep = time.monotonic()  # one queued at a time
+            self.layout.in_background(self._sweep_in_background)
         if not self.index.changed():
             return Refresh()
         changes = self.index.changes()
