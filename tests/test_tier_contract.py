@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from test_object_tier import TestObjectTierContract
+
 from tiercache.policy.schema import HostBudget, NvmeBudget, TierBudget
 from tiercache.testing import TierContract
 from tiercache.testing.tiers import KiB
@@ -36,5 +38,5 @@ class TestSizeOnly(TierContract):
 
 
 def test_every_registered_tier_has_a_contract_class() -> None:
-    tested = {cls.tier_type for cls in (TestHbm, TestHost, TestNvme)}
+    tested = {cls.tier_type for cls in (TestHbm, TestHost, TestNvme, TestObjectTierContract)}
     assert set(TIER_TYPES.values()) <= tested

@@ -337,12 +337,14 @@ class TierCache:
             return len(matching)
 
     def offload(self, keys: str | Iterable[str] | None = None, *, prefix: str | None = None, to: str = "host") -> Moved:
-        """Move entries down now, to `to` ("host" or "nvme"; further down where it cannot take one), to hand their
-        memory to the next stage: the keys given, those starting with `prefix`, or (neither) every entry. Room is
-        made below by the policy's eviction rules. Pinned entries and entries being read stay, named in the result
-        with the reason; entries already at or below `to` are left as they are."""
-        if to not in ("host", "nvme"):
-            raise EntryValueError(f'offload(to=): "host" or "nvme", got {to!r}')
+        """Move entries down now, to `to` ("host", "nvme", or "object" where the policy has one; further down where
+        it cannot take one), to hand their memory to the next stage, or (object) to another machine: the keys given,
+        those starting with `prefix`, or (neither) every entry. Room is made below by the policy's eviction rules.
+        Pinned entries and entries being read stay, named in the result with the reason; entries already at or
+        below `to` are left as they are."""
+        below = [t for t in self._tiers if t != "hbm" and (t != "object" or self._tiers[t].capacity > 0)]
+        if to not in below:
+            raise EntryValueError(f"offload(to=): one of {', '.join(map(repr, below))}, got {to!r}")
         self._check_open()
         with self._lock:
             self._check_open()

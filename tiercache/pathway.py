@@ -19,7 +19,7 @@ HOST_MODES = ("pinned", "pageable")
 NVME_MODES = ("o_direct", "buffered", "gds", "compat")
 MODES: dict[str, tuple[str, ...]] = {"host": HOST_MODES, "nvme": NVME_MODES}
 # "put": the caller's tensors, wherever they are; any other end is a tier, or a device outside the cache ("cuda:1").
-SOURCES = ("put", "hbm", "host", "nvme")
+SOURCES = ("put", "hbm", "host", "nvme", "object")
 
 _TEXT = re.compile(r"^(?P<src>[\w:]+)(?:\((?P<smode>\w+)\))?->(?P<dst>[\w:]+)(?:\((?P<dmode>\w+)\))?$")
 
@@ -68,7 +68,9 @@ class Pathway:
 
     @property
     def family(self) -> str:
-        """'nvme' for transfers to or from the nvme tier, else 'memory' (host pool and device memory)."""
+        """'nvme' or 'object' for transfers to or from those tiers, else 'memory' (host pool and device memory)."""
+        if "object" in (self.source, self.dest):
+            return "object"
         return "nvme" if self.mode_end == "nvme" else "memory"
 
     def costed(self) -> Pathway:

@@ -9,7 +9,8 @@ Figures come from a hardware profile, a TOML file under `policies/profiles/` (or
     bandwidth = "63GB"                    # bytes per second, decimal or binary units
     latency_us = 0
 
-Every pathway in PATHWAYS must be given. Bandwidths are per second; "63GB" is 63e9 bytes/s.
+Every pathway in PATHWAYS must be given; those of OBJECT_PATHWAYS may be (ASSUMED_OBJECT otherwise). Bandwidths
+are per second; "63GB" is 63e9 bytes/s.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ PATHWAYS: tuple[Pathway, ...] = (
     Pathway("nvme", "host"),
     Pathway("host", "nvme"),
 )
+# Routes to and from an object store: a profile may give them (its server is not the machine's to calibrate); where
+# one does not, a figure for an S3 server across a data-centre network, on the slow side, stands in.
+OBJECT_PATHWAYS: tuple[Pathway, ...] = (
+    Pathway("object", "hbm"),
+    Pathway("hbm", "object"),
+    Pathway("object", "host"),
+    Pathway("host", "object"),
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,9 @@ class PathwayCost:
 
     def seconds(self, nbytes: int) -> float:
         return self.latency_s + nbytes / self.bandwidth
+
+
+ASSUMED_OBJECT = PathwayCost(latency_s=0.02, bandwidth=0.5e9)
 
 
 @dataclass(frozen=True)
@@ -82,14 +94,14 @@ class Profile:
         table = data.get("pathways", {})
         names = [str(p) for p in PATHWAYS]
         missing = [n for n in names if n not in table]
-        unknown = [n for n in table if n not in names]
+        unknown = [n for n in table if n not in names and n not in {str(p) for p in OBJECT_PATHWAYS}]
         if missing or unknown:
             raise PolicyError(
-                f"{path}: [pathways] must give exactly {', '.join(names)}; "
-                f"missing {missing or 'none'}, unknown {unknown or 'none'}"
+                f"{path}: [pathways] must give exactly {', '.join(names)} (and may give "
+                f"{', '.join(map(str, OBJECT_PATHWAYS))}); missing {missing or 'none'}, unknown {unknown or 'none'}"
             )
-        costs: dict[Pathway, PathwayCost] = {}
-        for name in PATHWAYS:
+        costs: dict[Pathway, PathwayCost] = dict.fromkeys(OBJECT_PATHWAYS, ASSUMED_OBJECT)
+        for name in (*PATHWAYS, *(p for p in OBJECT_PATHWAYS if str(p) in table)):
             entry = table[str(name)]
             where = f'{path}: pathways."{name}"'
             if not isinstance(entry, Mapping) or set(entry) - {"bandwidth", "latency_us"} or "bandwidth" not in entry:
@@ -127,7 +139,7 @@ class Profile:
             f"source = {_q(self.source)}",
             f"measured = {'true' if self.measured else 'false'}",
         ]
-        for name in PATHWAYS:
+        for name in PATHWAYS:  # the object routes are the user's to add: calibrate measures the machine alone
             cost = self.pathways[name]
             lines += ["", f'[pathways."{name}"]', f'bandwidth = "{cost.bandwidth / 1e9:.3f}GB"']
             lines.append(f"latency_us = {cost.latency_s * 1e6:.1f}")

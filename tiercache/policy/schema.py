@@ -19,7 +19,9 @@ from typing import Any, Literal
 from ..errors import PolicyError
 from ..units import SIZE_FORMS, parse_size
 
-TIER_NAMES: tuple[str, ...] = ("hbm", "host", "nvme")  # fastest first; eviction demotes one step to the right
+# Fastest first; eviction demotes one step to the right. "object" (an S3 bucket) is off unless a policy gives it a
+# capacity: a tier whose capacity is 0 admits nothing.
+TIER_NAMES: tuple[str, ...] = ("hbm", "host", "nvme", "object")
 
 PRESET_DIRS: tuple[Path, ...] = (
     Path(__file__).resolve().parent.parent / "policies",  # inside an installed wheel
@@ -189,10 +191,61 @@ class NvmeBudget(TierBudget):
 
 
 @dataclass(frozen=True)
+class ObjectBudget(TierBudget):
+    """The object tier: entries in an S3 bucket (any S3-compatible server), shared by every cache that names it and
+    durable; the budget is a quota over everything under `url`, whoever wrote it. Credentials come from the
+    environment, never from the file."""
+
+    url: str = _text(default="", doc='where entries live: "s3://BUCKET" or "s3://BUCKET/PREFIX"')
+    endpoint: str = _text(default="", doc='the S3 server, e.g. "http://10.0.0.5:8333"; empty: AWS for the region')
+    region: str = _text(default="us-east-1", doc="the bucket's region (what the request signatures name)")
+    access_key_env: str = _text(default="AWS_ACCESS_KEY_ID", doc="the environment variable holding the access key id")
+    secret_key_env: str = _text(
+        default="AWS_SECRET_ACCESS_KEY", doc="the environment variable holding the secret access key"
+    )
+    timeout_s: float = _seconds(default=30.0, doc="seconds one request may take before it fails (a StorageError)")
+    connect_timeout_s: float = _seconds(default=5.0, doc="seconds to wait for a connection to the server")
+    retries: int = _int(default=2, minimum=0, doc="times a failed request is retried (with backoff) before it fails")
+    part_size: int = _size(
+        default=16 << 20, doc="bytes per part of a multipart upload and per ranged read of one chunk in parallel"
+    )
+    concurrency: int = _int(default=8, minimum=1, doc="requests one put or get keeps in flight")
+    list_every_s: float = _seconds(
+        default=1.0, doc="how often a cache lists the bucket for entries other caches wrote or removed"
+    )
+    orphan_age_s: float = _seconds(
+        default=3600.0,
+        doc="objects of an entry with no manifest (a writer died mid-put) older than this are removed; also how long "
+        "an entry replaced by a newer version of its key stays for readers that already hold it",
+    )
+    verify_checksums: bool = _bool(default=True, doc="check each tensor's CRC32C when it is read back")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.capacity > 0 and not (self.url.startswith("s3://") and len(self.url) > len("s3://")):
+            raise PolicyError(
+                f'url: {self.url!r} is not "s3://BUCKET[/PREFIX]", which an object tier with a capacity needs'
+            )
+        if self.part_size < 5 << 20:
+            raise PolicyError(f"part_size: {self.part_size} is below 5MiB, the smallest part S3 accepts")
+
+    @property
+    def bucket(self) -> str:
+        return self.url.removeprefix("s3://").split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix inside the bucket, without slashes at either end ("" for the whole bucket)."""
+        rest = self.url.removeprefix("s3://").split("/", 1)
+        return rest[1].strip("/") if len(rest) > 1 else ""
+
+
+@dataclass(frozen=True)
 class Tiers(_Section):
     hbm: TierBudget = field(default_factory=lambda: TierBudget(capacity=2 << 30))
     host: HostBudget = field(default_factory=lambda: HostBudget(capacity=8 << 30))
     nvme: NvmeBudget = field(default_factory=lambda: NvmeBudget(capacity=100 << 30))
+    object: ObjectBudget = field(default_factory=ObjectBudget)  # off (capacity 0) unless a policy sets one
 
     def __getitem__(self, name: str) -> TierBudget:
         if name not in TIER_NAMES:
@@ -415,6 +468,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
 __all__ = [
     "HostBudget",
     "NvmeBudget",
+    "ObjectBudget",
     "EvictionSettings",
     "PlacementSettings",
     "Policy",

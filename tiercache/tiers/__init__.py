@@ -8,9 +8,10 @@ from .base import DataPath, EntryId, Found, Load, Tier, TierState
 from .hbm import HbmTier
 from .host import HostTier
 from .nvme import NvmeTier
+from .object import ObjectTier
 from .sizes import SizeOnlyTier
 
-TIER_TYPES: dict[str, type[Tier]] = {"hbm": HbmTier, "host": HostTier, "nvme": NvmeTier}
+TIER_TYPES: dict[str, type[Tier]] = {"hbm": HbmTier, "host": HostTier, "nvme": NvmeTier, "object": ObjectTier}
 
 
 def open_tiers(budgets: Tiers, path: DataPath, types: dict[str, type[Tier]] | None = None) -> dict[str, Tier]:
@@ -35,6 +36,7 @@ __all__ = [
     "HostTier",
     "Load",
     "NvmeTier",
+    "ObjectTier",
     "SizeOnlyTier",
     "TIER_NAMES",
     "TIER_TYPES",

@@ -131,8 +131,23 @@ def parse_group(path: Path, files: FileOps) -> StoredEntry:
     """The entry in directory `path`, once its manifest verifies: its seal, every field's type, the directory name
     against the key, and each chunk file's size (a missing or resized chunk is damage, found here rather than at
     the first read). Raises DamagedEntry (or OSError) otherwise."""
+    stored = parse_manifest(files.read_bytes(path / "zarr.json"), path)
+    for index, tspec in enumerate(stored.spec.tensors):
+        if tspec.nbytes:
+            size = files.stat(stored.chunk_files[index]).st_size
+            if size != tspec.nbytes + CHECKSUM_BYTES:
+                raise DamagedEntry(
+                    f"chunk {stored.chunk_files[index]} holds {size} bytes, the manifest says "
+                    f"{tspec.nbytes + CHECKSUM_BYTES}"
+                )
+    return stored
+
+
+def parse_manifest(data: bytes, path: Path) -> StoredEntry:
+    """The entry whose group metadata (zarr.json) is `data`, in directory or prefix `path`, once its seal, every
+    field's type and the name of `path` against the key verify; DamagedEntry otherwise."""
     try:
-        meta = json.loads(files.read_bytes(path / "zarr.json"))
+        meta = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DamagedEntry(f"zarr.json is not JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
@@ -155,14 +170,6 @@ def parse_group(path: Path, files: FileOps) -> StoredEntry:
     name = path.name
     if not (ENTRY_NAME.fullmatch(name) and name.startswith(key_hash(stored.spec.key) + "-")):
         raise DamagedEntry(f"the directory name {name!r} does not belong to key {stored.spec.key!r}")
-    for index, tspec in enumerate(stored.spec.tensors):
-        if tspec.nbytes:
-            size = files.stat(stored.chunk_files[index]).st_size
-            if size != tspec.nbytes + CHECKSUM_BYTES:
-                raise DamagedEntry(
-                    f"chunk {stored.chunk_files[index]} holds {size} bytes, the manifest says "
-                    f"{tspec.nbytes + CHECKSUM_BYTES}"
-                )
     return stored
 
 

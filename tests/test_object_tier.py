@@ -1,0 +1,208 @@
+"""The object tier against a real S3 server (SeaweedFS, started by the suite): the tier contract, then what only a
+bucket shared by several caches brings."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import CacheFactory
+from helpers import KiB, MiB, assert_same, kv, policy
+
+import tiercache
+from tiercache.policy.schema import ObjectBudget, TierBudget
+from tiercache.testing.servers import S3Server, StallingProxy
+from tiercache.testing.tiers import TierContract
+from tiercache.tiers.object import ObjectTier
+
+
+class TestObjectTierContract(TierContract):
+    tier_type = ObjectTier
+    name = "object"
+
+    @pytest.fixture(autouse=True)
+    def _settings(self, object_tier_settings: dict[str, Any]) -> None:
+        self.settings = object_tier_settings
+
+    def budget(self, capacity: int) -> TierBudget:
+        return ObjectBudget(capacity=capacity, **self.settings)
+
+
+# ---- in a cache: demotion below nvme, handoff between processes, faults ----------------------------------------
+def object_policy(settings: dict[str, Any], capacity: int = 8 * MiB, **tiers: dict[str, Any]) -> tiercache.Policy:
+    return policy(tiers={"object": {"capacity": capacity, **settings}, **tiers})
+
+
+def test_nvme_victims_go_down_to_the_bucket_and_come_back_bit_exact(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any]
+) -> None:
+    small = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 300 * KiB}}
+    cache = make_cache(object_policy(object_tier_settings, **small))
+    data = {f"k{i}": kv(i, 128 * KiB) for i in range(4)}
+    for key, tensors in data.items():
+        cache.put(key, tensors)
+    assert "object" in cache.info("k0").tiers and cache.stats().tiers["object"].entries >= 2
+    for key, tensors in data.items():
+        assert_same(cache[key], tensors)
+
+
+def test_an_entry_offloaded_to_the_bucket_is_read_by_another_process(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    pol = object_policy(object_tier_settings)
+    writer = f"""
+import sys, torch, tiercache
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from helpers import kv, policy
+pol = policy(tiers={{"object": {{"capacity": {8 * MiB}, **{object_tier_settings!r}}}}})
+with tiercache.TierCache(root={str(tmp_path / "a")!r}, policy=pol, device="cpu") as cache:
+    cache.put("handoff", kv(7, 256 * 1024))
+    moved = cache.offload("handoff", to="object")
+    assert moved.moved == ("handoff",), moved
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    reader = make_cache(pol, root=tmp_path / "b")  # another root: only the bucket is shared
+    assert reader.tier_of("handoff") == "object"
+    assert_same(reader["handoff"], kv(7, 256 * KiB))
+
+
+def test_a_delete_in_one_cache_is_a_miss_in_another_after_its_next_listing(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    settings = {**object_tier_settings, "list_every_s": 0.1}
+    pol = object_policy(settings, hbm={"capacity": 0}, host={"capacity": 0}, nvme={"capacity": 0})
+    a, b = make_cache(pol, root=tmp_path / "a"), make_cache(pol, root=tmp_path / "b")
+    a.put("x", kv(1))
+    wait_for(lambda: "x" in b)
+    assert_same(b["x"], kv(1))
+    a.put("x", kv(2))  # a new version replaces it for everyone (b's get of the old one is a miss meanwhile)
+    wait_for(lambda: (got := b.get("x")) is not None and torch.equal(got["k"], kv(2)["k"]))
+    del a["x"]
+    wait_for(lambda: "x" not in b)
+    assert b.get("x") is None
+
+
+def test_the_quota_counts_every_cache_and_a_full_bucket_evicts_by_the_rules(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    pol = object_policy({**object_tier_settings, "list_every_s": 0.1}, capacity=600 * KiB, **only)
+    a, b = make_cache(pol, root=tmp_path / "a"), make_cache(pol, root=tmp_path / "b")
+    a.put("a1", kv(1, 256 * KiB))
+    a.put("a2", kv(2, 256 * KiB))
+    wait_for(lambda: b.stats().tiers["object"].used >= 512 * KiB)
+    b.put("b1", kv(3, 256 * KiB))  # the bucket is full: the least recently used goes
+    assert "b1" in b and len(b) == 2 and b.stats().tiers["object"].used <= 600 * KiB
+    with pytest.raises(tiercache.CapacityError, match="object"):
+        b.put("huge", kv(4, 700 * KiB))
+
+
+def test_wrong_credentials_are_refused_at_open_naming_the_variables(
+    object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(tiercache.StorageError, match=r"refused the credentials.*AWS_ACCESS_KEY_ID"):
+        tiercache.TierCache(root=tmp_path / "r", policy=object_policy(object_tier_settings), device="cpu")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(tiercache.StorageError, match="no AWS_SECRET_ACCESS_KEY"):
+        tiercache.TierCache(root=tmp_path / "r", policy=object_policy(object_tier_settings), device="cpu")
+
+
+def test_a_server_that_stops_answering_is_a_storage_error_within_the_timeout(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], s3_server: Any
+) -> None:
+    proxy = StallingProxy(("127.0.0.1", s3_server.ports[6]))
+    try:
+        settings = {**object_tier_settings, "endpoint": proxy.endpoint, "timeout_s": 1.0, "retries": 0}
+        only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+        cache = make_cache(object_policy(settings, **only))
+        cache.put("kept", kv(1))
+        proxy.stalled.set()
+        start = time.monotonic()
+        with pytest.raises(tiercache.StorageError, match=r"put\('new'\).*did not commit.*timeout_s"):
+            cache.put("new", kv(2))
+        with pytest.raises(tiercache.StorageError, match="reading"):
+            cache["kept"]
+        assert time.monotonic() - start < 15
+        proxy.stalled.clear()
+        assert_same(cache["kept"], kv(1))  # nothing stored was lost; the cache works again
+        assert "new" not in cache
+    finally:
+        proxy.close()
+
+
+def test_the_server_killed_mid_put_and_restarted_loses_nothing_committed(tmp_path: Path, s3_server: Any) -> None:
+    server = S3Server(tmp_path / "own-server")  # one of its own: this test kills it
+    server.start()
+    try:
+        settings = {"url": "s3://tiercache/kill", "endpoint": server.endpoint, "timeout_s": 2.0, "retries": 0}
+        only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+        pol = object_policy(settings, capacity=64 * MiB, **only)
+        with tiercache.TierCache(root=tmp_path / "r", policy=pol, device="cpu") as cache:
+            cache.put("kept", kv(1, 1 * MiB))
+            killer = threading.Timer(0.05, server.stop, args=(signal.SIGKILL,))
+            killer.start()
+            with pytest.raises(tiercache.StorageError):
+                for i in range(200):  # one of these is in flight when the server dies
+                    cache.put(f"new{i}", kv(i, 4 * MiB))
+            killer.join()
+            with pytest.raises(tiercache.StorageError):
+                cache["kept"]  # mid-get: the server is gone
+            server.start()
+            assert_same(cache["kept"], kv(1, 1 * MiB))
+        with tiercache.TierCache(root=tmp_path / "r2", policy=pol, device="cpu") as again:
+            assert_same(again["kept"], kv(1, 1 * MiB))
+            for key in again.keys("new"):  # every entry listed is whole
+                assert_same(again[key], kv(int(key[3:]), 4 * MiB))
+    finally:
+        server.stop()
+
+
+def test_a_damaged_manifest_or_chunk_is_never_served(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    pol = object_policy(object_tier_settings, **only)
+    cache = make_cache(pol, root=tmp_path / "a")
+    cache.put("x", kv(1))
+    tier = cache.tiers["object"]
+    bucket = tier.bucket  # type: ignore[attr-defined]
+    chunk = next(o.path for o in bucket.objects("entries/") if "/c/" in o.path)
+    raw = bytearray(bucket.get(chunk))
+    raw[10] ^= 0xFF
+    bucket.put(chunk, bytes(raw))
+    with pytest.raises(tiercache.CorruptEntryError, match="CRC32C"):
+        cache["x"]
+    manifest = next(
+        o.path for o in bucket.objects("entries/") if o.path.count("/") == 2 and o.path != "entries/zarr.json"
+    )
+    bucket.put(manifest, bytes(bucket.get(manifest)).replace(b'"nbytes"', b'"nbytes" ', 1).replace(b"65536", b"65537"))
+    other = make_cache(pol, root=tmp_path / "b")
+    assert "x" not in other
+
+
+def test_objects_left_by_a_writer_that_died_are_swept_once_old(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any]
+) -> None:
+    settings = {**object_tier_settings, "orphan_age_s": 0.0, "list_every_s": 0.1}
+    cache = make_cache(object_policy(settings))
+    bucket = cache.tiers["object"].bucket  # type: ignore[attr-defined]
+    bucket.put("entries/" + "0" * 32 + "-" + "1" * 16 + "/t0/c/0", b"half an entry")
+    wait_for(lambda: not [o for o in bucket.objects("entries/") if "/t0/" in o.path])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

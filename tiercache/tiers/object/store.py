@@ -1,0 +1,159 @@
+"""A thin wrapper over obstore's S3 client: the bucket a policy's `[tiers.object]` names, with its timeouts and
+retries, and every failure turned into the cache's errors (a StorageError that names the server, the bucket, the
+object and what to do; a missing object is `Missing`).
+
+obstore (the Rust object_store crate) does the signing, retries, multipart uploads and parallel ranged reads; its
+calls release the GIL, so the tier's threads keep several requests in flight.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ...errors import StorageError
+from ...policy.schema import ObjectBudget
+
+try:
+    import obstore
+    from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, UnauthenticatedError
+    from obstore.store import S3Store
+except ImportError:  # the `s3` extra is not installed
+    obstore = None  # type: ignore[assignment]
+
+
+class Missing(LookupError):
+    """The object is not there (never written, or removed by another cache)."""
+
+
+class Exists(Exception):
+    """A create-if-absent put found the object already there."""
+
+
+@dataclass(frozen=True)
+class Listed:
+    path: str  # relative to the tier's prefix
+    size: int
+    modified: datetime
+
+
+class Bucket:
+    """The objects under one `s3://BUCKET/PREFIX`: paths given and returned are relative to the prefix."""
+
+    def __init__(self, budget: ObjectBudget) -> None:
+        if obstore is None:
+            raise StorageError(
+                "object tier: obstore is not installed; pip install 'tiercache-gpu[s3]' (or remove [tiers.object])"
+            )
+        self.budget = budget
+        self.where = f"{budget.url} at {budget.endpoint or 'AWS ' + budget.region}"
+        self._prefix = budget.prefix + "/" if budget.prefix else ""
+        key_id, secret = os.environ.get(budget.access_key_env), os.environ.get(budget.secret_key_env)
+        if not key_id or not secret:
+            missing = [n for n, v in ((budget.access_key_env, key_id), (budget.secret_key_env, secret)) if not v]
+            raise StorageError(
+                f"object tier ({self.where}): the environment has no {' or '.join(missing)}; export the bucket's "
+                "credentials there (tiers.object.access_key_env / secret_key_env name the variables)"
+            )
+        config: dict[str, Any] = {"region": budget.region, "access_key_id": key_id, "secret_access_key": secret}
+        if budget.endpoint:
+            config["endpoint"] = budget.endpoint
+        self.store = S3Store(
+            budget.bucket,
+            client_options={
+                "allow_http": budget.endpoint.startswith("http://"),
+                "timeout": timedelta(seconds=budget.timeout_s),
+                "connect_timeout": timedelta(seconds=budget.connect_timeout_s),
+            },
+            retry_config={
+                "max_retries": budget.retries,
+                "retry_timeout": timedelta(seconds=budget.timeout_s * (budget.retries + 1)),
+                "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2)},
+            },
+            **config,
+        )
+
+    def _path(self, path: str) -> str:
+        return self._prefix + path
+
+    def put(self, path: str, data: bytes | memoryview | Iterable[memoryview], *, create: bool = False) -> None:
+        """Write one object whole (atomic: readers see all of it or nothing); `create`: only if it is absent (the
+        commit point of an entry), else Exists. Large or piecewise data goes up as a multipart upload."""
+        multipart = not isinstance(data, bytes | memoryview) or len(data) > self.budget.part_size
+        try:
+            obstore.put(
+                self.store,
+                self._path(path),
+                data,
+                mode="create" if create else "overwrite",
+                use_multipart=multipart,
+                chunk_size=self.budget.part_size,
+                max_concurrency=self.budget.concurrency,
+            )
+        except AlreadyExistsError:
+            raise Exists(path) from None
+        except Exception as exc:
+            raise self.error(f"writing {path}", exc) from exc
+
+    def get(self, path: str) -> memoryview:
+        try:
+            return memoryview(obstore.get(self.store, self._path(path)).bytes())
+        except FileNotFoundError:
+            raise Missing(path) from None
+        except Exception as exc:
+            raise self.error(f"reading {path}", exc) from exc
+
+    def get_ranges(self, path: str, starts: Sequence[int], ends: Sequence[int]) -> list[memoryview]:
+        """Byte ranges of one object, fetched in parallel (obstore coalesces and overlaps them)."""
+        try:
+            return [memoryview(b) for b in obstore.get_ranges(self.store, self._path(path), starts=starts, ends=ends)]
+        except FileNotFoundError:
+            raise Missing(path) from None
+        except Exception as exc:
+            raise self.error(f"reading {path}", exc) from exc
+
+    def delete(self, paths: Sequence[str]) -> None:
+        """Remove objects (one missing already is no error)."""
+        try:
+            obstore.delete(self.store, [self._path(p) for p in paths])
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise self.error(f"removing {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}", exc) from exc
+
+    def objects(self, prefix: str) -> Iterator[Listed]:
+        """Every object whose path starts with `prefix`."""
+        skip = len(self._prefix)
+        try:
+            for batch in obstore.list(self.store, prefix=self._path(prefix), chunk_size=1000):
+                for meta in batch:
+                    yield Listed(meta["path"][skip:], meta["size"], meta["last_modified"])
+        except Exception as exc:
+            raise self.error(f"listing {prefix}", exc) from exc
+
+    def folders(self, prefix: str) -> list[str]:
+        """The "directories" one level below `prefix` (one request per 1000, however many objects each holds)."""
+        skip = len(self._prefix)
+        try:
+            listed = obstore.list_with_delimiter(self.store, prefix=self._path(prefix))
+        except Exception as exc:
+            raise self.error(f"listing {prefix}", exc) from exc
+        return [p[skip:].rstrip("/") for p in listed["common_prefixes"]]
+
+    def error(self, doing: str, exc: BaseException) -> StorageError:
+        """The StorageError for a failed request, with what to do about it."""
+        if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+            fix = (
+                f"the server refused the credentials: check ${self.budget.access_key_env} and "
+                f"${self.budget.secret_key_env}, and that they may read and write {self.budget.url}"
+            )
+        else:
+            fix = (
+                f"check that the server answers at {self.budget.endpoint or 'AWS'} and the bucket exists; "
+                f"tiers.object.timeout_s ({self.budget.timeout_s:g}) and retries ({self.budget.retries}) bound the wait"
+            )
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return StorageError(f"object tier ({self.where}): {doing} failed: {first[:300]}; {fix}")
