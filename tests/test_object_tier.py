@@ -206,3 +206,16 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("trailer_split", [0, 2], ids=["trailer-in-last-part", "trailer-across-parts"])
+def test_a_chunk_larger_than_a_part_goes_up_in_parts_and_comes_back_in_ranges(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], trailer_split: int
+) -> None:
+    part = 5 * MiB
+    nbytes = 2 * part - trailer_split  # with 2: the 4-byte checksum's first 2 bytes end one part, 2 start the next
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    cache = make_cache(object_policy({**object_tier_settings, "part_size": part}, capacity=32 * MiB, **only))
+    data = {"big": torch.randint(0, 255, (nbytes,), dtype=torch.uint8), "small": torch.arange(10.0)}
+    cache.put("x", data)
+    assert_same(cache["x"], data)

@@ -246,7 +246,8 @@ class ObjectTier(Tier):
                 if self.budget.verify_checksums:
                     crc = crc32c_address(piece[:take], crc=crc)
             at += len(piece)
-        trailer = b"".join(bytes(p) for p in pieces)[-CHECKSUM_BYTES:] if len(pieces[-1]) < 4 else pieces[-1][-4:]
+        # the stored checksum: the last 4 bytes, which may straddle the last two pieces (parts are >= 5 MiB)
+        trailer = b"".join(bytes(p[-CHECKSUM_BYTES:]) for p in pieces[-2:])[-CHECKSUM_BYTES:]
         if self.budget.verify_checksums:
             want = stored.checksums[index]
             if crc != want or int.from_bytes(trailer, "little") != want:
