@@ -3,6 +3,7 @@ bucket shared by several caches brings."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tiercache.policy.schema import ObjectBudget, TierBudget
 from tiercache.testing.servers import S3Server, StallingProxy
 from tiercache.testing.tiers import TierContract
 from tiercache.tiers.object import ObjectTier
+from tiercache.tools import cli
 
 
 class TestObjectTierContract(TierContract):
@@ -219,3 +221,37 @@ def test_a_chunk_larger_than_a_part_goes_up_in_parts_and_comes_back_in_ranges(
     data = {"big": torch.randint(0, 255, (nbytes,), dtype=torch.uint8), "small": torch.arange(10.0)}
     cache.put("x", data)
     assert_same(cache["x"], data)
+
+
+def test_the_ops_commands_list_measure_verify_and_sweep_a_bucket(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    cache = make_cache(object_policy(object_tier_settings, **only))
+    cache.put("stage1/latents", kv(1))
+    cache.put("stage1/prompt", kv(2, 16 * KiB))
+    bucket = cache.tiers["object"].bucket  # type: ignore[attr-defined]
+    bucket.put("entries/" + "0" * 32 + "-" + "1" * 16 + "/t0/c/0", b"left by a writer that died")
+    url, where = object_tier_settings["url"], ["--endpoint", object_tier_settings["endpoint"]]
+    capsys.readouterr()
+    assert cli.main(["ls", url, *where, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["key"] for r in listed] == ["stage1/latents", "stage1/prompt"] and listed[0]["nbytes"] == 64 * KiB
+    assert cli.main(["du", url, *where, "--json"]) == 0
+    usage = json.loads(capsys.readouterr().out)
+    assert usage["entries"] == 2 and usage["payload"] == 80 * KiB and usage["stored"] > usage["payload"]
+    assert cli.main(["verify", url, *where]) == 0
+    assert "2 good" in capsys.readouterr().out
+    assert cli.main(["gc", url, *where, "--grace", "0", "--dry-run"]) == 0
+    assert "would remove 1 objects" in capsys.readouterr().out
+    assert cli.main(["gc", url, *where, "--grace", "0"]) == 0
+    assert "removed 1 objects" in capsys.readouterr().out
+    assert not [o for o in bucket.objects("entries/") if "/t0/c/0" in o.path and o.path.startswith("entries/000")]
+    chunk = next(o.path for o in bucket.objects("entries/") if "/c/" in o.path)
+    raw = bytearray(bucket.get(chunk))
+    raw[0] ^= 1
+    bucket.put(chunk, bytes(raw))
+    assert cli.main(["verify", url, *where]) == 1
+    assert "does not verify" in capsys.readouterr().out
+    assert cli.main(["info", url, *where, "stage1/prompt"]) == 2
+    assert "for a bucket: tiercache ls" in capsys.readouterr().err

@@ -140,6 +140,10 @@ def _bar(args: argparse.Namespace) -> bool:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
+    if args.root.startswith("s3://"):
+        from . import bucket
+
+        return bucket.ls(args)
     from .root import format_listing, listing, read_snapshot
 
     snapshot = read_snapshot(Path(args.root), from_manifests=True)
@@ -166,6 +170,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.root.startswith("s3://"):
+        raise ValueError(f"info looks after an nvme root; for a bucket: tiercache ls / du / verify / gc {args.root}")
     from .root import entry_info, format_info, read_snapshot
 
     snapshot = read_snapshot(Path(args.root))
@@ -183,6 +189,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.root.startswith("s3://"):
+        from . import bucket
+
+        return bucket.verify(args)
     from ..units import format_size
     from .root import read_snapshot, show_key, unindexed, verify_entries
 
@@ -222,6 +232,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
+    if args.root.startswith("s3://"):
+        from . import bucket
+
+        return bucket.gc(args)
     from .root import collect_garbage, format_gc, gc_json
 
     with progress_callback(description="gc: verifying", enabled=_bar(args)) as progress:
@@ -239,6 +253,10 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_du(args: argparse.Namespace) -> int:
+    if args.root.startswith("s3://"):
+        from . import bucket
+
+        return bucket.du(args)
     from .root import disk_usage, format_usage, read_snapshot
 
     usage = disk_usage(read_snapshot(Path(args.root), from_manifests=True))
@@ -247,6 +265,8 @@ def _cmd_du(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    if args.root.startswith("s3://"):
+        raise ValueError(f"stats looks after an nvme root; for a bucket: tiercache ls / du / verify / gc {args.root}")
     from .root import format_stats, read_snapshot, root_stats
 
     stats = root_stats(read_snapshot(Path(args.root)))
@@ -312,7 +332,14 @@ def _root_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             description=f"{summary[0].upper()}{summary[1:]}.\n\n{details}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        parser.add_argument("root", metavar="ROOT", help="the nvme tier's directory (TierCache(root=...))")
+        parser.add_argument(
+            "root",
+            metavar="ROOT",
+            help="the nvme tier's directory (TierCache(root=...)), or an object tier's s3://BUCKET[/PREFIX] (ls, du, "
+            "verify, gc; credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+        )
+        parser.add_argument("--endpoint", default="", help="a bucket's S3 server (tiers.object.endpoint; empty: AWS)")
+        parser.add_argument("--region", default="us-east-1", help="a bucket's region (tiers.object.region)")
         return parser
 
     def wrap(text: str) -> str:

@@ -371,10 +371,17 @@ class ObjectTier(Tier):
             log.warning("tiercache: object tier: entry %s in %s is damaged, not served: %s", name, self.budget.url, exc)
             return None
 
-    def _sweep(self, objects: list[Listed], entries: dict[str, StoredEntry | None]) -> None:
-        """Remove, once orphan_age_s old: the objects of entries with no manifest (a writer died mid-put), and the
-        versions of a key that a newer one replaced (manifest first)."""
-        now, age = datetime.now(UTC), self.budget.orphan_age_s
+    def _sweep(
+        self,
+        objects: list[Listed],
+        entries: dict[str, StoredEntry | None],
+        age: float | None = None,
+        remove: bool = True,
+    ) -> int:
+        """Remove, once `age` (orphan_age_s) old: the objects of entries with no manifest (a writer died mid-put),
+        and the versions of a key that a newer one replaced (manifest first). Returns how many objects went (with
+        `remove` False: would go, and nothing is removed)."""
+        now, age = datetime.now(UTC), self.budget.orphan_age_s if age is None else age
         modified = {o.path: o.modified for o in objects}
         orphans = [
             o.path
@@ -392,9 +399,40 @@ class ObjectTier(Tier):
             best = newest[stored.spec.key]
             committed = modified.get(f"{best.path}/zarr.json")
             if best is not stored and committed is not None and (now - committed).total_seconds() >= age:
-                self._remove_quietly([f"{stored.path}/zarr.json"])
-                orphans += self._objects_of(stored)
-        self._remove_quietly(orphans)
+                if remove:
+                    self._remove_quietly([f"{stored.path}/zarr.json"])
+                orphans += [f"{stored.path}/zarr.json", *self._objects_of(stored)]
+        if remove:
+            self._remove_quietly(orphans)
+        return len(orphans)
+
+    # ---- for the ops commands (tiercache ls / du / verify / gc s3://...) -------------------------------------
+    def stored(self) -> list[StoredEntry]:
+        """Every live entry under the prefix now (a listing of its own), oldest first; damaged ones left out."""
+        entries = self._list().entries
+        return sorted((e for e in entries.values() if e is not None), key=lambda e: e.written_ns)
+
+    def damaged(self) -> list[str]:
+        """Names of the entries whose manifest does not verify, as of the last listing."""
+        return sorted(name for name, e in self._parsed.items() if e is None)
+
+    def check(self, stored: StoredEntry) -> str | None:
+        """Read every tensor of an entry and check its CRC32C: None when it verifies, else what is wrong."""
+        bucket, _ = self._bucket()
+        try:
+            for index in range(len(stored.spec.tensors)):
+                self._fetch(bucket, stored, index)
+        except (CorruptEntryError, EntryNotFoundError) as exc:
+            return str(exc)
+        return None
+
+    def collect(self, age_s: float, *, dry_run: bool = False) -> int:
+        """Sweep now, with every object listed: what no manifest names, entries whose manifest is damaged, and
+        replaced versions, once `age_s` old; how many objects went (`dry_run`: would go)."""
+        listing = self._list()
+        objects = list(self._bucket()[0].objects(f"{ENTRIES}/"))
+        live: dict[str, StoredEntry | None] = {n: e for n, e in listing.entries.items() if e is not None}
+        return self._sweep(objects, live, age_s, remove=not dry_run)
 
     def _list_forever(self) -> None:
         period = min(SWEEP_EVERY_S, max(self.budget.orphan_age_s, self.budget.list_every_s))  # no later than needed
