@@ -18,7 +18,6 @@ at once may overshoot it by what they write in one listing's interval.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import threading
@@ -54,7 +53,6 @@ from .store import Bucket, Exists, Listed, Missing
 
 log = logging.getLogger("tiercache")
 ENTRIES = "entries"
-SWEEP_EVERY_S = 10.0  # how often the lister lists every object (not only the entries) and sweeps what is left over
 GROUP = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 
@@ -94,7 +92,7 @@ class ObjectTier(Tier):
         if not self.read_only:
             with contextlib.suppress(Exists):
                 self.bucket.put(f"{ENTRIES}/zarr.json", GROUP, create=True)  # also proves the credentials
-        self._pending = self._list()  # the first listing before open returns: a handoff's entries are found
+        self._pending = self._list(first=True)  # before open returns: a handoff's entries are found
         self._wake = threading.Event()
         self._lister = threading.Thread(target=self._list_forever, name="tiercache-object-lister", daemon=True)
         self._lister.start()
@@ -340,17 +338,19 @@ class ObjectTier(Tier):
     def ignore(self, found: Found) -> None:
         self._ignored.add(found.handle.path.name)
 
-    def _list(self, sweep: bool = False) -> _Listing:
-        """Every live entry under the prefix, its manifest read once per name and verified. One request per 1000
-        entries (their folders); with `sweep`, every object is listed instead, and the sweep runs on what it finds."""
+    def _list(self, *, first: bool = False) -> _Listing:
+        """Every live entry under the prefix, its manifest read once per name and verified; then the sweep, on what
+        the listing found. The `first` listing (at open, nothing known yet, every manifest to be read anyway) lists
+        the entries' folders only: one request per 1000 entries, not per 1000 objects. Later ones list every object:
+        a folder outlives its manifest (a removal deletes that first, and some servers keep empty folders)."""
         bucket, _ = self._bucket()
         started = time.monotonic()
         objects: list[Listed] = []
-        if sweep:
+        if first:
+            names = {folder.rsplit("/", 1)[-1] for folder in bucket.folders(f"{ENTRIES}/")}
+        else:
             objects = list(bucket.objects(f"{ENTRIES}/"))
             names = {o.path.split("/")[1] for o in objects if o.path.count("/") == 2 and o.path.endswith("/zarr.json")}
-        else:
-            names = {folder.rsplit("/", 1)[-1] for folder in bucket.folders(f"{ENTRIES}/")}
         entries: dict[str, StoredEntry | None] = {}
         for name in sorted(n for n in names if ENTRY_NAME.fullmatch(n)):
             try:
@@ -358,7 +358,7 @@ class ObjectTier(Tier):
             except Missing:  # not committed yet (a put in flight, or a writer that died), or removed since
                 continue
         self._parsed = entries
-        if sweep:
+        if objects and not self.read_only:
             self._sweep(objects, entries)
         return _Listing(entries, started)
 
@@ -435,15 +435,13 @@ class ObjectTier(Tier):
         return self._sweep(objects, live, age_s, remove=not dry_run)
 
     def _list_forever(self) -> None:
-        period = min(SWEEP_EVERY_S, max(self.budget.orphan_age_s, self.budget.list_every_s))  # no later than needed
-        every = max(1, round(period / max(self.budget.list_every_s, 1e-3)))
-        for count in itertools.count(1):
+        while True:
             self._wake.wait(self.budget.list_every_s)  # set: a read found an entry gone, or close()
             self._wake.clear()
             if self._closed:
                 return
             try:
-                listing = self._list(sweep=not self.read_only and count % every == 0)
+                listing = self._list()
             except StorageError as exc:  # the server is away: the next listing tries again
                 log.warning("tiercache: %s", exc)
                 continue
