@@ -92,7 +92,10 @@ class ObjectTier(Tier):
         if not self.read_only:
             with contextlib.suppress(Exists):
                 self.bucket.put(f"{ENTRIES}/zarr.json", GROUP, create=True)  # also proves the credentials
-        self._pending = self._list(first=True)  # before open returns: a handoff's entries are found
+        # The first listing runs on the lister thread while the other tiers open; the cache's first refresh (still
+        # inside its open) waits for it, so a handoff's entries are found before the open returns.
+        self._listed_once = threading.Event()
+        self._first_error: BaseException | None = None
         self._wake = threading.Event()
         self._lister = threading.Thread(target=self._list_forever, name="tiercache-object-lister", daemon=True)
         self._lister.start()
@@ -307,6 +310,11 @@ class ObjectTier(Tier):
     def refresh(self) -> Refresh:
         """What the latest listing found (taken on the lister thread: no request here) that this cache lacks, and
         what it no longer lists of what this cache indexed before the listing began."""
+        if self.bucket is not None and not self._listed_once.is_set():
+            self._listed_once.wait()
+        if self._first_error is not None:  # the open fails with it (once)
+            error, self._first_error = self._first_error, None
+            raise error
         with self._lock:
             listing, self._pending = self._pending, None
         if listing is None:
@@ -435,6 +443,14 @@ class ObjectTier(Tier):
         return self._sweep(objects, live, age_s, remove=not dry_run)
 
     def _list_forever(self) -> None:
+        try:
+            first = self._list(first=True)
+            with self._lock:
+                self._pending = first
+        except BaseException as exc:  # noqa: BLE001 - handed to the first refresh, in the cache's open
+            self._first_error = exc
+        finally:
+            self._listed_once.set()
         while True:
             self._wake.wait(self.budget.list_every_s)  # set: a read found an entry gone, or close()
             self._wake.clear()
