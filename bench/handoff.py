@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import torch
 import tiercache
 from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
 
-from .measure import Row, chunk_files, direct_read, make_entry, row
+from .measure import Row, child_seconds, chunk_files, direct_read, make_entry, row
 from .peers import touch
 
 RAW_THREADS = 4
@@ -97,16 +96,7 @@ def _child(mode: str, args: list[str]) -> float:
 def _timed(mode: str, arg: str, drop: list[Path]) -> float:
     for path in drop:
         drop_page_cache(path)
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.handoff", "child", mode, arg],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"bench.handoff child {mode} failed:\n{done.stderr}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return child_seconds("bench.handoff", mode, arg)
 
 
 def bench_handoff(sizes: list[int], root: Path, repeat: int, progress: Callable[[str], None]) -> list[Row]:

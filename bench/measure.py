@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -198,3 +200,17 @@ def direct_read(path: str | Path, size: int, view: memoryview) -> None:
             done += n
     finally:
         os.close(fd)
+
+
+def child_seconds(module: str, *args: str) -> float:
+    """Run `python -m MODULE child ARGS...` in a fresh process from the checkout; the seconds it printed last."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "child", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} child {' '.join(args[:1])} failed:\n{done.stderr}")
+    return float(done.stdout.strip().splitlines()[-1])

@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ import torch
 import tiercache
 from tiercache.entry import as_bytes
 
-from .measure import Row, make_entry, row, side_by_side
+from .measure import Row, child_seconds, make_entry, row, side_by_side
 from .peers import touch
 
 KEY = "object"
@@ -116,16 +115,7 @@ def _child(mode: str, args: list[str]) -> float:
 
 
 def _timed(mode: str, *args: str) -> float:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.object", "child", mode, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"bench.object child {mode} failed:\n{done.stderr}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return child_seconds("bench.object", mode, *args)
 
 
 class _Sender:

@@ -83,6 +83,10 @@ class ObjectTier(Tier):
         self._parsed: dict[str, StoredEntry | None] = {}  # the lister's: manifests read so far (None: damaged)
         self._writing: set[str] = set()  # this cache's puts not committed yet
         self._pending: _Listing | None = None  # the latest listing, until refresh() takes it in
+        # The first listing runs on the lister thread while the other tiers open; the cache's first refresh (still
+        # inside its open) waits for it, so a handoff's entries are found before the open returns.
+        self._listed_once = threading.Event()
+        self._first_error: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.bucket: Bucket | None = None
         if budget.capacity == 0:  # off: holds nothing, talks to nobody
@@ -92,10 +96,6 @@ class ObjectTier(Tier):
         if not self.read_only:
             with contextlib.suppress(Exists):
                 self.bucket.put(f"{ENTRIES}/zarr.json", GROUP, create=True)  # also proves the credentials
-        # The first listing runs on the lister thread while the other tiers open; the cache's first refresh (still
-        # inside its open) waits for it, so a handoff's entries are found before the open returns.
-        self._listed_once = threading.Event()
-        self._first_error: BaseException | None = None
         self._wake = threading.Event()
         self._lister = threading.Thread(target=self._list_forever, name="tiercache-object-lister", daemon=True)
         self._lister.start()
