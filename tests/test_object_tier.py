@@ -23,6 +23,7 @@ from tiercache.policy.schema import ObjectBudget, TierBudget
 from tiercache.testing.servers import S3Server, StallingProxy
 from tiercache.testing.tiers import TierContract
 from tiercache.tiers.object import ObjectTier
+from tiercache.tiers.object.store import Exists
 from tiercache.tools import cli
 
 
@@ -255,3 +256,61 @@ def test_the_ops_commands_list_measure_verify_and_sweep_a_bucket(
     assert "does not verify" in capsys.readouterr().out
     assert cli.main(["info", url, *where, "stage1/prompt"]) == 2
     assert "for a bucket: tiercache ls" in capsys.readouterr().err
+
+
+def test_a_commit_whose_reply_was_lost_leaves_no_entry_without_chunks(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    pol = object_policy(object_tier_settings, **only)
+    cache = make_cache(pol, root=tmp_path / "a")
+    bucket = cache.tiers["object"].bucket  # type: ignore[attr-defined]
+    real_put = bucket.put
+
+    def commit_then(error: BaseException) -> Callable[..., None]:
+        def put(path: str, data: Any, *, create: bool = False) -> None:
+            real_put(path, data, create=create)
+            if create and path.count("/") == 2:  # the manifest landed; the reply did not
+                raise error
+
+        return put
+
+    monkeypatch.setattr(bucket, "put", commit_then(tiercache.StorageError("reply lost")))
+    with pytest.raises(tiercache.StorageError, match="did not commit"):
+        cache.put("lost", kv(1))
+    monkeypatch.setattr(bucket, "put", commit_then(Exists("retried after it landed")))
+    cache.put("retried", kv(2))  # the retry found its own commit: committed
+    monkeypatch.setattr(bucket, "put", real_put)
+    other = make_cache(pol, root=tmp_path / "b")
+    assert "lost" not in other and "lost" not in cache
+    assert_same(other["retried"], kv(2))
+
+
+def test_an_entry_this_cache_removed_never_comes_back_from_a_listing(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    settings = {**object_tier_settings, "list_every_s": 0.0}  # listings back to back: one is always under way
+    cache = make_cache(object_policy(settings, capacity=150 * KiB, **only))
+    for i in range(10):
+        cache.put(f"k{i}", kv(i))
+        del cache[f"k{i}"]
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            assert f"k{i}" not in cache
+    # an eviction whose removal the server refuses: gone from this cache at once, its bytes counted until the
+    # lister's retry removes it from the bucket
+    bucket = cache.tiers["object"].bucket  # type: ignore[attr-defined]
+    real_delete = bucket.delete
+    monkeypatch.setattr(bucket, "delete", lambda paths: (_ for _ in ()).throw(tiercache.StorageError("refused")))
+    cache.put("a", kv(1))
+    cache.put("b", kv(2))
+    with pytest.raises(tiercache.CapacityError):
+        cache.put("c", kv(3))  # the quota holds two: the victims' removals are refused, their room still taken
+    assert "a" not in cache and "c" not in cache  # (the engine went on to evict "b" as well: both are doomed)
+    monkeypatch.setattr(bucket, "delete", real_delete)
+    manifests = lambda: [o.path for o in bucket.objects("entries/") if o.path.count("/") == 2]  # noqa: E731
+    wait_for(lambda: not manifests())  # the lister's retries removed them from the bucket
+    wait_for(lambda: cache.stats().tiers["object"].used == 0)
+    cache.put("c", kv(3))
+    assert "a" not in cache and cache.keys() == ["c"]

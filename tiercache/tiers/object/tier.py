@@ -82,6 +82,8 @@ class ObjectTier(Tier):
         self._lock = threading.Lock()  # hands `_pending` from the lister thread over
         self._parsed: dict[str, StoredEntry | None] = {}  # the lister's: manifests read so far (None: damaged)
         self._writing: set[str] = set()  # this cache's puts not committed yet
+        self._removed: dict[str, float] = {}  # entries this cache removed, and when (inf: its removal is retried)
+        self._doomed: dict[str, StoredEntry] = {}  # released entries whose removal failed: the lister retries it
         self._pending: _Listing | None = None  # the latest listing, until refresh() takes it in
         # The first listing runs on the lister thread while the other tiers open; the cache's first refresh (still
         # inside its open) waits for it, so a handoff's entries are found before the open returns.
@@ -141,12 +143,14 @@ class ObjectTier(Tier):
         name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
         self._admit(entry, spec)  # the room is taken before the first byte goes up
         self._sizes[name] = spec.nbytes
-        self._writing.add(name)
-        if after is not None:
-            after.synchronize()
+        with self._lock:  # the lister's sweep reads it
+            self._writing.add(name)
         start = time.perf_counter()
         written: list[str] = []
+        manifest_path = f"{ENTRIES}/{name}/zarr.json"
         try:
+            if after is not None:
+                after.synchronize()
             host = [as_bytes(tensors[t.name].detach().contiguous().cpu()) for t in spec.tensors]
             metas = [
                 pool.submit(self._put_one, bucket, f"{ENTRIES}/{name}/t{i}/zarr.json", meta, written)
@@ -158,13 +162,24 @@ class ObjectTier(Tier):
             checksums = [future.result() for future in chunks]
             for future in metas:
                 future.result()
+            if time.perf_counter() - start > self.budget.orphan_age_s / 2:  # the sweep may have taken its chunks
+                raise StorageError(
+                    f"object tier: the upload took {time.perf_counter() - start:.0f} s, more than half of "
+                    f"tiers.object.orphan_age_s ({self.budget.orphan_age_s:g} s), after which the sweep of any cache "
+                    "may remove its objects; raise orphan_age_s"
+                )
             stamp = written_ns or time.time_ns()
             manifest = json.dumps(group_metadata(spec, checksums, stamp), indent=1).encode()
-            bucket.put(f"{ENTRIES}/{name}/zarr.json", manifest, create=True)  # the commit
+            try:
+                bucket.put(manifest_path, manifest, create=True)  # the commit
+            except Exists:  # a retry after our own commit landed (its reply lost): the name is ours alone
+                pass
         except BaseException as exc:
             self._forget(entry)
             self._sizes.pop(name, None)
-            self._writing.discard(name)
+            with self._lock:
+                self._writing.discard(name)
+            self._remove_quietly([manifest_path])  # first: a commit whose reply was lost must not outlive its chunks
             self._remove_quietly(written)
             if isinstance(exc, StorageError):
                 raise StorageError(
@@ -172,7 +187,8 @@ class ObjectTier(Tier):
                     f"stored and the entries already stored are untouched: {exc}"
                 ) from exc
             raise
-        self._writing.discard(name)
+        with self._lock:
+            self._writing.discard(name)
         self._index(entry, StoredEntry(spec, Path(ENTRIES, name), tuple(checksums), stamp))
         self._log(source, self.name, spec.nbytes, time.perf_counter() - start)
 
@@ -268,15 +284,20 @@ class ObjectTier(Tier):
         bucket, pool = self._bucket()
         name = stored.path.name
         bucket.delete([f"{ENTRIES}/{name}/zarr.json"])  # the entry is gone for everyone from here on
+        self._removed[name] = time.monotonic()  # a listing begun before must not bring it back
         self._drop(entry, name)
         pool.submit(self._remove_quietly, self._objects_of(stored))  # its objects: no caller waits on them
 
     def release(self, entry: EntryId) -> None:
         try:
             self.delete(entry)
-        except StorageError as exc:  # left for the sweep of a later listing (an old version), and counted till then
-            log.warning("tiercache: %s", exc)
+        except StorageError as exc:  # the lister deletes it again; never served or found again meanwhile
+            log.warning("tiercache: %s (the object tier retries the removal)", exc)
             if entry in self._stored:
+                stored = self._stored[entry]
+                with self._lock:
+                    self._doomed[stored.path.name] = stored
+                self._removed[stored.path.name] = float("inf")
                 self._unindex(entry)
 
     def _index(self, entry: EntryId, stored: StoredEntry) -> None:
@@ -323,8 +344,12 @@ class ObjectTier(Tier):
         found = [
             Found(stored.spec, stored.written_ns, stored)
             for name, stored in entries.items()
-            if stored is not None and name not in self._ids and name not in self._ignored
+            if stored is not None
+            and name not in self._ids
+            and name not in self._ignored
+            and self._removed.get(name, -1.0) < listing.started
         ]
+        self._removed = {n: t for n, t in self._removed.items() if n in entries or t >= listing.started}
         found.sort(key=lambda f: f.written_ns)
         newer = {f.spec.key for f in found}
         gone = [uid for name, uid in self._ids.items() if name not in entries and self._since[name] < listing.started]
@@ -346,7 +371,7 @@ class ObjectTier(Tier):
     def ignore(self, found: Found) -> None:
         self._ignored.add(found.handle.path.name)
 
-    def _list(self, *, first: bool = False) -> _Listing:
+    def _list(self, *, first: bool = False, sweep: bool = True) -> _Listing:
         """Every live entry under the prefix, its manifest read once per name and verified; then the sweep, on what
         the listing found. The `first` listing (at open, nothing known yet, every manifest to be read anyway) lists
         the entries' folders only: one request per 1000 entries, not per 1000 objects. Later ones list every object:
@@ -366,9 +391,21 @@ class ObjectTier(Tier):
             except Missing:  # not committed yet (a put in flight, or a writer that died), or removed since
                 continue
         self._parsed = entries
-        if objects and not self.read_only:
+        if objects and sweep and not self.read_only:
+            self._retry_removals()
             self._sweep(objects, entries)
         return _Listing(entries, started)
+
+    def _retry_removals(self) -> None:
+        with self._lock:
+            doomed = list(self._doomed.items())
+        for name, stored in doomed:
+            try:
+                self._bucket()[0].delete([f"{stored.path}/zarr.json", *self._objects_of(stored)])
+            except StorageError:
+                continue
+            with self._lock:
+                self._doomed.pop(name, None)
 
     def _manifest(self, name: str) -> StoredEntry | None:
         """The entry `name`'s manifest, verified; None where it is damaged (logged, never served); Missing if gone."""
@@ -387,16 +424,17 @@ class ObjectTier(Tier):
         remove: bool = True,
     ) -> int:
         """Remove, once `age` (orphan_age_s) old: the objects of entries with no manifest (a writer died mid-put),
-        and the versions of a key that a newer one replaced (manifest first). Returns how many objects went (with
+        or whose manifest is damaged, and the versions of a key that a newer one replaced (manifest first); never what
+        a put of this cache is writing. Returns how many objects went (with
         `remove` False: would go, and nothing is removed)."""
         now, age = datetime.now(UTC), self.budget.orphan_age_s if age is None else age
         modified = {o.path: o.modified for o in objects}
+        with self._lock:
+            keep = {n for n, e in entries.items() if e is not None} | self._writing  # damaged entries go too
         orphans = [
             o.path
             for o in objects
-            if o.path.count("/") > 1
-            and o.path.split("/")[1] not in entries
-            and (now - o.modified).total_seconds() >= age
+            if o.path.count("/") > 1 and o.path.split("/")[1] not in keep and (now - o.modified).total_seconds() >= age
         ]
         newest: dict[str, StoredEntry] = {}
         for stored in (e for e in entries.values() if e is not None):
@@ -417,7 +455,7 @@ class ObjectTier(Tier):
     # ---- for the ops commands (tiercache ls / du / verify / gc s3://...) -------------------------------------
     def stored(self) -> list[StoredEntry]:
         """Every live entry under the prefix now (a listing of its own), oldest first; damaged ones left out."""
-        entries = self._list().entries
+        entries = self._list(sweep=False).entries
         return sorted((e for e in entries.values() if e is not None), key=lambda e: e.written_ns)
 
     def damaged(self) -> list[str]:
@@ -437,7 +475,7 @@ class ObjectTier(Tier):
     def collect(self, age_s: float, *, dry_run: bool = False) -> int:
         """Sweep now, with every object listed: what no manifest names, entries whose manifest is damaged, and
         replaced versions, once `age_s` old; how many objects went (`dry_run`: would go)."""
-        listing = self._list()
+        listing = self._list(sweep=False)
         objects = list(self._bucket()[0].objects(f"{ENTRIES}/"))
         live: dict[str, StoredEntry | None] = {n: e for n, e in listing.entries.items() if e is not None}
         return self._sweep(objects, live, age_s, remove=not dry_run)
