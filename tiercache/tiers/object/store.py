@@ -106,10 +106,11 @@ class Bucket:
         except Exception as exc:
             raise self.error(f"reading {path}", exc) from exc
 
-    def get_ranges(self, path: str, starts: Sequence[int], ends: Sequence[int]) -> list[memoryview]:
-        """Byte ranges of one object, fetched in parallel (obstore coalesces and overlaps them)."""
+    def get_range(self, path: str, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of one object: one request, under its own timeout (obstore's get_ranges would merge
+        adjacent ranges into one request, whose timeout a large chunk outlasts)."""
         try:
-            return [memoryview(b) for b in obstore.get_ranges(self.store, self._path(path), starts=starts, ends=ends)]
+            return memoryview(obstore.get_range(self.store, self._path(path), start=start, end=end))
         except FileNotFoundError:
             raise Missing(path) from None
         except Exception as exc:

@@ -90,11 +90,14 @@ class ObjectTier(Tier):
         self._listed_once = threading.Event()
         self._first_error: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._parts: ThreadPoolExecutor | None = None
         self.bucket: Bucket | None = None
         if budget.capacity == 0:  # off: holds nothing, talks to nobody
             return
         self.bucket = Bucket(budget)
         self._pool = ThreadPoolExecutor(budget.concurrency, thread_name_prefix="tiercache-object")
+        # the parts of one large chunk: a pool of their own, since the reads that wait for them run on _pool
+        self._parts = ThreadPoolExecutor(budget.concurrency, thread_name_prefix="tiercache-object-part")
         if not self.read_only:
             with contextlib.suppress(Exists):
                 self.bucket.put(f"{ENTRIES}/zarr.json", GROUP, create=True)  # also proves the credentials
@@ -246,7 +249,12 @@ class ObjectTier(Tier):
         part = self.budget.part_size
         starts = list(range(0, total, part))
         try:
-            pieces = bucket.get_ranges(path, starts, [min(s + part, total) for s in starts])
+            if len(starts) == 1:
+                pieces = [bucket.get_range(path, 0, total)]
+            else:  # one request per part, in parallel, each under its own timeout
+                assert self._parts is not None
+                futures = [self._parts.submit(bucket.get_range, path, s, min(s + part, total)) for s in starts]
+                pieces = [future.result() for future in futures]
         except Missing:
             self._wake.set()  # list again now: a newer version of the key may have replaced it
             raise EntryNotFoundError(
@@ -519,6 +527,8 @@ class ObjectTier(Tier):
             self._lister.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # removals queued finish (a load's fetches are done by now)
+        if self._parts is not None:
+            self._parts.shutdown(wait=True)
         self._stored.clear()
         self._ids.clear()
         self._specs.clear()
