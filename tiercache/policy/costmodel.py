@@ -92,13 +92,13 @@ class Profile:
             if key not in allowed:
                 raise PolicyError(f"{path}: unknown key '{key}'; allowed: {', '.join(sorted(allowed))}")
         table = data.get("pathways", {})
-        names = [str(p) for p in PATHWAYS]
+        names, optional = [str(p) for p in PATHWAYS], [str(p) for p in OBJECT_PATHWAYS]
         missing = [n for n in names if n not in table]
-        unknown = [n for n in table if n not in names and n not in {str(p) for p in OBJECT_PATHWAYS}]
+        unknown = [n for n in table if n not in names and n not in optional]
         if missing or unknown:
             raise PolicyError(
                 f"{path}: [pathways] must give exactly {', '.join(names)} (and may give "
-                f"{', '.join(map(str, OBJECT_PATHWAYS))}); missing {missing or 'none'}, unknown {unknown or 'none'}"
+                f"{', '.join(optional)}); missing {missing or 'none'}, unknown {unknown or 'none'}"
             )
         costs: dict[Pathway, PathwayCost] = dict.fromkeys(OBJECT_PATHWAYS, ASSUMED_OBJECT)
         for name in (*PATHWAYS, *(p for p in OBJECT_PATHWAYS if str(p) in table)):

@@ -56,6 +56,16 @@ ENTRIES = "entries"
 GROUP = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 
+def manifest_path(name: str) -> str:
+    """Entry `name`'s sealed manifest (its group's zarr.json): the object whose existence is the entry's."""
+    return f"{ENTRIES}/{name}/zarr.json"
+
+
+def array_path(name: str, index: int) -> str:
+    """Tensor `index`'s array metadata in entry `name`."""
+    return f"{ENTRIES}/{name}/t{index}/zarr.json"
+
+
 @dataclass
 class _Listing:
     """One pass over the bucket: every live entry by name (None: its manifest is damaged), and when it began."""
@@ -150,13 +160,13 @@ class ObjectTier(Tier):
             self._writing.add(name)
         start = time.perf_counter()
         written: list[str] = []
-        manifest_path = f"{ENTRIES}/{name}/zarr.json"
+        manifest = manifest_path(name)
         try:
             if after is not None:
                 after.synchronize()
             host = [as_bytes(tensors[t.name].detach().contiguous().cpu()) for t in spec.tensors]
             metas = [
-                pool.submit(self._put_one, bucket, f"{ENTRIES}/{name}/t{i}/zarr.json", meta, written)
+                pool.submit(self._put_one, bucket, array_path(name, i), meta, written)
                 for i, t in enumerate(spec.tensors)
                 for meta in [json.dumps(array_metadata(t, i), indent=1).encode()]
             ]
@@ -172,9 +182,8 @@ class ObjectTier(Tier):
                     "may remove its objects; raise orphan_age_s"
                 )
             stamp = written_ns or time.time_ns()
-            manifest = json.dumps(group_metadata(spec, checksums, stamp), indent=1).encode()
-            try:
-                bucket.put(manifest_path, manifest, create=True)  # the commit
+            try:  # the commit
+                bucket.put(manifest, json.dumps(group_metadata(spec, checksums, stamp), indent=1).encode(), create=True)
             except Exists:  # a retry after our own commit landed (its reply lost): the name is ours alone
                 pass
         except BaseException as exc:
@@ -182,7 +191,7 @@ class ObjectTier(Tier):
             self._sizes.pop(name, None)
             with self._lock:
                 self._writing.discard(name)
-            self._remove_quietly([manifest_path])  # first: a commit whose reply was lost must not outlive its chunks
+            self._remove_quietly([manifest])  # first: a commit whose reply was lost must not outlive its chunks
             self._remove_quietly(written)
             if isinstance(exc, StorageError):
                 raise StorageError(
@@ -291,7 +300,7 @@ class ObjectTier(Tier):
             raise StorageError(f"object tier: delete({stored.spec.key!r}): this cache opened its stores read-only")
         bucket, pool = self._bucket()
         name = stored.path.name
-        bucket.delete([f"{ENTRIES}/{name}/zarr.json"])  # the entry is gone for everyone from here on
+        bucket.delete([manifest_path(name)])  # the entry is gone for everyone from here on
         self._removed[name] = time.monotonic()  # a listing begun before must not bring it back
         self._drop(entry, name)
         pool.submit(self._remove_quietly, self._objects_of(stored))  # its objects: no caller waits on them
@@ -325,7 +334,7 @@ class ObjectTier(Tier):
 
     def _objects_of(self, stored: StoredEntry) -> list[str]:
         name = stored.path.name
-        paths = [f"{ENTRIES}/{name}/t{i}/zarr.json" for i in range(len(stored.spec.tensors))]
+        paths = [array_path(name, i) for i in range(len(stored.spec.tensors))]
         return paths + [p for i, p in enumerate(stored.chunk_files) if stored.spec.tensors[i].nbytes]
 
     def _remove_quietly(self, paths: list[str]) -> None:
@@ -373,7 +382,6 @@ class ObjectTier(Tier):
     def adopt(self, entry: EntryId, found: Found) -> None:
         stored: StoredEntry = found.handle
         self._specs[entry] = stored.spec  # stored already: its bytes are in the quota's count, whatever the budget
-        self._used += stored.spec.nbytes
         self._index(entry, stored)
 
     def ignore(self, found: Found) -> None:
@@ -409,7 +417,7 @@ class ObjectTier(Tier):
             doomed = list(self._doomed.items())
         for name, stored in doomed:
             try:
-                self._bucket()[0].delete([f"{stored.path}/zarr.json", *self._objects_of(stored)])
+                self._bucket()[0].delete([manifest_path(name), *self._objects_of(stored)])
             except StorageError:
                 continue
             with self._lock:
@@ -419,7 +427,7 @@ class ObjectTier(Tier):
         """The entry `name`'s manifest, verified; None where it is damaged (logged, never served); Missing if gone."""
         bucket, _ = self._bucket()
         try:
-            return parse_manifest(bytes(bucket.get(f"{ENTRIES}/{name}/zarr.json")), Path(ENTRIES, name))
+            return parse_manifest(bytes(bucket.get(manifest_path(name))), Path(ENTRIES, name))
         except DamagedEntry as exc:
             log.warning("tiercache: object tier: entry %s in %s is damaged, not served: %s", name, self.budget.url, exc)
             return None
@@ -451,11 +459,11 @@ class ObjectTier(Tier):
                 newest[stored.spec.key] = stored
         for stored in (e for e in entries.values() if e is not None):
             best = newest[stored.spec.key]
-            committed = modified.get(f"{best.path}/zarr.json")
+            committed = modified.get(manifest_path(best.path.name))
             if best is not stored and committed is not None and (now - committed).total_seconds() >= age:
                 if remove:
-                    self._remove_quietly([f"{stored.path}/zarr.json"])
-                orphans += [f"{stored.path}/zarr.json", *self._objects_of(stored)]
+                    self._remove_quietly([manifest_path(stored.path.name)])
+                orphans += [manifest_path(stored.path.name), *self._objects_of(stored)]
         if remove:
             self._remove_quietly(orphans)
         return len(orphans)
@@ -532,4 +540,3 @@ class ObjectTier(Tier):
         self._stored.clear()
         self._ids.clear()
         self._specs.clear()
-        self._used = 0
