@@ -16,7 +16,7 @@ from helpers import policy
 
 import tiercache
 from tiercache.io.posix import probe_direct_io
-from tiercache.policy.schema import TIER_NAMES
+from tiercache.policy.schema import SHARED_TIERS, TIER_NAMES
 
 CUDA_REASON = "needs CUDA: torch.cuda.is_available() is False on this machine (run `make test-gpu` on a GPU host)"
 
@@ -86,13 +86,14 @@ def make_cache(tmp_path: Path) -> Iterator[CacheFactory]:
 
 @pytest.fixture(params=TIER_NAMES)
 def tier_name(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each tier by name; for "object", with the test S3 server's bucket behind only_tier("object")."""
-    if request.param != "object":
-        yield str(request.param)
+    """Each tier by name; for "object" and "remote", with the test servers behind only_tier(name)."""
+    name = str(request.param)
+    if name not in SHARED_TIERS:
+        yield name
         return
-    helpers.OBJECT_SETTINGS.update(request.getfixturevalue("object_tier_settings"))
-    yield "object"
-    helpers.OBJECT_SETTINGS.clear()
+    helpers.SHARED_SETTINGS[name] = request.getfixturevalue(f"{name}_tier_settings")
+    yield name
+    helpers.SHARED_SETTINGS.clear()
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +127,30 @@ def object_tier_settings(s3_server: Any, request: pytest.FixtureRequest) -> dict
 
     prefix = f"{request.node.name}-{os.getpid()}-{time.monotonic_ns()}"
     return {"url": f"s3://{BUCKET}/{prefix}", "endpoint": s3_server.endpoint, "timeout_s": 10.0, "retries": 1}
+
+
+@pytest.fixture(scope="session")
+def mooncake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Mooncake Store for the session (a master and one holder lending 256 MiB) on free loopback ports."""
+    from tiercache.testing.servers import MOONCAKE_INSTALL, MooncakeServer, mooncake_binary
+    from tiercache.tiers.remote.store import install_hint
+
+    hint = install_hint()
+    if hint is not None or mooncake_binary("mooncake_master") is None:
+        pytest.skip(f"needs Mooncake for the remote tier: {hint or MOONCAKE_INSTALL}")
+    server = MooncakeServer(tmp_path_factory.mktemp("mooncake"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def remote_tier_settings(mooncake_server: Any, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """[tiers.remote] keys for a prefix of its own in the test store (every test sees only its entries)."""
+    return {
+        "master": mooncake_server.address,
+        "metadata_server": mooncake_server.metadata,
+        "admin": mooncake_server.admin,
+        "prefix": f"{request.node.name}-{os.getpid()}-{time.monotonic_ns()}".replace("/", "_"),
+        "timeout_s": 10.0,
+    }

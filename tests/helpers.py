@@ -38,15 +38,15 @@ def policy(**sections: Any) -> tiercache.Policy:
     return tiercache.Policy.from_dict(base)
 
 
-# [tiers.object] keys of the test S3 server, while a test parametrised over every tier runs its "object" case (the
-# `tier_name` fixture sets them): only_tier("object") needs a bucket to point at.
-OBJECT_SETTINGS: dict[str, Any] = {}
+# [tiers.object] / [tiers.remote] keys of the test servers, while a test parametrised over every tier runs its
+# "object" or "remote" case (the `tier_name` fixture sets them): only_tier("object") needs a bucket to point at.
+SHARED_SETTINGS: dict[str, dict[str, Any]] = {}
 
 
 def only_tier(tier: str, capacity: int = 8 * MiB) -> tiercache.Policy:
     """A policy in which every entry lands in `tier`: the faster tiers have no capacity."""
     tiers: dict[str, dict[str, Any]] = {t: {"capacity": 0} for t in TIER_NAMES[: TIER_NAMES.index(tier)]}
-    tiers[tier] = {"capacity": capacity, **(OBJECT_SETTINGS if tier == "object" else {})}
+    tiers[tier] = {"capacity": capacity, **SHARED_SETTINGS.get(tier, {})}
     return policy(tiers=tiers)
 
 

@@ -12,6 +12,7 @@ from helpers import KiB, MiB, assert_same, kv, only_tier, policy
 
 import tiercache
 from tiercache import CacheClosedError, CapacityError, EntryNotFoundError, EntryValueError
+from tiercache.policy.schema import SHARED_TIERS
 
 
 def budgets_hold(cache: tiercache.TierCache) -> None:
@@ -145,9 +146,9 @@ def test_tiers_full_of_pinned_entries_refuse_without_moving_anything(make_cache:
 
 
 def test_replacing_a_key_frees_its_old_bytes(make_cache: CacheFactory, tier_name: str) -> None:
-    # A memory tier reuses the old version's room; nvme's and object's budgets are shared with other processes,
-    # which may be reading the old version, so there the new one needs room beside it until it commits.
-    cache = make_cache(only_tier(tier_name, capacity=(130 if tier_name in ("nvme", "object") else 100) * KiB))
+    # A memory tier reuses the old version's room; nvme's and the shared tiers' budgets are shared with other
+    # processes, which may be reading the old version, so there the new one needs room beside it until it commits.
+    cache = make_cache(only_tier(tier_name, capacity=(130 if tier_name in ("nvme", *SHARED_TIERS) else 100) * KiB))
     for i in range(5):
         cache.put("k", kv(i))
         assert cache.stats().tiers[tier_name].used == 64 * KiB

@@ -255,7 +255,7 @@ def test_the_ops_commands_list_measure_verify_and_sweep_a_bucket(
     assert cli.main(["verify", url, *where]) == 1
     assert "does not verify" in capsys.readouterr().out
     assert cli.main(["info", url, *where, "stage1/prompt"]) == 2
-    assert "for a bucket: tiercache ls" in capsys.readouterr().err
+    assert "for a shared store: tiercache ls" in capsys.readouterr().err
 
 
 def test_a_commit_whose_reply_was_lost_leaves_no_entry_without_chunks(

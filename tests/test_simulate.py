@@ -68,7 +68,8 @@ def test_replay_counts_hits_by_tier_and_predicts_transfer_time() -> None:
         req("get", "c", 50),
     ]
     outcome = replay(trace, pol)
-    assert outcome.hits == {"hbm": 0, "host": 1, "nvme": 0, "object": 0} and outcome.misses == 2 and outcome.gets == 3
+    assert outcome.hits == {"hbm": 0, "host": 1, "remote": 0, "nvme": 0, "object": 0}
+    assert outcome.misses == 2 and outcome.gets == 3
     assert outcome.moved_bytes["host(pageable)->hbm"] == 80  # the reload of a
     assert outcome.moved_seconds["host(pageable)->hbm"] == pytest.approx(80 / 31.5e9)
 
@@ -82,7 +83,7 @@ def test_a_promotion_into_host_is_charged_as_the_copy_the_cache_makes() -> None:
     )
     trace = [req("put", "a", 80), req("put", "b", 90), req("get", "a", 80)]  # b pushes a down to nvme
     outcome = replay(trace, pol)
-    assert outcome.hits == {"hbm": 0, "host": 0, "nvme": 1, "object": 0}
+    assert outcome.hits == {"hbm": 0, "host": 0, "remote": 0, "nvme": 1, "object": 0}
     assert outcome.moved_bytes["nvme->hbm"] == 80  # the read
     assert outcome.moved_bytes["hbm->host(pageable)"] == 80 + 90 + 80  # a's and b's puts, then a's promotion
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from test_object_tier import TestObjectTierContract
+from test_remote_tier import TestRemoteTierContract
 
 from tiercache.policy.schema import HostBudget, NvmeBudget, TierBudget
 from tiercache.testing import TierContract
@@ -38,5 +39,5 @@ class TestSizeOnly(TierContract):
 
 
 def test_every_registered_tier_has_a_contract_class() -> None:
-    tested = {cls.tier_type for cls in (TestHbm, TestHost, TestNvme, TestObjectTierContract)}
+    tested = {cls.tier_type for cls in (TestHbm, TestHost, TestNvme, TestObjectTierContract, TestRemoteTierContract)}
     assert set(TIER_TYPES.values()) <= tested

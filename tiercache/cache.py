@@ -31,6 +31,7 @@ from .errors import CacheClosedError, EntryNotFoundError, EntryValueError, TierC
 from .io.buffers import HostBuffers
 from .io.files import FileOps
 from .policy import Machine, Policy, Profile, load_policy
+from .policy.schema import SHARED_TIERS
 from .prefetch import PrefetchHandle
 from .records import Decision, EntryInfo, Moved, PutHints, Read
 from .stats import CacheStats, TierStats, TransferLog
@@ -337,12 +338,13 @@ class TierCache:
             return len(matching)
 
     def offload(self, keys: str | Iterable[str] | None = None, *, prefix: str | None = None, to: str = "host") -> Moved:
-        """Move entries down now, to `to` ("host", "nvme", or "object" where the policy has one; further down where
-        it cannot take one), to hand their memory to the next stage, or (object) to another machine: the keys given,
+        """Move entries down now, to `to` ("host", "remote", "nvme" or "object"; the shared ones where the policy has
+        them; further down where it cannot take one), to hand their memory to the next stage, or (remote, object)
+        to another machine: the keys given,
         those starting with `prefix`, or (neither) every entry. Room is made below by the policy's eviction rules.
         Pinned entries and entries being read stay, named in the result with the reason; entries already at or
         below `to` are left as they are."""
-        below = [t for t in self._tiers if t != "hbm" and (t != "object" or self._tiers[t].capacity > 0)]
+        below = [t for t in self._tiers if t != "hbm" and (t not in SHARED_TIERS or self._tiers[t].capacity > 0)]
         if to not in below:
             raise EntryValueError(f"offload(to=): one of {', '.join(map(repr, below))}, got {to!r}")
         self._check_open()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .entry import EntrySpec
 from .policy.costmodel import Profile
-from .policy.schema import TIER_NAMES, Policy
+from .policy.schema import SHARED_TIERS, TIER_NAMES, Policy
 from .records import EntryInfo
 from .units import format_size
 
@@ -24,7 +24,7 @@ def no_tier_admits(spec: EntrySpec, policy: Policy) -> str:
         + (f", max_entry {format_size(b.max_entry)}" if b.max_entry is not None else "")
         for t in TIER_NAMES
         for b in [policy.tiers[t]]
-        if t != "object" or b.capacity  # an object tier is off unless given a capacity
+        if t not in SHARED_TIERS or b.capacity  # those are off unless given a capacity
     )
     return (
         f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and no tier admits "

@@ -19,7 +19,7 @@ HOST_MODES = ("pinned", "pageable")
 NVME_MODES = ("o_direct", "buffered", "gds", "compat")
 MODES: dict[str, tuple[str, ...]] = {"host": HOST_MODES, "nvme": NVME_MODES}
 # "put": the caller's tensors, wherever they are; any other end is a tier, or a device outside the cache ("cuda:1").
-SOURCES = ("put", "hbm", "host", "nvme", "object")
+SOURCES = ("put", "hbm", "host", "remote", "nvme", "object")
 
 _TEXT = re.compile(r"^(?P<src>[\w:]+)(?:\((?P<smode>\w+)\))?->(?P<dst>[\w:]+)(?:\((?P<dmode>\w+)\))?$")
 
@@ -68,9 +68,11 @@ class Pathway:
 
     @property
     def family(self) -> str:
-        """'nvme' or 'object' for transfers to or from those tiers, else 'memory' (host pool and device memory)."""
-        if "object" in (self.source, self.dest):
-            return "object"
+        """'nvme', 'remote' or 'object' for transfers to or from those tiers, else 'memory' (host pool and device
+        memory)."""
+        for shared in ("remote", "object"):
+            if shared in (self.source, self.dest):
+                return shared
         return "nvme" if self.mode_end == "nvme" else "memory"
 
     def costed(self) -> Pathway:

@@ -9,7 +9,7 @@ Figures come from a hardware profile, a TOML file under `policies/profiles/` (or
     bandwidth = "63GB"                    # bytes per second, decimal or binary units
     latency_us = 0
 
-Every pathway in PATHWAYS must be given; those of OBJECT_PATHWAYS may be (ASSUMED_OBJECT otherwise). Bandwidths
+Every pathway in PATHWAYS must be given; those of SHARED_PATHWAYS may be (their assumed figure otherwise). Bandwidths
 are per second; "63GB" is 63e9 bytes/s.
 """
 
@@ -37,14 +37,6 @@ PATHWAYS: tuple[Pathway, ...] = (
     Pathway("nvme", "host"),
     Pathway("host", "nvme"),
 )
-# Routes to and from an object store: a profile may give them (its server is not the machine's to calibrate); where
-# one does not, a figure for an S3 server across a data-centre network, on the slow side, stands in.
-OBJECT_PATHWAYS: tuple[Pathway, ...] = (
-    Pathway("object", "hbm"),
-    Pathway("hbm", "object"),
-    Pathway("object", "host"),
-    Pathway("host", "object"),
-)
 
 
 @dataclass(frozen=True)
@@ -56,7 +48,16 @@ class PathwayCost:
         return self.latency_s + nbytes / self.bandwidth
 
 
+# Routes to and from the shared stores: a profile may give them (their servers are not the machine's to calibrate);
+# where one does not, a figure on the slow side stands in: for a Mooncake Store over TCP on a data-centre network,
+# and for an S3 server across one.
+ASSUMED_REMOTE = PathwayCost(latency_s=0.001, bandwidth=2e9)
 ASSUMED_OBJECT = PathwayCost(latency_s=0.02, bandwidth=0.5e9)
+SHARED_PATHWAYS: dict[Pathway, PathwayCost] = {
+    Pathway(a, b): cost
+    for tier, cost in (("remote", ASSUMED_REMOTE), ("object", ASSUMED_OBJECT))
+    for a, b in ((tier, "hbm"), ("hbm", tier), (tier, "host"), ("host", tier))
+}
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Profile:
             if key not in allowed:
                 raise PolicyError(f"{path}: unknown key '{key}'; allowed: {', '.join(sorted(allowed))}")
         table = data.get("pathways", {})
-        names, optional = [str(p) for p in PATHWAYS], [str(p) for p in OBJECT_PATHWAYS]
+        names, optional = [str(p) for p in PATHWAYS], [str(p) for p in SHARED_PATHWAYS]
         missing = [n for n in names if n not in table]
         unknown = [n for n in table if n not in names and n not in optional]
         if missing or unknown:
@@ -100,8 +101,8 @@ class Profile:
                 f"{path}: [pathways] must give exactly {', '.join(names)} (and may give "
                 f"{', '.join(optional)}); missing {missing or 'none'}, unknown {unknown or 'none'}"
             )
-        costs: dict[Pathway, PathwayCost] = dict.fromkeys(OBJECT_PATHWAYS, ASSUMED_OBJECT)
-        for name in (*PATHWAYS, *(p for p in OBJECT_PATHWAYS if str(p) in table)):
+        costs: dict[Pathway, PathwayCost] = dict(SHARED_PATHWAYS)
+        for name in (*PATHWAYS, *(p for p in SHARED_PATHWAYS if str(p) in table)):
             entry = table[str(name)]
             where = f'{path}: pathways."{name}"'
             if not isinstance(entry, Mapping) or set(entry) - {"bandwidth", "latency_us"} or "bandwidth" not in entry:

@@ -19,9 +19,11 @@ from typing import Any, Literal
 from ..errors import PolicyError
 from ..units import SIZE_FORMS, parse_size
 
-# Fastest first; eviction demotes one step to the right. "object" (an S3 bucket) is off unless a policy gives it a
-# capacity: a tier whose capacity is 0 admits nothing.
-TIER_NAMES: tuple[str, ...] = ("hbm", "host", "nvme", "object")
+# Fastest first; eviction demotes one step to the right. The tiers on shared stores, "remote" (a Mooncake Store)
+# and "object" (an S3 bucket), are off unless a policy gives them a capacity: a tier whose capacity is 0 admits
+# nothing.
+TIER_NAMES: tuple[str, ...] = ("hbm", "host", "remote", "nvme", "object")
+SHARED_TIERS: tuple[str, ...] = ("remote", "object")
 
 PRESET_DIRS: tuple[Path, ...] = (
     Path(__file__).resolve().parent.parent / "policies",  # inside an installed wheel
@@ -191,7 +193,25 @@ class NvmeBudget(TierBudget):
 
 
 @dataclass(frozen=True)
-class ObjectBudget(TierBudget):
+class StoreBudget(TierBudget):
+    """What every tier over a shared store (the object and remote tiers) has: the budget is a quota over every entry
+    under the tier's prefix, whoever wrote it, and other caches' entries are found by listing."""
+
+    timeout_s: float = _seconds(default=30.0, doc="seconds one request may take before it fails (a StorageError)")
+    concurrency: int = _int(default=8, minimum=1, doc="requests one put or get keeps in flight")
+    list_every_s: float = _seconds(
+        default=1.0, doc="how often a cache lists the store for entries other caches wrote or removed"
+    )
+    orphan_age_s: float = _seconds(
+        default=3600.0,
+        doc="objects of an entry with no manifest (a writer died mid-put) older than this are removed; also how long "
+        "an entry replaced by a newer version of its key stays for readers that already hold it",
+    )
+    verify_checksums: bool = _bool(default=True, doc="check each tensor's CRC32C when it is read back")
+
+
+@dataclass(frozen=True)
+class ObjectBudget(StoreBudget):
     """The object tier: entries in an S3 bucket (any S3-compatible server), shared by every cache that names it and
     durable; the budget is a quota over everything under `url`, whoever wrote it. Credentials come from the
     environment, never from the file."""
@@ -203,22 +223,11 @@ class ObjectBudget(TierBudget):
     secret_key_env: str = _text(
         default="AWS_SECRET_ACCESS_KEY", doc="the environment variable holding the secret access key"
     )
-    timeout_s: float = _seconds(default=30.0, doc="seconds one request may take before it fails (a StorageError)")
     connect_timeout_s: float = _seconds(default=5.0, doc="seconds to wait for a connection to the server")
     retries: int = _int(default=2, minimum=0, doc="times a failed request is retried (with backoff) before it fails")
     part_size: int = _size(
         default=16 << 20, doc="bytes per part of a multipart upload and per ranged read of one chunk in parallel"
     )
-    concurrency: int = _int(default=8, minimum=1, doc="requests one put or get keeps in flight")
-    list_every_s: float = _seconds(
-        default=1.0, doc="how often a cache lists the bucket for entries other caches wrote or removed"
-    )
-    orphan_age_s: float = _seconds(
-        default=3600.0,
-        doc="objects of an entry with no manifest (a writer died mid-put) older than this are removed; also how long "
-        "an entry replaced by a newer version of its key stays for readers that already hold it",
-    )
-    verify_checksums: bool = _bool(default=True, doc="check each tensor's CRC32C when it is read back")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -241,9 +250,83 @@ class ObjectBudget(TierBudget):
 
 
 @dataclass(frozen=True)
+class RemoteBudget(StoreBudget):
+    """The remote tier: entries in a Mooncake Store (the memory of the `mooncake_client` holders that a
+    `mooncake_master` pools across machines), shared by every cache that names the master. Volatile: what a holder
+    that dies held is lost, and a master restart forgets every entry (both are misses, never wrong data)."""
+
+    master: str = _text(default="", doc='the mooncake_master\'s RPC address, "HOST:PORT" (its -rpc_port)')
+    metadata_server: str = _text(
+        default="",
+        doc='the transfer metadata server, e.g. "http://HOST:8080/metadata" (the master\'s, started with '
+        "-enable_http_metadata_server); empty: that of the master's host on port 8080",
+    )
+    admin: str = _text(
+        default="",
+        doc='the master\'s HTTP admin server, "http://HOST:PORT" (its -metrics_port), which lists the keys; empty: '
+        "the master's host on port 9003",
+    )
+    prefix: str = _text(default="tiercache", doc="the key prefix of this cache's entries in the store")
+    local_hostname: str = _text(
+        default="127.0.0.1",
+        doc="the address this node's transfer engine announces and listens on (across machines: this node's IP on "
+        "the network the holders share)",
+    )
+    protocol: str = _text(default="tcp", doc='the transfer protocol: "tcp", or "rdma" with device_names')
+    device_names: str = _text(default="", doc='RDMA devices for protocol "rdma", e.g. "mlx5_0,mlx5_1"')
+    preferred_segment: str = _text(
+        default="",
+        doc="the holder (a segment name as ADMIN/get_all_segments lists it) whose memory puts go to first: the "
+        "node that reads them next; empty: wherever the master places them",
+    )
+    lease_s: float = _seconds(
+        default=10.0,
+        doc="the master's read lease (its -default_kv_lease_ttl): a part must be read within it, so part_size "
+        "follows from it and the slowest link",
+    )
+    part_size: int = _size(
+        default=64 << 20, doc="bytes per store object of one tensor; a tensor's parts are read in parallel"
+    )
+    orphan_age_s: float = _seconds(
+        default=120.0,
+        doc="objects of an entry with no manifest (a writer died mid-put) listed this long are removed; also how "
+        "long an entry replaced by a newer version of its key stays for readers that already hold it",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.capacity > 0 and (":" not in self.master or not self.master.rsplit(":", 1)[1].isdigit()):
+            raise PolicyError(f'master: {self.master!r} is not "HOST:PORT", which a remote tier with a capacity needs')
+        if self.protocol not in ("tcp", "rdma"):
+            raise PolicyError(f'protocol: {self.protocol!r} is not "tcp" or "rdma"')
+        if self.part_size < 1 << 20:
+            raise PolicyError(f"part_size: {self.part_size} is below 1MiB")
+        if not self.verify_checksums:
+            raise PolicyError(
+                "verify_checksums: the remote tier always verifies: a removal frees memory that a reader on another "
+                "node may still be reading, and the checksum is what turns that into a miss; remove the key"
+            )
+        if "/" in self.prefix.strip("/") or not self.prefix.strip("/"):
+            raise PolicyError(f'prefix: {self.prefix!r}: one name without slashes, e.g. "tiercache"')
+
+    @property
+    def master_host(self) -> str:
+        return self.master.rsplit(":", 1)[0]
+
+    @property
+    def metadata_url(self) -> str:
+        return self.metadata_server or f"http://{self.master_host}:8080/metadata"
+
+    @property
+    def admin_url(self) -> str:
+        return (self.admin or f"http://{self.master_host}:9003").rstrip("/")
+
+
+@dataclass(frozen=True)
 class Tiers(_Section):
     hbm: TierBudget = field(default_factory=lambda: TierBudget(capacity=2 << 30))
     host: HostBudget = field(default_factory=lambda: HostBudget(capacity=8 << 30))
+    remote: RemoteBudget = field(default_factory=RemoteBudget)  # off (capacity 0) unless a policy sets one
     nvme: NvmeBudget = field(default_factory=lambda: NvmeBudget(capacity=100 << 30))
     object: ObjectBudget = field(default_factory=ObjectBudget)  # off (capacity 0) unless a policy sets one
 
@@ -469,9 +552,12 @@ __all__ = [
     "HostBudget",
     "NvmeBudget",
     "ObjectBudget",
+    "RemoteBudget",
+    "StoreBudget",
     "EvictionSettings",
     "PlacementSettings",
     "Policy",
+    "SHARED_TIERS",
     "TIER_NAMES",
     "TierBudget",
     "Tiers",

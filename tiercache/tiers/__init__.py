@@ -9,9 +9,16 @@ from .hbm import HbmTier
 from .host import HostTier
 from .nvme import NvmeTier
 from .object import ObjectTier
+from .remote import RemoteTier
 from .sizes import SizeOnlyTier
 
-TIER_TYPES: dict[str, type[Tier]] = {"hbm": HbmTier, "host": HostTier, "nvme": NvmeTier, "object": ObjectTier}
+TIER_TYPES: dict[str, type[Tier]] = {
+    "hbm": HbmTier,
+    "host": HostTier,
+    "remote": RemoteTier,
+    "nvme": NvmeTier,
+    "object": ObjectTier,
+}
 
 
 def open_tiers(budgets: Tiers, path: DataPath, types: dict[str, type[Tier]] | None = None) -> dict[str, Tier]:
@@ -37,6 +44,7 @@ __all__ = [
     "Load",
     "NvmeTier",
     "ObjectTier",
+    "RemoteTier",
     "SizeOnlyTier",
     "TIER_NAMES",
     "TIER_TYPES",

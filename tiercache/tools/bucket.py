@@ -1,7 +1,9 @@
-"""The ops commands on an object tier's bucket: `tiercache ls / du / verify / gc s3://BUCKET[/PREFIX]`.
+"""The ops commands on a shared tier's store: `tiercache ls / du / verify / gc` of an object tier's
+s3://BUCKET[/PREFIX] or a remote tier's mooncake://MASTER_HOST:PORT[/PREFIX].
 
-They open the bucket as the object tier does (credentials from the environment, `--endpoint` and `--region` as in
-`[tiers.object]`) and read or sweep it through the tier's own code, so they see exactly what a cache would.
+They open the store as the tier does (for a bucket: credentials from the environment, `--endpoint` and `--region`
+as in `[tiers.object]`; for a Mooncake Store: `--admin` and `--metadata` as in `[tiers.remote]`) and read or sweep
+it through the tier's own code, so they see exactly what a cache would.
 """
 
 from __future__ import annotations
@@ -14,23 +16,34 @@ from typing import Any
 
 import torch
 
-from ..policy.schema import ObjectBudget
+from ..policy.schema import ObjectBudget, RemoteBudget
 from ..tiers.base import DataPath
 from ..tiers.object import ObjectTier
+from ..tiers.remote import RemoteTier
 from ..units import format_size
 from .root import ago, show_key
 
 
-def is_bucket(root: str) -> bool:
-    return root.startswith("s3://")
+def is_store(root: str) -> bool:
+    return root.startswith(("s3://", "mooncake://"))
 
 
 @contextlib.contextmanager
 def opened(args: argparse.Namespace, *, read_only: bool) -> Iterator[ObjectTier]:
-    budget = ObjectBudget(
-        capacity=1 << 62, url=args.root, endpoint=args.endpoint, region=args.region, list_every_s=3600.0
-    )
-    tier = ObjectTier("object", budget, DataPath(torch.device("cpu"), read_only=read_only))
+    path = DataPath(torch.device("cpu"), read_only=read_only)
+    tier: ObjectTier
+    if args.root.startswith("mooncake://"):
+        master, _, prefix = args.root.removeprefix("mooncake://").partition("/")
+        remote = RemoteBudget(
+            capacity=1 << 62, master=master, prefix=prefix.strip("/") or "tiercache", admin=args.admin,
+            metadata_server=args.metadata, list_every_s=3600.0,
+        )  # fmt: skip
+        tier = RemoteTier("remote", remote, path)
+    else:
+        budget = ObjectBudget(
+            capacity=1 << 62, url=args.root, endpoint=args.endpoint, region=args.region, list_every_s=3600.0
+        )
+        tier = ObjectTier("object", budget, path)
     try:
         yield tier
     finally:
@@ -76,10 +89,14 @@ def du(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(usage, indent=1))
     else:
+        stored = (
+            f"{format_size(usage['stored'])} stored (checksums, metadata and objects not yet swept included)"
+            if usage["stored"]
+            else "(the store lists no sizes)"
+        )
         print(
             f"{args.root}: {usage['entries']} entries, {format_size(usage['payload'])} of tensors; "
-            f"{usage['objects']} objects, {format_size(usage['stored'])} stored (checksums, metadata and objects "
-            "not yet swept included)"
+            f"{usage['objects']} objects, {stored}"
         )
     return 0
 

@@ -140,7 +140,7 @@ def _bar(args: argparse.Namespace) -> bool:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    if args.root.startswith("s3://"):
+    if args.root.startswith(("s3://", "mooncake://")):
         from . import bucket
 
         return bucket.ls(args)
@@ -170,8 +170,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    if args.root.startswith("s3://"):
-        raise ValueError(f"info looks after an nvme root; for a bucket: tiercache ls / du / verify / gc {args.root}")
+    if args.root.startswith(("s3://", "mooncake://")):
+        raise ValueError(f"info looks after an nvme root; for a shared store: tiercache ls/du/verify/gc {args.root}")
     from .root import entry_info, format_info, read_snapshot
 
     snapshot = read_snapshot(Path(args.root))
@@ -189,7 +189,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    if args.root.startswith("s3://"):
+    if args.root.startswith(("s3://", "mooncake://")):
         from . import bucket
 
         return bucket.verify(args)
@@ -232,7 +232,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    if args.root.startswith("s3://"):
+    if args.root.startswith(("s3://", "mooncake://")):
         from . import bucket
 
         return bucket.gc(args)
@@ -253,7 +253,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_du(args: argparse.Namespace) -> int:
-    if args.root.startswith("s3://"):
+    if args.root.startswith(("s3://", "mooncake://")):
         from . import bucket
 
         return bucket.du(args)
@@ -265,8 +265,8 @@ def _cmd_du(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    if args.root.startswith("s3://"):
-        raise ValueError(f"stats looks after an nvme root; for a bucket: tiercache ls / du / verify / gc {args.root}")
+    if args.root.startswith(("s3://", "mooncake://")):
+        raise ValueError(f"stats looks after an nvme root; for a shared store: tiercache ls/du/verify/gc {args.root}")
     from .root import format_stats, read_snapshot, root_stats
 
     stats = root_stats(read_snapshot(Path(args.root)))
@@ -335,11 +335,18 @@ def _root_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         parser.add_argument(
             "root",
             metavar="ROOT",
-            help="the nvme tier's directory (TierCache(root=...)), or an object tier's s3://BUCKET[/PREFIX] (ls, du, "
-            "verify, gc; credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+            help="the nvme tier's directory (TierCache(root=...)), an object tier's s3://BUCKET[/PREFIX] (ls, du, "
+            "verify, gc; credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or a remote tier's "
+            "mooncake://MASTER_HOST:PORT[/PREFIX] (ls, du, verify, gc)",
         )
         parser.add_argument("--endpoint", default="", help="a bucket's S3 server (tiers.object.endpoint; empty: AWS)")
         parser.add_argument("--region", default="us-east-1", help="a bucket's region (tiers.object.region)")
+        parser.add_argument(
+            "--admin", default="", help="a Mooncake master's HTTP admin server (tiers.remote.admin; empty: port 9003)"
+        )
+        parser.add_argument(
+            "--metadata", default="", help="a Mooncake metadata server (tiers.remote.metadata_server; empty: port 8080)"
+        )
         return parser
 
     def wrap(text: str) -> str:

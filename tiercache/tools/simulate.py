@@ -236,7 +236,8 @@ def simulate_report(
             except PolicyError as exc:
                 raise PolicyError(f"--rules: {exc}") from None
             outcomes.append(replay(trace, policy, profile, label=rule))
-        capacities = [sum(base.tiers[t].capacity for t in TIER_NAMES[:k]) for k in (1, 2, 3)]
+        levels = (1, 2, len(TIER_NAMES))  # hbm, hbm+host, anywhere
+        capacities = [sum(base.tiers[t].capacity for t in TIER_NAMES[:k]) for k in levels]
         bounds = [belady_hits(trace, c) for c in capacities]
         gets = outcomes[0].gets
         lines += [
@@ -249,9 +250,9 @@ def simulate_report(
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for o in outcomes:
-            ratio = " / ".join(_fraction(o.hits_within(k), bound) for k, bound in zip((1, 2, 3), bounds, strict=True))
+            ratio = " / ".join(_fraction(o.hits_within(k), bound) for k, bound in zip(levels, bounds, strict=True))
             lines.append(
-                f"| {o.label} | {o.hits_within(1)} | {o.hits_within(2)} | {o.hits_within(3)} | {o.misses} | "
+                f"| {o.label} | {o.hits_within(1)} | {o.hits_within(2)} | {o.hits_within(levels[2])} | {o.misses} | "
                 f"{o.refused} | {sum(o.moved_bytes.values()) / 1e9:.1f} GB | {o.transfer_seconds:.2f} s | {ratio} |"
             )
         one_size = len({r.size for r in trace if r.size is not None}) <= 1

@@ -1,32 +1,30 @@
-"""A thin wrapper over obstore's S3 client: the bucket a policy's `[tiers.object]` names, with its timeouts and
-retries, and every failure turned into the cache's errors (a StorageError that names the server, the bucket, the
-object and what to do; a missing object is `Missing`).
+"""What a shared tier stores its entries in: named objects, each written whole, listed by prefix. The object tier's
+S3 bucket (s3.py) and the remote tier's Mooncake Store (tiers/remote/store.py) are the two implementations; the
+entry format, the commit, the listing and the sweep above them are one (tiers/object/tier.py).
 
-obstore (the Rust object_store crate) does the signing, retries, multipart uploads and parallel ranged reads; its
-calls release the GIL, so the tier's threads keep several requests in flight.
+A tensor's bytes are one "chunk" with its CRC32C after them; how a chunk is laid out in objects (one object read in
+ranges, or one object per part) is the store's, so `put_chunks`, `read_chunks` and `chunk_objects` belong here:
+all of an entry's chunks in one call, which a store with batch calls (Mooncake) makes one request.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
+
+import torch
 
 from ...errors import StorageError
-from ...policy.schema import ObjectBudget
-
-try:
-    import obstore
-    from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, UnauthenticatedError
-    from obstore.store import S3Store
-except ImportError:  # the `s3` extra is not installed
-    obstore = None  # type: ignore[assignment]
 
 
 class Missing(LookupError):
-    """The object is not there (never written, or removed by another cache)."""
+    """The object is not there (never written, removed by another cache, or lost with the server that held it)."""
+
+
+class Damaged(ValueError):
+    """An object is there but not what its entry's manifest says (its size): the entry is not served."""
 
 
 class Exists(Exception):
@@ -37,124 +35,57 @@ class Exists(Exception):
 class Listed:
     path: str  # relative to the tier's prefix
     size: int
-    modified: datetime
+    modified: datetime  # when it was written (a store that does not say: when this cache first listed it)
 
 
-class Bucket:
-    """The objects under one `s3://BUCKET/PREFIX`: paths given and returned are relative to the prefix."""
+class Store(ABC):
+    """The objects under one prefix: paths given and returned are relative to it."""
 
-    def __init__(self, budget: ObjectBudget) -> None:
-        if obstore is None:
-            raise StorageError(
-                "object tier: obstore is not installed; pip install 'tiercache-gpu[s3]' (or remove [tiers.object])"
-            )
-        self.budget = budget
-        self.where = f"{budget.url} at {budget.endpoint or 'AWS ' + budget.region}"
-        self._prefix = budget.prefix + "/" if budget.prefix else ""
-        key_id, secret = os.environ.get(budget.access_key_env), os.environ.get(budget.secret_key_env)
-        if not key_id or not secret:
-            missing = [n for n, v in ((budget.access_key_env, key_id), (budget.secret_key_env, secret)) if not v]
-            raise StorageError(
-                f"object tier ({self.where}): the environment has no {' or '.join(missing)}; export the bucket's "
-                "credentials there (tiers.object.access_key_env / secret_key_env name the variables)"
-            )
-        config: dict[str, Any] = {"region": budget.region, "access_key_id": key_id, "secret_access_key": secret}
-        if budget.endpoint:
-            config["endpoint"] = budget.endpoint
-        self.store = S3Store(
-            budget.bucket,
-            client_options={
-                "allow_http": budget.endpoint.startswith("http://"),
-                "timeout": timedelta(seconds=budget.timeout_s),
-                "connect_timeout": timedelta(seconds=budget.connect_timeout_s),
-            },
-            retry_config={
-                "max_retries": budget.retries,
-                "retry_timeout": timedelta(seconds=budget.timeout_s * (budget.retries + 1)),
-                "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2)},
-            },
-            **config,
-        )
+    where: str  # the store as messages name it (an s3:// url and its server, a Mooncake master)
+    # Whether an entry's tensors also get zarr array metadata objects, so zarr-python reads the store (a bucket);
+    # the manifest alone is what the tier reads.
+    zarr_arrays: bool = True
 
-    def _path(self, path: str) -> str:
-        return self._prefix + path
+    @abstractmethod
+    def put(self, path: str, data: bytes, *, create: bool = False) -> None:
+        """Write one small object whole (readers see all of it or nothing); `create`: only if it is absent (the
+        commit point of an entry), else Exists where the store can tell."""
 
-    def put(self, path: str, data: bytes | memoryview | Iterable[memoryview], *, create: bool = False) -> None:
-        """Write one object whole (atomic: readers see all of it or nothing); `create`: only if it is absent (the
-        commit point of an entry), else Exists. Large or piecewise data goes up as a multipart upload."""
-        multipart = not isinstance(data, bytes | memoryview) or len(data) > self.budget.part_size
-        try:
-            obstore.put(
-                self.store,
-                self._path(path),
-                data,
-                mode="create" if create else "overwrite",
-                use_multipart=multipart,
-                chunk_size=self.budget.part_size,
-                max_concurrency=self.budget.concurrency,
-            )
-        except AlreadyExistsError:
-            raise Exists(path) from None
-        except Exception as exc:
-            raise self.error(f"writing {path}", exc) from exc
+    @abstractmethod
+    def get(self, path: str) -> bytes | memoryview:
+        """One small object whole; Missing if it is not there."""
 
-    def get(self, path: str) -> memoryview:
-        try:
-            return memoryview(obstore.get(self.store, self._path(path)).bytes())
-        except FileNotFoundError:
-            raise Missing(path) from None
-        except Exception as exc:
-            raise self.error(f"reading {path}", exc) from exc
+    @abstractmethod
+    def put_chunks(self, chunks: Sequence[tuple[str, torch.Tensor, bytes]], written: list[str]) -> None:
+        """Write each tensor's bytes (`data`: uint8, contiguous, on the CPU) followed by its `trailer` (its CRC32C) as
+        the chunk at `path`, as many at once as the store does well; every object written, or perhaps written, is
+        added to `written` (a put that fails halfway is cleaned up from it)."""
 
-    def get_range(self, path: str, start: int, end: int) -> memoryview:
-        """Bytes [start, end) of one object: one request, under its own timeout (obstore's get_ranges would merge
-        adjacent ranges into one request, whose timeout a large chunk outlasts)."""
-        try:
-            return memoryview(obstore.get_range(self.store, self._path(path), start=start, end=end))
-        except FileNotFoundError:
-            raise Missing(path) from None
-        except Exception as exc:
-            raise self.error(f"reading {path}", exc) from exc
+    @abstractmethod
+    def read_chunks(self, chunks: Sequence[tuple[str, torch.Tensor]]) -> list[bytes | None]:
+        """Fill each `out` (uint8, on the CPU) with the chunk at `path`'s data, as many at once as the store does
+        well; each stored trailer, or None where the store keeps none. Missing if any of it is gone, Damaged if a
+        chunk is not the size its entry says."""
 
+    @abstractmethod
+    def chunk_objects(self, path: str, nbytes: int) -> list[str]:
+        """The objects the chunk of an `nbytes` tensor at `path` is stored as."""
+
+    @abstractmethod
     def delete(self, paths: Sequence[str]) -> None:
         """Remove objects (one missing already is no error)."""
-        try:
-            obstore.delete(self.store, [self._path(p) for p in paths])
-        except FileNotFoundError:
-            pass
-        except Exception as exc:
-            raise self.error(f"removing {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}", exc) from exc
 
+    @abstractmethod
     def objects(self, prefix: str) -> Iterator[Listed]:
         """Every object whose path starts with `prefix`."""
-        skip = len(self._prefix)
-        try:
-            for batch in obstore.list(self.store, prefix=self._path(prefix), chunk_size=1000):
-                for meta in batch:
-                    yield Listed(meta["path"][skip:], meta["size"], meta["last_modified"])
-        except Exception as exc:
-            raise self.error(f"listing {prefix}", exc) from exc
 
+    @abstractmethod
     def folders(self, prefix: str) -> list[str]:
-        """The "directories" one level below `prefix` (one request per 1000, however many objects each holds)."""
-        skip = len(self._prefix)
-        try:
-            listed = obstore.list_with_delimiter(self.store, prefix=self._path(prefix))
-        except Exception as exc:
-            raise self.error(f"listing {prefix}", exc) from exc
-        return [p[skip:].rstrip("/") for p in listed["common_prefixes"]]
+        """The "directories" one level below `prefix`."""
+
+    def close(self) -> None:  # noqa: B027 - stores with connections or threads override it
+        """Let go of connections and threads. Idempotent."""
 
     def error(self, doing: str, exc: BaseException) -> StorageError:
         """The StorageError for a failed request, with what to do about it."""
-        if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
-            fix = (
-                f"the server refused the credentials: check ${self.budget.access_key_env} and "
-                f"${self.budget.secret_key_env}, and that they may read and write {self.budget.url}"
-            )
-        else:
-            fix = (
-                f"check that the server answers at {self.budget.endpoint or 'AWS'} and the bucket exists; "
-                f"tiers.object.timeout_s ({self.budget.timeout_s:g}) and retries ({self.budget.retries}) bound the wait"
-            )
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return StorageError(f"object tier ({self.where}): {doing} failed: {first[:300]}; {fix}")
+        return StorageError(f"{self.where}: {doing} failed: {exc}")

@@ -1,9 +1,10 @@
 """The object tier: entries in an S3 bucket, in the nvme tier's zarr v3 entry format, shared by every cache (on any
-machine) that names the bucket, and durable.
+machine) that names the bucket, and durable. The bucket is one `Store` (store.py: s3.py); the remote tier is this
+tier over another (a Mooncake Store), so everything below holds for both, in their stores' terms.
 
     PREFIX/entries/zarr.json                  a zarr group whose members are the entries
     PREFIX/entries/<H>-<U>/t<i>/zarr.json     tensor i's array metadata            } written first, in parallel
-    PREFIX/entries/<H>-<U>/t<i>/c/0/...       its one chunk: raw bytes + CRC32C    }
+    PREFIX/entries/<H>-<U>/t<i>/c/0/...       its one chunk: raw bytes + CRC32C    }  (as the store lays it out)
     PREFIX/entries/<H>-<U>/zarr.json          the sealed manifest, written last with create-if-absent: the commit
 
 An entry exists for others once its manifest does; a removal deletes the manifest first, then the rest. Objects of
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -35,7 +37,7 @@ from ...entry import EntrySpec, Tensors, TensorSpec, as_bytes, from_bytes
 from ...errors import CorruptEntryError, EntryNotFoundError, StorageError
 from ...io.checksum import crc32c_address
 from ...pathway import Pathway
-from ...policy.schema import ObjectBudget, TierBudget
+from ...policy.schema import ObjectBudget, StoreBudget, TierBudget
 from ...transfer import Event, all_of
 from ..base import DataPath, EntryId, Found, Load, Refresh, Tier, TierState, select
 from ..nvme.format import (
@@ -49,7 +51,8 @@ from ..nvme.format import (
     key_hash,
     parse_manifest,
 )
-from .store import Bucket, Exists, Listed, Missing
+from .s3 import Bucket
+from .store import Damaged, Exists, Listed, Missing, Store
 
 log = logging.getLogger("tiercache")
 ENTRIES = "entries"
@@ -77,8 +80,9 @@ class _Listing:
 class ObjectTier(Tier):
     persistent = True
     shared = True
+    budget_type: ClassVar[type[StoreBudget]] = ObjectBudget  # the policy section's type
 
-    def __init__(self, name: str, budget: ObjectBudget, path: DataPath) -> None:
+    def __init__(self, name: str, budget: StoreBudget, path: DataPath) -> None:
         super().__init__(name, budget.capacity, path)
         self.budget = budget
         self.read_only = path.read_only
@@ -95,30 +99,42 @@ class ObjectTier(Tier):
         self._removed: dict[str, float] = {}  # entries this cache removed, and when (inf: its removal is retried)
         self._doomed: dict[str, StoredEntry] = {}  # released entries whose removal failed: the lister retries it
         self._pending: _Listing | None = None  # the latest listing, until refresh() takes it in
+        self._lost: set[str] = set()  # entries a read found gone (removed, replaced, their holder dead)
         # The first listing runs on the lister thread while the other tiers open; the cache's first refresh (still
         # inside its open) waits for it, so a handoff's entries are found before the open returns.
         self._listed_once = threading.Event()
         self._first_error: BaseException | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._parts: ThreadPoolExecutor | None = None
-        self.bucket: Bucket | None = None
+        self.bucket: Store | None = None
         if budget.capacity == 0:  # off: holds nothing, talks to nobody
             return
-        self.bucket = Bucket(budget)
-        self._pool = ThreadPoolExecutor(budget.concurrency, thread_name_prefix="tiercache-object")
-        # the parts of one large chunk: a pool of their own, since the reads that wait for them run on _pool
-        self._parts = ThreadPoolExecutor(budget.concurrency, thread_name_prefix="tiercache-object-part")
-        if not self.read_only:
-            with contextlib.suppress(Exists):
-                self.bucket.put(f"{ENTRIES}/zarr.json", GROUP, create=True)  # also proves the credentials
+        self.bucket = self.connect(budget)
+        self._pool = ThreadPoolExecutor(budget.concurrency, thread_name_prefix=f"tiercache-{name}")
+        # a read's checksums, in parallel: a pool of their own, since the read that waits for them runs on _pool
+        self._checksums = ThreadPoolExecutor(budget.concurrency, thread_name_prefix=f"tiercache-{name}-crc")
+        try:
+            if not self.read_only:
+                with contextlib.suppress(Exists):
+                    self.bucket.put(f"{ENTRIES}/zarr.json", GROUP, create=True)  # also proves the credentials
+        except BaseException:
+            self._pool.shutdown()
+            self._checksums.shutdown()
+            self.bucket.close()
+            raise
         self._wake = threading.Event()
-        self._lister = threading.Thread(target=self._list_forever, name="tiercache-object-lister", daemon=True)
+        self._lister = threading.Thread(target=self._list_forever, name=f"tiercache-{name}-lister", daemon=True)
         self._lister.start()
 
     @classmethod
+    def connect(cls, budget: StoreBudget) -> Store:
+        """The store a tier with a capacity keeps its entries in."""
+        assert isinstance(budget, ObjectBudget)
+        return Bucket(budget)
+
+    @classmethod
     def open(cls, name: str, budget: TierBudget, path: DataPath) -> Tier:
-        if not isinstance(budget, ObjectBudget):
-            budget = ObjectBudget(capacity=budget.capacity, max_entry=budget.max_entry)
+        if not isinstance(budget, cls.budget_type):
+            budget = cls.budget_type(capacity=budget.capacity, max_entry=budget.max_entry)
         return cls(name, budget, path)
 
     # ---- accounting ---------------------------------------------------------------------------------------------
@@ -132,8 +148,7 @@ class ObjectTier(Tier):
         return not self.read_only
 
     def describe(self) -> TierState:
-        where = self.bucket.where if self.bucket is not None else "off (capacity 0)"
-        return TierState(None, None, (f"object: {where}",))
+        return TierState(None, None, (f"{self.name}: {self._where}",))
 
     def reload_pathway(self) -> Pathway | None:
         return Pathway(self.name, "hbm").costed()
@@ -151,7 +166,7 @@ class ObjectTier(Tier):
         written_ns: int | None = None,
     ) -> None:
         if self.read_only:
-            raise StorageError(f"object tier: put({spec.key!r}): this cache opened its stores read-only")
+            raise StorageError(f"{self.name} tier: put({spec.key!r}): this cache opened its stores read-only")
         bucket, pool = self._bucket()
         name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
         self._admit(entry, spec)  # the room is taken before the first byte goes up
@@ -169,17 +184,21 @@ class ObjectTier(Tier):
                 pool.submit(self._put_one, bucket, array_path(name, i), meta, written)
                 for i, t in enumerate(spec.tensors)
                 for meta in [json.dumps(array_metadata(t, i), indent=1).encode()]
+                if bucket.zarr_arrays
             ]
-            chunks = [pool.submit(self._put_chunk, bucket, name, i, t, raw, written) for i, (t, raw) in
-                      enumerate(zip(spec.tensors, host, strict=True))]  # fmt: skip
-            checksums = [future.result() for future in chunks]
+            checksums = list(pool.map(self._checksum, host))  # in parallel: the CRC32C runs without the GIL
+            bucket.put_chunks(
+                [(self._chunk(name, i, t), raw, crc.to_bytes(CHECKSUM_BYTES, "little"))
+                 for i, (t, raw, crc) in enumerate(zip(spec.tensors, host, checksums, strict=True)) if crc is not None],
+                written,
+            )  # fmt: skip
             for future in metas:
                 future.result()
             if time.perf_counter() - start > self.budget.orphan_age_s / 2:  # the sweep may have taken its chunks
                 raise StorageError(
-                    f"object tier: the upload took {time.perf_counter() - start:.0f} s, more than half of "
-                    f"tiers.object.orphan_age_s ({self.budget.orphan_age_s:g} s), after which the sweep of any cache "
-                    "may remove its objects; raise orphan_age_s"
+                    f"{self.name} tier: the upload took {time.perf_counter() - start:.0f} s, more than half of "
+                    f"tiers.{self.name}.orphan_age_s ({self.budget.orphan_age_s:g} s), after which the sweep of any "
+                    "cache may remove its objects; raise orphan_age_s"
                 )
             stamp = written_ns or time.time_ns()
             try:  # the commit
@@ -195,7 +214,7 @@ class ObjectTier(Tier):
             self._remove_quietly(written)
             if isinstance(exc, StorageError):
                 raise StorageError(
-                    f"object tier: put({spec.key!r}) of {spec.nbytes} bytes did not commit; nothing of it is "
+                    f"{self.name} tier: put({spec.key!r}) of {spec.nbytes} bytes did not commit; nothing of it is "
                     f"stored and the entries already stored are untouched: {exc}"
                 ) from exc
             raise
@@ -205,42 +224,32 @@ class ObjectTier(Tier):
         self._log(source, self.name, spec.nbytes, time.perf_counter() - start)
 
     @staticmethod
-    def _put_one(bucket: Bucket, path: str, data: bytes | list[memoryview], written: list[str]) -> None:
+    def _put_one(bucket: Store, path: str, data: bytes, written: list[str]) -> None:
         bucket.put(path, data)
         written.append(path)
 
-    def _put_chunk(
-        self, bucket: Bucket, name: str, index: int, spec: TensorSpec, raw: torch.Tensor, written: list[str]
-    ) -> int | None:
-        """Checksum tensor `index` and write its chunk (on a pool thread: tensors in parallel); its CRC32C."""
-        if not spec.nbytes:
-            return None  # no chunk: zarr's fill value stands for an empty array
-        crc = crc32c_address(raw.data_ptr(), raw.numel())
-        trailer = crc.to_bytes(CHECKSUM_BYTES, "little")
-        view = raw.numpy().data
-        # small chunks go up whole (one request; the copy is cheap), large ones as parts, uncopied
-        data = bytes(view) + trailer if spec.nbytes <= self.budget.part_size else [view, memoryview(trailer)]
-        self._put_one(bucket, str(chunk_path(Path(f"{ENTRIES}/{name}/t{index}"), len(spec.shape))), data, written)
-        return crc
+    @staticmethod
+    def _checksum(raw: torch.Tensor) -> int | None:
+        """A tensor's CRC32C; None for an empty one, which has no chunk (zarr's fill value stands for it)."""
+        return crc32c_address(raw.data_ptr(), raw.numel()) if raw.numel() else None
+
+    @staticmethod
+    def _chunk(name: str, index: int, spec: TensorSpec) -> str:
+        return str(chunk_path(Path(f"{ENTRIES}/{name}/t{index}"), len(spec.shape)))
 
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
         stored = self._stored[entry]
         indices = select(stored.spec, names)
         bucket, pool = self._bucket()
         start = time.perf_counter()
-        fetches = [pool.submit(self._fetch, bucket, stored, i) for i in indices]
+        fetch = pool.submit(self._fetch, bucket, stored, indices)
 
         def finish() -> tuple[Tensors, Event]:
             out: Tensors = {}
-            try:
-                for i, fetch in zip(indices, fetches, strict=True):
-                    spec = stored.spec.tensors[i]
-                    tensor = from_bytes(fetch.result(), spec)
-                    out[spec.name] = tensor if device is None or device.type == "cpu" else tensor.to(device)
-            except BaseException:
-                for fetch in fetches:
-                    fetch.cancel()
-                raise
+            for i, raw in zip(indices, fetch.result(), strict=True):
+                spec = stored.spec.tensors[i]
+                tensor = from_bytes(raw, spec)
+                out[spec.name] = tensor if device is None or device.type == "cpu" else tensor.to(device)
             nbytes = sum(stored.spec.tensors[i].nbytes for i in indices)
             dest = "host" if device is None else self.path.endpoint(device)
             self._log(self.name, dest, nbytes, time.perf_counter() - start)
@@ -248,56 +257,51 @@ class ObjectTier(Tier):
 
         return Load(finish=finish)
 
-    def _fetch(self, bucket: Bucket, stored: StoredEntry, index: int) -> torch.Tensor:
-        """Tensor `index`'s bytes in a new host buffer, its checksum verified; parts of a large chunk in parallel."""
-        spec = stored.spec.tensors[index]
-        out = torch.empty(spec.nbytes, dtype=torch.uint8)
-        if not spec.nbytes:
-            return out
-        path, total = stored.chunk_files[index], spec.nbytes + CHECKSUM_BYTES
-        part = self.budget.part_size
-        starts = list(range(0, total, part))
+    def _fetch(self, bucket: Store, stored: StoredEntry, indices: list[int]) -> list[torch.Tensor]:
+        """The bytes of the tensors `indices` in host buffers, their checksums verified; all chunks in one call to
+        the store (which reads them, and a large one's parts, in parallel)."""
+        buffers = self.path.buffers
+        specs = [stored.spec.tensors[i] for i in indices]
+        # reused buffers: fresh memory would be faulted in (and zeroed) by the first write of every page
+        outs = [
+            buffers.empty(t.nbytes)[: t.nbytes] if buffers is not None else torch.empty(t.nbytes, dtype=torch.uint8)
+            for t in specs
+        ]
+        wanted = [(i, out) for i, out in zip(indices, outs, strict=True) if out.numel()]
         try:
-            if len(starts) == 1:
-                pieces = [bucket.get_range(path, 0, total)]
-            else:  # one request per part, in parallel, each under its own timeout
-                assert self._parts is not None
-                futures = [self._parts.submit(bucket.get_range, path, s, min(s + part, total)) for s in starts]
-                pieces = [future.result() for future in futures]
-        except Missing:
+            trailers = bucket.read_chunks([(stored.chunk_files[i], out) for i, out in wanted])
+        except Missing as exc:
+            with self._lock:  # the next refresh drops it, whatever a listing begun before says
+                self._lost.add(stored.path.name)
             self._wake.set()  # list again now: a newer version of the key may have replaced it
             raise EntryNotFoundError(
-                f"object tier: entry {stored.spec.key!r} was removed or replaced by another cache while it was "
-                f"read ({path} is gone): a miss; a get after the next listing finds a newer version"
+                f"{self.name} tier: entry {stored.spec.key!r} was removed, replaced or lost while it was read "
+                f"({exc}): a miss; a get after the next listing finds a newer version if there is one"
             ) from None
-        view, crc, at = out.numpy().data, 0, 0
-        if sum(len(p) for p in pieces) != total:
-            raise self._corrupt(stored, index, f"{path} holds {sum(len(p) for p in pieces)} bytes, not {total}")
-        for piece in pieces:
-            take = max(0, min(len(piece), spec.nbytes - at))
-            if take:
-                view[at : at + take] = piece[:take]
-                if self.budget.verify_checksums:
-                    crc = crc32c_address(piece[:take], crc=crc)
-            at += len(piece)
-        # the stored checksum: the last 4 bytes, which may straddle the last two pieces (parts are >= 5 MiB)
-        trailer = b"".join(bytes(p[-CHECKSUM_BYTES:]) for p in pieces[-2:])[-CHECKSUM_BYTES:]
+        except Damaged as exc:
+            raise CorruptEntryError(
+                f"{self.name} tier: entry {stored.spec.key!r}: {exc}; the entry is not served (in {self._where}: "
+                "delete it, or put it again)"
+            ) from None
         if self.budget.verify_checksums:
-            want = stored.checksums[index]
-            if crc != want or int.from_bytes(trailer, "little") != want:
-                raise self._corrupt(stored, index, f"CRC32C {crc:#010x}, the manifest says {want:#010x}")
-        return out
+            crcs = list(self._checksums.map(lambda out: crc32c_address(out.data_ptr(), out.numel()),
+                                            [out for _, out in wanted]))  # fmt: skip
+            for (i, _), crc, trailer in zip(wanted, crcs, trailers, strict=True):
+                want = stored.checksums[i]
+                if crc != want or (trailer is not None and int.from_bytes(trailer, "little") != want):
+                    raise self._corrupt(stored, i, f"CRC32C {crc:#010x}, the manifest says {want:#010x}")
+        return outs
 
     def _corrupt(self, stored: StoredEntry, index: int, what: str) -> CorruptEntryError:
         return CorruptEntryError(
-            f"object tier: entry {stored.spec.key!r}, tensor {stored.spec.tensors[index].name!r}: {what}; the entry "
-            f"is not served (in {self.budget.url}: delete it, or put it again)"
+            f"{self.name} tier: entry {stored.spec.key!r}, tensor {stored.spec.tensors[index].name!r}: {what}; the "
+            f"entry is not served (in {self._where}: delete it, or put it again)"
         )
 
     def delete(self, entry: EntryId) -> None:
         stored = self._stored[entry]
         if self.read_only:
-            raise StorageError(f"object tier: delete({stored.spec.key!r}): this cache opened its stores read-only")
+            raise StorageError(f"{self.name} tier: delete({stored.spec.key!r}): this cache opened its stores read-only")
         bucket, pool = self._bucket()
         name = stored.path.name
         bucket.delete([manifest_path(name)])  # the entry is gone for everyone from here on
@@ -309,7 +313,7 @@ class ObjectTier(Tier):
         try:
             self.delete(entry)
         except StorageError as exc:  # the lister deletes it again; never served or found again meanwhile
-            log.warning("tiercache: %s (the object tier retries the removal)", exc)
+            log.warning("tiercache: %s (the %s tier retries the removal)", exc, self.name)
             if entry in self._stored:
                 stored = self._stored[entry]
                 with self._lock:
@@ -334,8 +338,11 @@ class ObjectTier(Tier):
 
     def _objects_of(self, stored: StoredEntry) -> list[str]:
         name = stored.path.name
-        paths = [array_path(name, i) for i in range(len(stored.spec.tensors))]
-        return paths + [p for i, p in enumerate(stored.chunk_files) if stored.spec.tensors[i].nbytes]
+        bucket = self._bucket()[0]
+        paths = [array_path(name, i) for i in range(len(stored.spec.tensors))] if bucket.zarr_arrays else []
+        for path, spec in zip(stored.chunk_files, stored.spec.tensors, strict=True):
+            paths += bucket.chunk_objects(str(path), spec.nbytes) if spec.nbytes else []
+        return paths
 
     def _remove_quietly(self, paths: list[str]) -> None:
         if paths and self.bucket is not None:
@@ -355,8 +362,14 @@ class ObjectTier(Tier):
             raise error
         with self._lock:
             listing, self._pending = self._pending, None
+            lost, self._lost = self._lost, set()
+        dropped = [self._ids[name] for name in lost if name in self._ids]
+        for uid in dropped:
+            name = self._stored[uid].path.name
+            self._removed[name] = time.monotonic()  # a listing begun before must not bring it back
+            self._drop(uid, name)
         if listing is None:
-            return Refresh()
+            return Refresh(gone=dropped)
         entries = listing.entries
         found = [
             Found(stored.spec, stored.written_ns, stored)
@@ -373,6 +386,7 @@ class ObjectTier(Tier):
         deleted = [uid for uid in gone if self._stored[uid].spec.key not in newer]  # else replaced, not deleted
         for uid in gone:
             self._drop(uid, self._stored[uid].path.name)
+        gone += dropped
         sizes = {name: stored.spec.nbytes for name, stored in entries.items() if stored is not None}
         ours = {n: self._sizes[n] for n in (*self._ids, *self._writing) if n not in entries and n in self._sizes}
         self._sizes = sizes | ours
@@ -429,7 +443,9 @@ class ObjectTier(Tier):
         try:
             return parse_manifest(bytes(bucket.get(manifest_path(name))), Path(ENTRIES, name))
         except DamagedEntry as exc:
-            log.warning("tiercache: object tier: entry %s in %s is damaged, not served: %s", name, self.budget.url, exc)
+            log.warning(
+                "tiercache: %s tier: entry %s in %s is damaged, not served: %s", self.name, name, self._where, exc
+            )
             return None
 
     def _sweep(
@@ -482,8 +498,7 @@ class ObjectTier(Tier):
         """Read every tensor of an entry and check its CRC32C: None when it verifies, else what is wrong."""
         bucket, _ = self._bucket()
         try:
-            for index in range(len(stored.spec.tensors)):
-                self._fetch(bucket, stored, index)
+            self._fetch(bucket, stored, list(range(len(stored.spec.tensors))))
         except (CorruptEntryError, EntryNotFoundError) as exc:
             return str(exc)
         return None
@@ -516,15 +531,19 @@ class ObjectTier(Tier):
                 log.warning("tiercache: %s", exc)
                 continue
             except Exception:  # noqa: BLE001 - a thread of ours: say it, and go on listing
-                log.exception("tiercache: object tier: listing %s failed", self.budget.url)
+                log.exception("tiercache: %s tier: listing %s failed", self.name, self._where)
                 continue
             with self._lock:
                 self._pending = listing
 
-    def _bucket(self) -> tuple[Bucket, ThreadPoolExecutor]:
+    def _bucket(self) -> tuple[Store, ThreadPoolExecutor]:
         if self.bucket is None or self._pool is None:
-            raise StorageError("object tier: off (tiers.object.capacity is 0); give it a capacity and a url")
+            raise StorageError(f"{self.name} tier: off (tiers.{self.name}.capacity is 0); give it a capacity")
         return self.bucket, self._pool
+
+    @property
+    def _where(self) -> str:
+        return self.bucket.where if self.bucket is not None else "off (capacity 0)"
 
     def close(self) -> None:
         if self._closed:
@@ -535,8 +554,9 @@ class ObjectTier(Tier):
             self._lister.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # removals queued finish (a load's fetches are done by now)
-        if self._parts is not None:
-            self._parts.shutdown(wait=True)
+            self._checksums.shutdown(wait=True)
+        if self.bucket is not None:
+            self.bucket.close()
         self._stored.clear()
         self._ids.clear()
         self._specs.clear()
