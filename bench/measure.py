@@ -22,7 +22,7 @@ from tiercache.pathway import Pathway
 LAYERS = 8  # an entry is LAYERS x (K, V) bf16 tensors, like one block range of a Flux K/V cache
 
 
-SUITES = ("tiers", "gpu", "peers", "workloads", "latency", "diffusers", "handoff", "object")
+SUITES = ("tiers", "gpu", "peers", "workloads", "latency", "diffusers", "handoff", "remote", "object")
 
 
 @dataclass

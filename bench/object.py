@@ -118,7 +118,7 @@ def _timed(mode: str, *args: str) -> float:
     return child_seconds("bench.object", mode, *args)
 
 
-class _Sender:
+class Sender:
     """A loopback listener that sends `payload` whole to each connection (the raw TCP stream's far end)."""
 
     def __init__(self, payload: memoryview) -> None:
@@ -181,7 +181,7 @@ def bench_object(sizes: list[int], scratch: Path, repeat: int, progress: Callabl
             progress(f"object: a fresh process's get of {label}")
             names = json.dumps(list(entry))
             payload = torch.cat([as_bytes(t) for t in entry.values()])
-            sender = _Sender(payload.numpy().data.cast("B"))
+            sender = Sender(payload.numpy().data.cast("B"))
             times: dict[str, list[float]] = {"tiercache": [], "obstore": [], "tcp": []}
             try:
                 for i in range(repeat):

@@ -19,6 +19,7 @@ BENCH_OVERLAP_LAYER=16MiB (K/V bytes per layer of the overlap loop)  BENCH_WORKL
 workloads of bench/workloads.py are scaled down in tokens to at most this many bytes)
 BENCH_DIFFUSERS_SIZE=12x768 (blocks x width of bench/diffusers.py's Wan transformer; 0: skipped)
 BENCH_HANDOFF_SIZES="16MiB,64MiB,256MiB,1GiB" (bench/handoff.py's fresh-process first gets; "": skipped)
+BENCH_REMOTE_SIZES="16MiB,64MiB" (bench/remote.py: the remote tier on a Mooncake Store it starts; "": skipped)
 BENCH_OBJECT_SIZES="16MiB,64MiB" (bench/object.py: the object tier on a SeaweedFS server it starts; "": skipped)
 """
 
@@ -64,6 +65,7 @@ from .measure import (
 from .object import bench_object
 from .overlap import bench_overlap, overlap_cases, overlap_table
 from .peers import bench_peers
+from .remote import bench_remote
 from .seed import seed_table
 from .workloads import WORKLOADS, bench_workloads
 
@@ -215,6 +217,9 @@ def run(bar: Callback) -> int:
     handoff_sizes = [
         tiercache.parse_size(s) for s in os.environ.get("BENCH_HANDOFF_SIZES", DEFAULT_SIZES).split(",") if s.strip()
     ]
+    remote_sizes = [
+        tiercache.parse_size(s) for s in os.environ.get("BENCH_REMOTE_SIZES", "16MiB,64MiB").split(",") if s.strip()
+    ]
     object_sizes = [
         tiercache.parse_size(s) for s in os.environ.get("BENCH_OBJECT_SIZES", "16MiB,64MiB").split(",") if s.strip()
     ]
@@ -226,6 +231,7 @@ def run(bar: Callback) -> int:
         + 1
         + diffusers_steps(diffusers_size)
         + len(handoff_sizes)
+        + (1 + 2 * len(remote_sizes) if remote_sizes else 0)
         + (1 + 2 * len(object_sizes) if object_sizes else 0)
     )
 
@@ -262,6 +268,7 @@ def run(bar: Callback) -> int:
     measured(bench_latency(tiercache.parse_size(os.environ.get("BENCH_DEMOTION", "1GiB")), root, progress))
     measured(bench_diffusers(diffusers_size, root, min(repeat, 3), progress))
     measured(bench_handoff(handoff_sizes, root, min(repeat, 3), progress))
+    measured(bench_remote(remote_sizes, root / "remote", min(repeat, 3), progress))
     measured(bench_object(object_sizes, root / "object", min(repeat, 3), progress))
     layer = tiercache.parse_size(os.environ.get("BENCH_OVERLAP_LAYER", "16MiB"))
     overlap = bench_overlap(layer, OVERLAP_LAYERS, root, min(repeat, 3), OVERLAP_LOOKAHEAD, progress)

@@ -29,6 +29,7 @@ def tiny_bench(monkeypatch: pytest.MonkeyPatch, out: Path, *, sizes: str, gpu_si
         "BENCH_DIFFUSERS_SIZE": "1x128",
         "BENCH_HANDOFF_SIZES": "",  # a subprocess per read: tests/test_bench_handoff.py runs its reads in-process
         "BENCH_OBJECT_SIZES": "",  # its own S3 server: tests/test_bench_object.py
+        "BENCH_REMOTE_SIZES": "",  # its own Mooncake Store: tests/test_bench_remote.py
         "BENCH_OUT": str(out),
     }
     for name, value in settings.items():
