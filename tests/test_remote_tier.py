@@ -194,10 +194,40 @@ def test_a_holder_killed_is_a_miss_never_wrong_data_and_the_cache_goes_on(
         with pytest.raises(tiercache.EntryNotFoundError, match="lost"):
             cache["x"]
         assert time.monotonic() - start < 5
-        assert "x" not in cache
+        wait_for(lambda: "x" not in cache)  # dropped with the listing the miss asked for
         own_server.add_holder()  # puts work again once the master has dropped the dead holder (its -client_ttl)
         wait_for(lambda: _put_works(cache, "y", kv(2, 1 * MiB)))
         assert_same(cache["y"], kv(2, 1 * MiB))
+
+
+def test_an_entry_lost_with_its_holder_stays_where_this_cache_has_a_copy(
+    tmp_path: Path, own_server: MooncakeServer
+) -> None:
+    tiers = {"hbm": {"capacity": 0}, "host": {"capacity": 4 * MiB}, "nvme": {"capacity": 0}}
+    pol = remote_policy(settings_of(own_server, list_every_s=0.1), **tiers)
+    with tiercache.TierCache(root=tmp_path / "r", policy=pol, device="cpu") as cache:
+        cache.put("x", kv(1))
+        assert cache.offload("x", to="remote").moved == ("x",)
+        assert_same(cache["x"], kv(1))  # promoted into host; the store keeps its copy
+        assert cache.info("x").tiers == ("host", "remote")
+        own_server.stop_holder(0, signal.SIGKILL)
+        wait_for(lambda: cache.info("x").tiers == ("host",))  # lost from the store: not a delete
+        assert_same(cache["x"], kv(1))
+
+
+def test_a_delete_in_one_cache_removes_the_copy_another_promoted(
+    remote_tier_settings: dict[str, Any], make_cache: CacheFactory, tmp_path: Path
+) -> None:
+    tiers = {"hbm": {"capacity": 0}, "host": {"capacity": 4 * MiB}, "nvme": {"capacity": 0}}
+    pol = remote_policy({**remote_tier_settings, "list_every_s": 0.1}, **tiers)
+    a, b = make_cache(pol, root=tmp_path / "a"), make_cache(pol, root=tmp_path / "b")
+    a.put("x", kv(1))
+    a.offload("x", to="remote")
+    wait_for(lambda: "x" in b)
+    assert_same(b["x"], kv(1))
+    assert b.info("x").tiers == ("host", "remote")
+    del a["x"]  # a tombstone says it was removed, not lost
+    wait_for(lambda: "x" not in b)
 
 
 def test_a_holder_killed_mid_get_fails_the_get_cleanly(tmp_path: Path, own_server: MooncakeServer) -> None:

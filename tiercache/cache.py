@@ -188,7 +188,7 @@ class TierCache:
         with self._lock:
             self._check_open()
             tier = self._engine.put(spec, data, copy=copy, hints=PutHints(deadline_ms, priority, write_through))
-            if self._writer is not None and not self._tiers[tier].persistent:
+            if self._writer is not None and not self._tiers[tier].durable:
                 self._behind.append(key)
                 self._behind_work.notify()
             return tier

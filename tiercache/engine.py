@@ -308,12 +308,12 @@ class Engine:
             self.expired += 1
 
     def flush(self, keys: list[str] | None = None, on_write: Callable[[int], None] | None = None) -> Moved:
-        """Write every entry (or those of `keys`) not yet on a persistent tier down to nvme, within its budget and
+        """Write every entry (or those of `keys`) not yet on a durable tier down to nvme, within its budget and
         without evicting anything there, the most recently used first; each memory copy stays. Returns what was
         written and, for the rest, why not. `on_write(nbytes)` is called after each entry written."""
         nvme = self.tiers["nvme"]
         budget = self.policy.tiers.nvme
-        pending = sorted(self._memory_only(keys), key=lambda r: r.last_used, reverse=True)
+        pending = sorted(self._memory_only(keys, durable=True), key=lambda r: r.last_used, reverse=True)
         kept: list[str] = []
         left: dict[str, str] = {}
         written = 0
@@ -409,17 +409,19 @@ class Engine:
 
     def flush_size(self, keys: list[str] | None = None) -> int:
         """Bytes a flush of `keys` (None: every entry) would write at most."""
-        return sum(r.spec.nbytes for r in self._memory_only(keys))
+        return sum(r.spec.nbytes for r in self._memory_only(keys, durable=True))
 
     def memory_only(self) -> list[str]:
         """Keys held by no persistent tier: what a close without flushing lets go of."""
         return [r.spec.key for r in self._memory_only(None)]
 
-    def _memory_only(self, keys: list[str] | None) -> list[Record]:
-        """The records of `keys` (None: every entry; a miss raises) that no persistent tier holds."""
+    def _memory_only(self, keys: list[str] | None, *, durable: bool = False) -> list[Record]:
+        """The records of `keys` (None: every entry; a miss raises) that no persistent tier holds (`durable`: no
+        durable tier, which is what a flush writes)."""
         self.refresh()
         records = list(self.records.values()) if keys is None else [self._record(k) for k in keys]
-        return [r for r in records if not any(self.tiers[t].persistent for t in r.tiers)]
+        kept = (lambda t: t.durable) if durable else (lambda t: t.persistent)
+        return [r for r in records if not any(kept(self.tiers[t]) for t in r.tiers)]
 
     def free(self) -> dict[str, int]:
         return {name: tier.free for name, tier in self.tiers.items()}

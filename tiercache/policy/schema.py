@@ -281,11 +281,12 @@ class RemoteBudget(StoreBudget):
     )
     lease_s: float = _seconds(
         default=10.0,
-        doc="the master's read lease (its -default_kv_lease_ttl): a part must be read within it, so part_size "
-        "follows from it and the slowest link",
+        doc="the master's read lease (its -default_kv_lease_ttl), which messages name: a batch of `concurrency` "
+        "parts is leased at once and must arrive within it, so part_size x concurrency follows from it and the "
+        "slowest link",
     )
     part_size: int = _size(
-        default=64 << 20, doc="bytes per store object of one tensor; a tensor's parts are read in parallel"
+        default=64 << 20, doc="bytes per store object of one tensor; an entry's parts move `concurrency` per call"
     )
     orphan_age_s: float = _seconds(
         default=120.0,

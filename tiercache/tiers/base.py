@@ -130,6 +130,9 @@ class Tier(ABC):
 
     name: str
     persistent: ClassVar[bool] = False  # True: entries outlive the process (refresh() finds them at the next open)
+    # True: entries also outlive a restart of whatever holds them (a disk, a bucket): flush() and write-behind count
+    # them as kept. A persistent tier in servers' memory (remote) is not durable.
+    durable: ClassVar[bool] = False
     # True: other caches (other processes) share the tier's entries and budget: `used` counts theirs too, `refresh`
     # reports what they added and removed, and an old version's room is free only once its replacement commits.
     shared: ClassVar[bool] = False

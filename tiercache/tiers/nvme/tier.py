@@ -43,6 +43,7 @@ class NvmeTier(Tier):
     marks it in the index, then its metadata goes, and its chunks once nobody reads it."""
 
     persistent = True
+    durable = True
     shared = True
 
     def __init__(self, name: str, budget: NvmeBudget, path: DataPath) -> None:

@@ -45,6 +45,9 @@ class Store(ABC):
     # Whether an entry's tensors also get zarr array metadata objects, so zarr-python reads the store (a bucket);
     # the manifest alone is what the tier reads.
     zarr_arrays: bool = True
+    # Whether entries may vanish without any cache removing them (memory lost with its holder, a restart): then a
+    # removal leaves a tombstone, and an entry gone without one is lost, not deleted (other caches keep their copies).
+    volatile: bool = False
 
     @abstractmethod
     def put(self, path: str, data: bytes, *, create: bool = False) -> None:

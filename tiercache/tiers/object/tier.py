@@ -56,6 +56,7 @@ from .store import Damaged, Exists, Listed, Missing, Store
 
 log = logging.getLogger("tiercache")
 ENTRIES = "entries"
+TOMBSTONE = "removed"  # in a volatile store, beside a removed entry's manifest: a cache removed it (it was not lost)
 GROUP = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 
@@ -71,14 +72,17 @@ def array_path(name: str, index: int) -> str:
 
 @dataclass
 class _Listing:
-    """One pass over the bucket: every live entry by name (None: its manifest is damaged), and when it began."""
+    """One pass over the store: every live entry by name (None: its manifest is damaged), when it began, and the
+    entries removed by a cache (a volatile store's tombstones)."""
 
     entries: dict[str, StoredEntry | None]
     started: float
+    tombstones: frozenset[str] = frozenset()
 
 
 class ObjectTier(Tier):
     persistent = True
+    durable = True
     shared = True
     budget_type: ClassVar[type[StoreBudget]] = ObjectBudget  # the policy section's type
 
@@ -305,6 +309,11 @@ class ObjectTier(Tier):
         bucket, pool = self._bucket()
         name = stored.path.name
         bucket.delete([manifest_path(name)])  # the entry is gone for everyone from here on
+        if bucket.volatile:  # says it was removed, not lost; swept with the rest once orphan_age_s old
+            try:
+                bucket.put(f"{ENTRIES}/{name}/{TOMBSTONE}", b"removed")
+            except StorageError as exc:  # other caches then keep their copies in memory: logged, not fatal
+                log.warning("tiercache: %s", exc)
         self._removed[name] = time.monotonic()  # a listing begun before must not bring it back
         self._drop(entry, name)
         pool.submit(self._remove_quietly, self._objects_of(stored))  # its objects: no caller waits on them
@@ -362,14 +371,13 @@ class ObjectTier(Tier):
             raise error
         with self._lock:
             listing, self._pending = self._pending, None
+            if listing is None:
+                return Refresh()
+            # Entries a read found gone go with the listing the read asked for, so that a newer version it finds
+            # replaces them in one refresh; while still listed (a dead holder's keys, a manifest whose chunk is
+            # gone) they are not adopted again.
             lost, self._lost = self._lost, set()
-        dropped = [self._ids[name] for name in lost if name in self._ids]
-        for uid in dropped:
-            name = self._stored[uid].path.name
-            self._removed[name] = time.monotonic()  # a listing begun before must not bring it back
-            self._drop(uid, name)
-        if listing is None:
-            return Refresh(gone=dropped)
+        self._ignored |= lost
         entries = listing.entries
         found = [
             Found(stored.spec, stored.written_ns, stored)
@@ -382,11 +390,23 @@ class ObjectTier(Tier):
         self._removed = {n: t for n, t in self._removed.items() if n in entries or t >= listing.started}
         found.sort(key=lambda f: f.written_ns)
         newer = {f.spec.key for f in found}
-        gone = [uid for name, uid in self._ids.items() if name not in entries and self._since[name] < listing.started]
-        deleted = [uid for uid in gone if self._stored[uid].spec.key not in newer]  # else replaced, not deleted
+        gone = [
+            uid
+            for name, uid in self._ids.items()
+            if (name not in entries and self._since[name] < listing.started) or name in lost
+        ]
+        # deleted by another cache, not replaced; in a volatile store an entry may also vanish with the memory that
+        # held it, which is no delete: only a tombstone says so
+        deleted = [
+            uid
+            for uid in gone
+            for stored in [self._stored[uid]]
+            if stored.spec.key not in newer
+            and stored.path.name not in lost
+            and (not self._volatile or stored.path.name in listing.tombstones)
+        ]
         for uid in gone:
             self._drop(uid, self._stored[uid].path.name)
-        gone += dropped
         sizes = {name: stored.spec.nbytes for name, stored in entries.items() if stored is not None}
         ours = {n: self._sizes[n] for n in (*self._ids, *self._writing) if n not in entries and n in self._sizes}
         self._sizes = sizes | ours
@@ -424,7 +444,8 @@ class ObjectTier(Tier):
         if objects and sweep and not self.read_only:
             self._retry_removals()
             self._sweep(objects, entries)
-        return _Listing(entries, started)
+        tombstones = frozenset(o.path.split("/")[1] for o in objects if o.path.endswith(f"/{TOMBSTONE}"))
+        return _Listing(entries, started, tombstones)
 
     def _retry_removals(self) -> None:
         with self._lock:
@@ -540,6 +561,10 @@ class ObjectTier(Tier):
         if self.bucket is None or self._pool is None:
             raise StorageError(f"{self.name} tier: off (tiers.{self.name}.capacity is 0); give it a capacity")
         return self.bucket, self._pool
+
+    @property
+    def _volatile(self) -> bool:
+        return self.bucket is not None and self.bucket.volatile
 
     @property
     def _where(self) -> str:

@@ -4,30 +4,34 @@ for the master a policy's `[tiers.remote]` names, with every failure turned into
 How Mooncake is used, and why:
 - This client lends no memory to the store (a global segment of 0 bytes): the `mooncake_client` holders do, so an
   entry outlives the process that put it, which is what a handoff between stages or nodes needs.
-- A chunk is one store object per `part_size` bytes (`PATH@0`, `PATH@1`, ...), each written with `put_from` from
-  the tensor's own memory and read with `get_into` straight into the destination: no copy through Mooncake's local
-  buffer (over TCP, any memory will do; RDMA registers it for the transfer). Parts are small enough that each read
-  ends inside the master's read lease. The CRC32C stays in the manifest (no trailer object).
+- A chunk is one store object per `part_size` bytes (`PATH@0`, `PATH@1`, ...). An entry's parts go in batches of
+  `concurrency`, each one `batch_put_from` from the tensors' own memory or one `batch_get_into` straight into the
+  destination buffers: no copy through Mooncake's local buffer (over TCP, any memory will do; RDMA registers it
+  for the transfer). The master leases a batch's keys together, so a batch must arrive within the lease; parts
+  whose lease ran out are read once more. The CRC32C stays in the manifest (no trailer object).
 - Every object is hard-pinned: what the tier accounts as held is never evicted by the store.
 - A removal is forced: an object under a read lease (any get holds one for the lease's length) would refuse it. A
   reader on another node that is still reading such an object reads freed memory at worst, and the tier's
-  checksum makes that a miss, never wrong data (so the remote tier always verifies).
-- Mooncake's calls take no timeout, so each one runs on a thread of the store's own and the caller waits at most
-  `timeout_s` for it. The master's HTTP admin server's `/get_all_keys` is the listing; it says nothing of when a
-  key was written, so `Listed.modified` is when this cache first listed it.
+  checksum refuses that (a CorruptEntryError, never wrong data; so the remote tier always verifies).
+- Mooncake's calls take no timeout, so each runs on a daemon thread of its own and the caller waits at most
+  `timeout_s`. A call that times out keeps the memory it was given alive until it returns, and what it wrote once
+  it lands late is removed. `setup` and `close` hold the GIL (setup waits without end for an absent master), so
+  the master is probed first, and one client per master serves the process and is never closed.
+- The master's HTTP admin server's `/get_all_keys` is the listing; it says nothing of when a key was written, so
+  `Listed.modified` is when this cache first listed it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import logging
 import socket
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -38,6 +42,7 @@ from ...policy.schema import RemoteBudget
 from ..object.store import Damaged, Listed, Missing, Store
 
 T = TypeVar("T")
+log = logging.getLogger("tiercache")
 
 # Mooncake's ErrorCode values (mooncake-store/include/types.h) that the tier tells apart.
 NO_AVAILABLE_HANDLE = -200  # no room: every holder's segment is full (of pinned objects)
@@ -89,6 +94,7 @@ class MooncakeStore(Store):
     """The objects under `PREFIX/` in the Mooncake Store one master runs."""
 
     zarr_arrays = False  # nobody reads it with zarr: the manifest is the whole of an entry's metadata
+    volatile = True  # what a holder held dies with it; a master restart forgets everything
 
     def __init__(self, budget: RemoteBudget) -> None:
         hint = install_hint()
@@ -97,7 +103,6 @@ class MooncakeStore(Store):
         self.budget = budget
         self.where = f"the Mooncake Store of master {budget.master} (keys {budget.prefix}/...)"
         self._prefix = budget.prefix.strip("/") + "/"
-        self._calls = ThreadPoolExecutor(budget.concurrency + 2, thread_name_prefix="tiercache-mooncake")
         self._lock = threading.Lock()
         self._seen: dict[str, datetime] = {}  # key -> when this cache first listed it
         self._closed = False
@@ -132,7 +137,6 @@ class MooncakeStore(Store):
                 budget.master,
             )
             if rc != 0:
-                self._calls.shutdown(wait=False)
                 raise StorageError(
                     f"remote tier ({self.where}): connecting failed (code {rc}); check that mooncake_master answers "
                     f"at {budget.master} and its metadata server at {budget.metadata_url} (tiers.remote.master, "
@@ -150,20 +154,51 @@ class MooncakeStore(Store):
             socket.create_connection((host, port), timeout=self.budget.timeout_s).close()
             urllib.request.urlopen(admin, timeout=self.budget.timeout_s).close()
         except OSError as exc:
-            self._calls.shutdown(wait=False)
             raise StorageError(
                 f"remote tier ({self.where}): the master does not answer ({exc}); check that mooncake_master runs at "
                 f"{self.budget.master} with its admin server at {self.budget.admin_url} (tiers.remote.master, admin)"
             ) from None
 
     # ---- calls, each under the timeout ---------------------------------------------------------------------
-    def _call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
+    def _call(
+        self,
+        doing: str,
+        fn: Callable[..., T],
+        *args: Any,
+        hold: Sequence[object] = (),
+        release: Callable[[], object] = lambda: None,
+        undo: Callable[[T], object] | None = None,
+    ) -> T:
+        """`fn(*args)` on a daemon thread of its own (one Mooncake never answers must not hold up the interpreter's
+        exit), waited for at most `timeout_s`. What the call reads or writes (`hold`: tensors whose addresses it
+        was given) stays alive, and `release` (unregistering them) waits, until it has returned, even after a
+        timeout; `undo` then takes back what a call that timed out did after all (a put that landed late)."""
         if self._closed:
             raise StorageError(f"remote tier ({self.where}): {doing}: the store was closed")
-        future = self._calls.submit(fn, *args)
+        future: Future[T] = Future()
+        timed_out = threading.Event()
+
+        def run() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+                if undo is not None and timed_out.is_set():
+                    undo(result)
+            finally:
+                release()
+                del hold_alive[:]
+
+        hold_alive = list(hold)
+        threading.Thread(target=run, name="tiercache-mooncake", daemon=True).start()
         try:
             return future.result(timeout=self.budget.timeout_s)
         except FutureTimeout:
+            timed_out.set()
+            if future.done() and undo is not None and future.exception() is None:
+                undo(future.result())  # it answered between the timeout and the flag
             raise StorageError(
                 f"remote tier ({self.where}): {doing} did not answer within tiers.remote.timeout_s "
                 f"({self.budget.timeout_s:g} s); check that mooncake_master and the holders (mooncake_client) run"
@@ -181,8 +216,9 @@ class MooncakeStore(Store):
             )
         elif rc == LEASE_EXPIRED:
             fix = (
-                f"a part took longer to read than the master's lease (tiers.remote.lease_s = {self.budget.lease_s:g}):"
-                " lower tiers.remote.part_size, or start mooncake_master with a longer -default_kv_lease_ttl"
+                f"a batch of parts took longer to read than the master's lease (tiers.remote.lease_s = "
+                f"{self.budget.lease_s:g}): lower tiers.remote.part_size or concurrency (a batch is concurrency parts),"
+                " or start mooncake_master with a longer -default_kv_lease_ttl"
             )
         elif rc == RPC_FAIL:
             fix = f"the master at {self.budget.master} did not answer; check that mooncake_master runs there"
@@ -190,18 +226,37 @@ class MooncakeStore(Store):
             fix = "check that mooncake_master and the holders (mooncake_client) run, and their logs"
         return StorageError(f"remote tier ({self.where}): {doing} failed with code {rc} {name}".rstrip() + f"; {fix}")
 
-    def _registration(self, tensor: torch.Tensor) -> AbstractContextManager[None]:
-        """Over TCP the transfer engine reads and writes any memory (registering is slower, and refuses a region
-        that overlaps one registered already); RDMA needs the region registered for the transfer."""
+    def _register(self, tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
+        """Register the tensors' memory for a transfer; the call that undoes it. Over TCP there is nothing to do: the
+        transfer engine reads and writes any memory (registering is slower, and refuses a region that overlaps one
+        registered already); RDMA needs each region registered while a transfer uses it."""
         if self.budget.protocol != "rdma":
-            return contextlib.nullcontext()
-        return _Registered(self, tensor.data_ptr(), tensor.numel())
+            return lambda: None
+        regions = [_Registered(self, t.data_ptr(), t.numel()) for t in tensors if t.numel()]
+        done: list[_Registered] = []
+        try:
+            for region in regions:
+                region.__enter__()
+                done.append(region)
+        except BaseException:
+            for region in done:
+                region.__exit__()
+            raise
+
+        def release() -> None:
+            for region in done:
+                region.__exit__()
+
+        return release
 
     # ---- small objects -------------------------------------------------------------------------------------
     def put(self, path: str, data: bytes, *, create: bool = False) -> None:
         # Names are fresh per version, so create-if-absent needs no check: Mooncake keeps the first value of a key
-        # (a second put of it answers 0 and changes nothing), which is what a retried commit wants.
-        rc = self._call(f"writing {path}", self.store.put, self._key(path), data, self.config)
+        # (a second put of it answers 0 and changes nothing), which is what a retried commit wants. A put that
+        # times out and lands later is removed (a manifest committed after its put gave up would name parts gone).
+        key = self._key(path)
+        rc = self._call(f"writing {path}", self.store.put, key, data, self.config,
+                        undo=lambda rc: rc == 0 and self.store.remove(key, True))  # fmt: skip
         if rc != 0:
             raise self._fail(f"writing {path}", rc)
 
@@ -224,40 +279,63 @@ class MooncakeStore(Store):
     def chunk_objects(self, path: str, nbytes: int) -> list[str]:
         return [key[len(self._prefix) :] for key, _, _ in self._parts(path, nbytes)]
 
+    def _batches(self, parts: list[tuple[str, int, int]]) -> list[list[tuple[str, int, int]]]:
+        """Parts in batches of `concurrency` (each part at most `part_size`): each batch is one call, under its own
+        timeout and (for reads) the master's lease, which it asks for all of a batch's keys at once."""
+        step = self.budget.concurrency
+        return [parts[i : i + step] for i in range(0, len(parts), step)]
+
     def put_chunks(self, chunks: Sequence[tuple[str, torch.Tensor, bytes]], written: list[str]) -> None:
-        # every part of every chunk in one batch call, straight from the tensors' memory
+        # straight from the tensors' memory, a batch of parts per call
+        if not chunks:
+            return
         parts = [(key, data.data_ptr() + at, n) for path, data, _ in chunks
                  for key, at, n in self._parts(path, data.numel())]  # fmt: skip
-        written += [key[len(self._prefix) :] for key, _, _ in parts]  # for the cleanup, should the call fail
-        with contextlib.ExitStack() as registered:
-            for _, data, _ in chunks:
-                registered.enter_context(self._registration(data))
+        written += [key[len(self._prefix) :] for key, _, _ in parts]  # for the cleanup, should a call fail
+        tensors = [data for _, data, _ in chunks]
+        for batch in self._batches(parts):
+            keys = [k for k, _, _ in batch]
+            release = self._register(tensors)
             codes = self._call(
-                f"writing {chunks[0][0]} and {len(chunks) - 1} more" if len(chunks) > 1 else f"writing {chunks[0][0]}",
-                self.store.batch_put_from,
-                [k for k, _, _ in parts],
-                [a for _, a, _ in parts],
-                [n for _, _, n in parts],
-                self.config,
-            )
-        failed = [(key, rc) for (key, _, _), rc in zip(parts, codes, strict=True) if rc != 0]
-        if failed:
-            raise self._fail(f"writing {failed[0][0]} ({len(failed)} of {len(parts)} parts)", failed[0][1])
+                f"writing {keys[0]} and {len(keys) - 1} more parts" if len(keys) > 1 else f"writing {keys[0]}",
+                self.store.batch_put_from, keys, [a for _, a, _ in batch], [n for _, _, n in batch], self.config,
+                hold=tensors, release=release, undo=functools.partial(self._take_back, keys),
+            )  # fmt: skip
+            if len(codes) != len(batch):
+                raise StorageError(f"remote tier ({self.where}): writing {keys[0]}: {len(codes)} answers for "
+                                   f"{len(batch)} parts")  # fmt: skip
+            failed = [(key, rc) for key, rc in zip(keys, codes, strict=True) if rc != 0]
+            if failed:
+                raise self._fail(f"writing {failed[0][0]} ({len(failed)} of {len(batch)} parts)", failed[0][1])
+
+    def _take_back(self, keys: list[str], _codes: object) -> None:
+        """Remove what a batch put that timed out wrote when it landed after all (its entry never committed)."""
+        self.store.batch_remove(keys, True)
 
     def read_chunks(self, chunks: Sequence[tuple[str, torch.Tensor]]) -> list[bytes | None]:
-        # every part of every chunk in one batch call, straight into the destination buffers
-        todo = [(key, out.data_ptr() + at, n) for path, out in chunks for key, at, n in self._parts(path, out.numel())]
-        doing = f"reading {chunks[0][0]}" + (f" and {len(chunks) - 1} more" if len(chunks) > 1 else "")
-        with contextlib.ExitStack() as registered:
-            for _, out in chunks:
-                registered.enter_context(self._registration(out))
+        # straight into the destination buffers, a batch of parts per call
+        parts = [(key, out.data_ptr() + at, n) for path, out in chunks for key, at, n in self._parts(path, out.numel())]
+        outs = [out for _, out in chunks]
+        for batch in self._batches(parts):
+            todo = batch
             for _ in range(2):
+                keys = [k for k, _, _ in todo]
+                doing = f"reading {keys[0]}" + (f" and {len(keys) - 1} more parts" if len(keys) > 1 else "")
                 codes = self._call(
-                    doing, self.store.batch_get_into, [k for k, _, _ in todo], [a for _, a, _ in todo],
-                    [n for _, _, n in todo],
+                    doing, self.store.batch_get_into, keys, [a for _, a, _ in todo], [n for _, _, n in todo],
+                    hold=outs, release=self._register(outs),
                 )  # fmt: skip
-                if any(rc in GONE for rc in codes):
-                    raise Missing(f"{todo[codes.index(next(rc for rc in codes if rc in GONE))][0]} is gone")
+                if len(codes) != len(todo):
+                    raise StorageError(f"remote tier ({self.where}): {doing}: {len(codes)} answers")
+                for (key, _, _), rc in zip(todo, codes, strict=True):
+                    if rc == TRANSFER_FAIL:
+                        log.warning(
+                            "tiercache: remote tier: the holder of %s did not answer (a miss): if it runs, check that "
+                            "this node reaches its transfer engine's ports and that tiers.remote.local_hostname is "
+                            "this node's address", key,
+                        )  # fmt: skip
+                    if rc in GONE:
+                        raise Missing(f"{key} is gone ({NAMES.get(rc, rc)})")
                 wrong = [(p, rc) for p, rc in zip(todo, codes, strict=True) if rc != p[2] and rc != LEASE_EXPIRED]
                 if wrong:
                     (key, _, size), rc = wrong[0]
@@ -266,8 +344,10 @@ class MooncakeStore(Store):
                     raise self._fail(doing, rc)
                 todo = [p for p, rc in zip(todo, codes, strict=True) if rc == LEASE_EXPIRED]
                 if not todo:
-                    return [None] * len(chunks)  # the checksums are in the manifest only
-            raise self._fail(f"{doing} ({len(todo)} parts, twice)", LEASE_EXPIRED)
+                    break
+            else:
+                raise self._fail(f"reading {todo[0][0]} ({len(todo)} parts, twice)", LEASE_EXPIRED)
+        return [None] * len(chunks)  # the checksums are in the manifest only
 
     # ---- removal and listing -------------------------------------------------------------------------------
     def delete(self, paths: Sequence[str]) -> None:
@@ -306,9 +386,8 @@ class MooncakeStore(Store):
         return sorted({prefix + o.path[len(prefix) :].split("/", 1)[0] for o in self.objects(prefix)})
 
     def close(self) -> None:
-        """Stop this store's calls; the client stays for the process's other caches (see `_client`)."""
+        """Refuse further calls; the client stays for the process's other caches (see `_client`)."""
         self._closed = True
-        self._calls.shutdown(wait=False)
 
 
 class _Registered:

@@ -17,6 +17,7 @@ from .store import MooncakeStore
 
 
 class RemoteTier(ObjectTier):
+    durable = False  # volatile: flush() and write-behind still write its entries to nvme
     budget_type: ClassVar[type[StoreBudget]] = RemoteBudget
 
     @classmethod
