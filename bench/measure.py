@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -214,3 +215,22 @@ def child_seconds(module: str, *args: str) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"{module} child {' '.join(args[:1])} failed:\n{done.stderr}")
     return float(done.stdout.strip().splitlines()[-1])
+
+
+Suite = Callable[[list[int], Path, int, Callable[[str], None]], list[Row]]
+
+
+def run_alone(suite: Suite, child: Callable[[str, list[str]], float]) -> None:
+    """`python -m bench.X [SIZE...]` for a suite with fresh-process children: `child MODE ARGS` runs one timed
+    child (printing its seconds); otherwise the suite runs at the sizes given (16MiB, 64MiB) and prints its rows."""
+    if len(sys.argv) >= 3 and sys.argv[1] == "child":
+        print(child(sys.argv[2], sys.argv[3:]))
+        return
+    sizes = [tiercache.parse_size(s) for s in (sys.argv[1:] or ["16MiB", "64MiB"])]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_ROOT")) as scratch:
+        for r in suite(sizes, Path(scratch), 3, lambda s: print(s, file=sys.stderr)):
+            print(
+                f"{tiercache.format_size(r.size)} {r.detail}: tiercache {r.seconds * 1e3:.0f} ms vs {r.baseline} "
+                f"{(r.baseline_seconds or 0) * 1e3:.0f} ms: {r.ratio:.2f}x"
+                + (f" (target {r.target:.2f}x {r.verdict})" if r.target else "")
+            )

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 import tiercache
 from tiercache.entry import as_bytes
 
-from .measure import Row, child_seconds, make_entry, row, side_by_side
+from .measure import Row, child_seconds, make_entry, row, run_alone, side_by_side
 from .object import Sender
 from .peers import touch
 
@@ -183,14 +181,4 @@ def bench_remote(sizes: list[int], scratch: Path, repeat: int, progress: Callabl
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "child":
-        print(_child(sys.argv[2], sys.argv[3:]))
-    else:
-        sizes = [tiercache.parse_size(s) for s in (sys.argv[1:] or ["16MiB", "64MiB"])]
-        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_ROOT")) as scratch:
-            for r in bench_remote(sizes, Path(scratch), 3, lambda s: print(s, file=sys.stderr)):
-                print(
-                    f"{tiercache.format_size(r.size)} {r.detail}: tiercache {r.seconds * 1e3:.0f} ms vs {r.baseline} "
-                    f"{(r.baseline_seconds or 0) * 1e3:.0f} ms: {r.ratio:.2f}x"
-                    + (f" (target {r.target:.2f}x {r.verdict})" if r.target else "")
-                )
+    run_alone(bench_remote, _child)
