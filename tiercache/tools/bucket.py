@@ -24,10 +24,6 @@ from ..units import format_size
 from .root import ago, show_key
 
 
-def is_store(root: str) -> bool:
-    return root.startswith(("s3://", "mooncake://"))
-
-
 @contextlib.contextmanager
 def opened(args: argparse.Namespace, *, read_only: bool) -> Iterator[ObjectTier]:
     path = DataPath(torch.device("cpu"), read_only=read_only)

@@ -22,6 +22,8 @@ from .progress import progress_callback
 
 DISTRIBUTION = "tiercache-gpu"  # the name on the package index (pip install), not the import name
 
+STORES = ("s3://", "mooncake://")  # roots that are a shared tier's store (tools/bucket.py), not an nvme root
+
 
 def _seconds(text: str) -> float:
     try:
@@ -140,7 +142,7 @@ def _bar(args: argparse.Namespace) -> bool:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    if args.root.startswith(("s3://", "mooncake://")):
+    if args.root.startswith(STORES):
         from . import bucket
 
         return bucket.ls(args)
@@ -170,7 +172,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    if args.root.startswith(("s3://", "mooncake://")):
+    if args.root.startswith(STORES):
         raise ValueError(f"info looks after an nvme root; for a shared store: tiercache ls/du/verify/gc {args.root}")
     from .root import entry_info, format_info, read_snapshot
 
@@ -189,7 +191,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    if args.root.startswith(("s3://", "mooncake://")):
+    if args.root.startswith(STORES):
         from . import bucket
 
         return bucket.verify(args)
@@ -232,7 +234,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    if args.root.startswith(("s3://", "mooncake://")):
+    if args.root.startswith(STORES):
         from . import bucket
 
         return bucket.gc(args)
@@ -253,7 +255,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_du(args: argparse.Namespace) -> int:
-    if args.root.startswith(("s3://", "mooncake://")):
+    if args.root.startswith(STORES):
         from . import bucket
 
         return bucket.du(args)
@@ -265,7 +267,7 @@ def _cmd_du(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    if args.root.startswith(("s3://", "mooncake://")):
+    if args.root.startswith(STORES):
         raise ValueError(f"stats looks after an nvme root; for a shared store: tiercache ls/du/verify/gc {args.root}")
     from .root import format_stats, read_snapshot, root_stats
 

@@ -282,6 +282,12 @@ class ObjectTier(Tier):
                 f"{self.name} tier: entry {stored.spec.key!r} was removed, replaced or lost while it was read "
                 f"({exc}): a miss; a get after the next listing finds a newer version if there is one"
             ) from None
+        except StorageError as exc:
+            nbytes = sum(out.numel() for _, out in wanted)
+            raise StorageError(
+                f"{self.name} tier: reading entry {stored.spec.key!r} ({nbytes} bytes) failed; it stays stored and "
+                f"may be read again: {exc}"
+            ) from exc
         except Damaged as exc:
             raise CorruptEntryError(
                 f"{self.name} tier: entry {stored.spec.key!r}: {exc}; the entry is not served (in {self._where}: "
