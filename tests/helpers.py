@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,12 @@ class CountingCache(tiercache.TierCache):
     def put(self, key: str, *args: Any, **kwargs: Any) -> str:
         self.puts.append(key)
         return super().put(key, *args, **kwargs)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll until `condition()` holds; fail the test after `timeout` seconds (for what another cache or a
+    background thread does in its own time: a listing, a sweep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, MiB, assert_same, kv, policy
+from helpers import KiB, MiB, assert_same, kv, policy, wait_for
 
 import tiercache
 from tiercache.policy.schema import ObjectBudget, TierBudget
@@ -202,13 +202,6 @@ def test_objects_left_by_a_writer_that_died_are_swept_once_old(
     bucket = cache.tiers["object"].bucket  # type: ignore[attr-defined]
     bucket.put("entries/" + "0" * 32 + "-" + "1" * 16 + "/t0/c/0", b"half an entry")
     wait_for(lambda: not [o for o in bucket.objects("entries/") if "/t0/" in o.path])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("trailer_split", [0, 2], ids=["trailer-in-last-part", "trailer-across-parts"])

@@ -4,6 +4,7 @@ master killed, a master restart, a full store, a master that stops answering."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -13,10 +14,11 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
 from conftest import CacheFactory
@@ -63,11 +65,8 @@ def own_server(tmp_path: Path, mooncake_server: MooncakeServer) -> Iterator[Moon
     server.stop(signal.SIGKILL)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+# a listing, a holder's expiry and a master's restart take their time: 20 s unless a test says more
+wait_for = functools.partial(helpers.wait_for, timeout=20.0)
 
 
 # ---- in a cache: between host and nvme, handoff between processes --------------------------------------------

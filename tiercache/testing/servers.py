@@ -42,6 +42,27 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _group(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a server in a process group of its own, its output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Signal a server's whole process group by its PID, then wait; SIGKILL if it has not gone in 10 s."""
+    if process is None:
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
 @dataclass
 class S3Server:
     """One `weed mini`: master, volume, filer and S3 gateway in one process, every port on 127.0.0.1."""
@@ -75,9 +96,7 @@ class S3Server:
             f"-admin.port={p[8]}", f"-admin.port.grpc={p[9]}", f"-webdav.port={p[10]}", f"-debug.port={p[11]}",
             f"-s3.metricsPort={p[12]}",
         ]  # fmt: skip
-        log = open(self.data / "weed.log", "ab")  # noqa: SIM115 - the server's, closed with it
-        self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
-        log.close()
+        self.process = _group(args, self.data / "weed.log")
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -109,17 +128,7 @@ class S3Server:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server's whole process group, by its PID (SIGKILL: as a crash)."""
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        _stop(self.process, sig)
         self.process = None
 
 
@@ -137,25 +146,6 @@ def mooncake_binary(name: str) -> str | None:
         return None
     binary = Path(next(iter(spec.submodule_search_locations))) / name
     return str(binary) if binary.exists() else None
-
-
-def _group(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen[bytes] | None, sig: int) -> None:
-    if process is None:
-        return
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @dataclass

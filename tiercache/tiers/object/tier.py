@@ -289,10 +289,7 @@ class ObjectTier(Tier):
                 f"may be read again: {exc}"
             ) from exc
         except Damaged as exc:
-            raise CorruptEntryError(
-                f"{self.name} tier: entry {stored.spec.key!r}: {exc}; the entry is not served (in {self._where}: "
-                "delete it, or put it again)"
-            ) from None
+            raise self._corrupt(stored, None, str(exc)) from None
         if self.budget.verify_checksums:
             crcs = list(self._checksums.map(lambda out: crc32c_address(out.data_ptr(), out.numel()),
                                             [out for _, out in wanted]))  # fmt: skip
@@ -302,10 +299,12 @@ class ObjectTier(Tier):
                     raise self._corrupt(stored, i, f"CRC32C {crc:#010x}, the manifest says {want:#010x}")
         return outs
 
-    def _corrupt(self, stored: StoredEntry, index: int, what: str) -> CorruptEntryError:
+    def _corrupt(self, stored: StoredEntry, index: int | None, what: str) -> CorruptEntryError:
+        """The error for an entry that does not verify (`index`: the tensor, where one is to blame)."""
+        tensor = "" if index is None else f", tensor {stored.spec.tensors[index].name!r}"
         return CorruptEntryError(
-            f"{self.name} tier: entry {stored.spec.key!r}, tensor {stored.spec.tensors[index].name!r}: {what}; the "
-            f"entry is not served (in {self._where}: delete it, or put it again)"
+            f"{self.name} tier: entry {stored.spec.key!r}{tensor}: {what}; the entry is not served (in "
+            f"{self._where}: delete it, or put it again)"
         )
 
     def delete(self, entry: EntryId) -> None:
