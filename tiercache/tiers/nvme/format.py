@@ -223,5 +223,11 @@ def parents_between(path: Path, top: Path) -> list[Path]:
     return chain
 
 
+def json_text(data: dict[str, Any]) -> str:
+    """A metadata file's text, as every writer of the format spells it: compact, which CPython's C encoder writes
+    (an indented one is encoded in Python: ~0.15 ms a file, all of it holding the GIL)."""
+    return json.dumps(data, separators=(",", ":"))
+
+
 def write_json(path: Path, data: dict[str, Any], files: FileOps, sync: bool = True) -> None:
-    files.write_bytes(path, json.dumps(data, indent=1).encode(), sync=sync)
+    files.write_bytes(path, json_text(data).encode(), sync=sync)

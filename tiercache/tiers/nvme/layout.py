@@ -25,6 +25,7 @@ from ...io.buffers import HostBuffers
 from ...io.checksum import crc32c
 from ...io.device_io import KvikioIO
 from ...io.files import FileOps
+from ...io.writer import WriterGone, WriterProcess
 from ...units import format_size
 from .failures import disk_error, disk_errors
 from .format import (
@@ -34,6 +35,7 @@ from .format import (
     array_metadata,
     chunk_path,
     group_metadata,
+    json_text,
     key_hash,
     parents_between,
     parse_group,
@@ -42,6 +44,8 @@ from .format import (
 
 log = logging.getLogger(__name__)
 
+WRITER_FROM = 4 << 20  # background writes of at least this many bytes go to the writer process; below, the GIL
+# handoffs of writing here are too few to matter, and a cache that only writes small entries starts no process
 COMPACT_BELOW = 256 << 10  # tensors read back smaller than this are copied out of their padded I/O buffers (their
 # padding, at most 4 KiB a tensor, would otherwise add more than 1.6% to what a memory tier holds)
 
@@ -81,10 +85,16 @@ class DiskLayout:
         # happens to run the sweep would otherwise wait through. What a crash leaves in trash/ goes at the next open.
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="tiercache-remove")
         self._removing: set[Future[None]] = set()
+        # Background writes go to a process of their own where they can (io/writer.py). Faults and delays injected
+        # through a FileOps of the caller's are honoured by writing here, through it.
+        self.writer = WriterProcess()
+        if type(self.files) is not FileOps or type(io.files) is not FileOps:
+            self.writer.usable, self.writer.why_not = False, "the cache was given its own FileOps (faults or delays)"
 
     def close(self) -> None:
         self._jobs.shutdown(wait=True)
         self._remover.shutdown(wait=True)
+        self.writer.close()
         self.buffers.close()
 
     # ---- writing ----------------------------------------------------------------------------------------------
@@ -94,14 +104,26 @@ class DiskLayout:
         return f"{key_hash(key)}-{uuid.uuid4().hex[:16]}"
 
     def stage(
-        self, name: str, spec: EntrySpec, tensors: Iterable[torch.Tensor], written_ns: int | None = None
+        self,
+        name: str,
+        spec: EntrySpec,
+        tensors: Iterable[torch.Tensor],
+        written_ns: int | None = None,
+        *,
+        background: bool = False,
     ) -> StoredEntry:
         """Write an entry durably under tmp/<name>: every file written and fsynced, nothing visible in entries/ yet
         (`publish` does that); the manifest's `written_ns` is the version's own time where given. Tensors are
         written concurrently (each file's pieces go to the I/O pool), so an entry of many small tensors is not a
-        queue of one-file-at-a-time round trips. A failure raises the entry's StorageError with nothing of it
-        left."""
+        queue of one-file-at-a-time round trips. A `background` write (nobody waits on it: a demotion, a flush,
+        write-behind) of host tensors goes to the writer process where it can, off this process's GIL. A failure
+        raises the entry's StorageError with nothing of it left."""
         tensors = list(tensors)
+        if background and spec.nbytes >= WRITER_FROM and self.writer.usable:
+            if all(t.device.type == "cpu" for t in tensors):
+                staged = self._stage_in_writer(name, spec, tensors, written_ns)
+                if staged is not None:
+                    return staged
         for device in {t.device for t in tensors if t.is_cuda}:  # the files get what the producers' queued work wrote
             torch.cuda.current_stream(device).synchronize()
         staging = self.tmp_dir / name
@@ -125,6 +147,52 @@ class DiskLayout:
             except BaseException:
                 files.remove_tree(staging)
                 raise
+        return StoredEntry(spec=spec, path=staging, checksums=tuple(checksums), written_ns=written_ns)
+
+    def _stage_in_writer(
+        self, name: str, spec: EntrySpec, tensors: list[torch.Tensor], written_ns: int | None
+    ) -> StoredEntry | None:
+        """`stage`, done by the writer process: the same files, fsynced in the same order; None when the process
+        cannot do it (the caller then writes here)."""
+        staging = self.tmp_dir / name
+        direct = self.io.mode == "o_direct"
+        steps: list[dict[str, object]] = [{"mkdir": str(staging)}]
+        created = [staging]
+        sources = []  # the bytes the child reads: alive until it has answered
+        for index, (tspec, tensor) in enumerate(zip(spec.tensors, tensors, strict=True)):
+            array_dir = staging / f"t{index}"
+            steps += [
+                {"mkdir": str(array_dir)},
+                {"small": str(array_dir / "zarr.json"), "text": json_text(array_metadata(tspec, index))},
+            ]
+            created += [array_dir, array_dir / "zarr.json"]
+            if tspec.nbytes == 0:  # an empty array has no chunks in zarr
+                continue
+            raw = as_bytes(tensor)
+            sources.append(raw)
+            chunk = chunk_path(array_dir, len(tspec.shape))
+            parents = parents_between(chunk, array_dir)
+            steps += [{"mkdir": str(parent)} for parent in reversed(parents)]
+            created += parents
+            steps.append({"chunk": str(chunk), "address": raw.data_ptr(), "nbytes": raw.numel(), "direct": direct})
+        with disk_errors("writing", self.root, staging, spec.key, spec.nbytes):
+            self._check_room(spec)
+            try:
+                crcs = iter(self.writer.run(steps))
+                checksums = [next(crcs) if tspec.nbytes else None for tspec in spec.tensors]
+                written_ns = time.time_ns() if written_ns is None else written_ns
+                group = json_text(group_metadata(spec, checksums, written_ns))
+                durable = [{"fsync": str(path)} for path in [*created, staging / "zarr.json"]]
+                self.writer.run([{"small": str(staging / "zarr.json"), "text": group}, *durable])
+            except WriterGone as exc:
+                log.debug("tiercache: writing %r in this process: %s", spec.key, exc)
+                self.files.remove_tree(staging)
+                return None
+            except BaseException:
+                self.files.remove_tree(staging)
+                raise
+            finally:
+                sources.clear()
         return StoredEntry(spec=spec, path=staging, checksums=tuple(checksums), written_ns=written_ns)
 
     def publish(self, staged: StoredEntry) -> StoredEntry:

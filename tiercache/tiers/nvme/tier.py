@@ -383,7 +383,10 @@ class NvmeTier(Tier):
         published: StoredEntry | None = None
         try:
             with self.path.unlocked():  # the slow part, outside the cache's lock: the room is reserved already
-                staged = self.layout.stage(name, spec, [tensors[t.name] for t in spec.tensors], written_ns)
+                # a copy from another tier (a demotion, a flush, write-behind) is nobody's wait: off this process's GIL
+                staged = self.layout.stage(
+                    name, spec, [tensors[t.name] for t in spec.tensors], written_ns, background=source != "put"
+                )
             with self.index.transaction() as tx:
                 published = self.layout.publish(staged)
                 if not tx.insert(name, spec.key, spec.nbytes, published.written_ns):

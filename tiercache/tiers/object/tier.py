@@ -19,7 +19,6 @@ at once may overshoot it by what they write in one listing's interval.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -48,6 +47,7 @@ from ..nvme.format import (
     array_metadata,
     chunk_path,
     group_metadata,
+    json_text,
     key_hash,
     parse_manifest,
 )
@@ -57,7 +57,7 @@ from .store import Damaged, Exists, Listed, Missing, Store
 log = logging.getLogger("tiercache")
 ENTRIES = "entries"
 TOMBSTONE = "removed"  # in a volatile store, beside a removed entry's manifest: a cache removed it (it was not lost)
-GROUP = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
+GROUP = json_text({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
 
 def manifest_path(name: str) -> str:
@@ -187,7 +187,7 @@ class ObjectTier(Tier):
             metas = [
                 pool.submit(self._put_one, bucket, array_path(name, i), meta, written)
                 for i, t in enumerate(spec.tensors)
-                for meta in [json.dumps(array_metadata(t, i), indent=1).encode()]
+                for meta in [json_text(array_metadata(t, i)).encode()]
                 if bucket.zarr_arrays
             ]
             checksums = list(pool.map(self._checksum, host))  # in parallel: the CRC32C runs without the GIL
@@ -206,7 +206,7 @@ class ObjectTier(Tier):
                 )
             stamp = written_ns or time.time_ns()
             try:  # the commit
-                bucket.put(manifest, json.dumps(group_metadata(spec, checksums, stamp), indent=1).encode(), create=True)
+                bucket.put(manifest, json_text(group_metadata(spec, checksums, stamp)).encode(), create=True)
             except Exists:  # a retry after our own commit landed (its reply lost): the name is ours alone
                 pass
         except BaseException as exc:
