@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import policy
+import torch
+from conftest import CacheFactory
+from helpers import MiB, policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiercache import CapacityError
 from tiercache.policy.eviction import EVICTION_RULES
 from tiercache.tools.cli import main
 from tiercache.tools.simulate import Request, TraceError, belady_hits, load_trace, parse_trace, replay, simulate_report
@@ -86,6 +89,20 @@ def test_a_promotion_into_host_is_charged_as_the_copy_the_cache_makes() -> None:
     assert outcome.hits == {"hbm": 0, "host": 0, "remote": 0, "nvme": 1, "object": 0}
     assert outcome.moved_bytes["nvme->hbm"] == 80  # the read
     assert outcome.moved_bytes["hbm->host(pageable)"] == 80 + 90 + 80  # a's and b's puts, then a's promotion
+
+
+def test_a_replacement_that_a_full_nvme_refuses_is_refused_in_the_simulator_too(make_cache: CacheFactory) -> None:
+    """nvme is shared: an old version keeps its room until the new one commits, so a full tier cannot take the
+    new one; the simulator's nvme has the same rule."""
+    pol = policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 10 * MiB}})
+    cache = make_cache(pol)
+    cache.put("a", {"x": torch.zeros(6 * MiB, dtype=torch.uint8)})
+    with pytest.raises(CapacityError):
+        cache.put("a", {"x": torch.ones(6 * MiB, dtype=torch.uint8)})
+    outcome = replay([req("put", "a", 6 * MiB), req("put", "a", 6 * MiB), req("get", "a", 6 * MiB)], pol)
+    assert outcome.refused == 1
+    assert outcome.hits["nvme"] == 1  # the first version stayed, as in the cache
+    assert cache.tier_of("a") == "nvme"
 
 
 UNIFORM = st.lists(

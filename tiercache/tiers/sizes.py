@@ -16,6 +16,8 @@ SIMULATED_MODES = {"host": "pageable"}
 
 
 class SizeOnlyTier(Tier):
+    """A tier of `capacity` bytes holding nothing (see SharedSizeOnlyTier for a shared tier's stand-in)."""
+
     def __init__(self, name: str, capacity: int, path: DataPath) -> None:
         super().__init__(name, capacity, path)
 
@@ -54,3 +56,15 @@ class SizeOnlyTier(Tier):
     def close(self) -> None:
         self._specs.clear()
         self._used = 0
+
+
+class SharedSizeOnlyTier(SizeOnlyTier):
+    """The stand-in for a shared tier (nvme on a root, remote, object): a replaced entry's room is free only once
+    the new version is in, as in the real one, so a simulated full tier refuses the replacements a cache would."""
+
+    shared = True
+
+
+def size_only_tier(kind: type[Tier], name: str, capacity: int, path: DataPath) -> SizeOnlyTier:
+    """The simulator's stand-in for a tier of class `kind`, with its flags."""
+    return (SharedSizeOnlyTier if kind.shared else SizeOnlyTier)(name, capacity, path)

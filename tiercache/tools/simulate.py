@@ -36,7 +36,8 @@ from ..policy import load_policy
 from ..policy.costmodel import Profile
 from ..policy.schema import TIER_NAMES, Policy
 from ..records import PutHints
-from ..tiers import DataPath, SizeOnlyTier, Tier
+from ..tiers import TIER_TYPES, DataPath, Tier
+from ..tiers.sizes import size_only_tier
 from ..units import format_size
 
 SIMULATED_DEVICE = torch.device("meta")  # the simulated compute device: tensors of sizes, no data
@@ -138,7 +139,7 @@ def replay(
             outcome.moved_seconds[name] = outcome.moved_seconds.get(name, 0.0) + profile.seconds(pathway, nbytes)
 
     path = DataPath(SIMULATED_DEVICE, on_transfer=moved)
-    tiers: dict[str, Tier] = {t: SizeOnlyTier(t, policy.tiers[t].capacity, path) for t in TIER_NAMES}
+    tiers: dict[str, Tier] = {t: size_only_tier(TIER_TYPES[t], t, policy.tiers[t].capacity, path) for t in TIER_NAMES}
     engine = Engine(policy, tiers, profile, clock=lambda: now[0])
 
     def put(request: Request) -> None:
