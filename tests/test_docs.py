@@ -85,6 +85,7 @@ def test_the_format_spec_holds_for_an_entry_the_cache_writes(tmp_path: Path) -> 
     with tiercache.TierCache(root=root, policy="cpu", device="cpu") as cache:
         cache.put(key, tensors, write_through=True)
     assert sorted(p.name for p in root.iterdir()) == [
+        ".lock",  # kept: removing it would let a process lock a new file while another holds the old one
         "entries",
         "index.sqlite3",
         "index.sqlite3-signal",

@@ -279,3 +279,56 @@ def test_an_open_that_fails_leaves_no_member_behind(tmp_path: Path) -> None:
 def test_a_bad_lock_timeout_is_refused(tmp_path: Path, timeout: Any) -> None:
     with pytest.raises(tiercache.EntryValueError, match="lock_timeout"):
         open_root(tmp_path / "root", lock_timeout=timeout)
+
+
+# tiercache 0.1's root lock, as it took it: an exclusive record lock on ROOT/.lock with its PID and host written in.
+OLD_VERSION = textwrap.dedent(
+    """
+    import fcntl, os, socket, sys
+    fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print("refused", flush=True)
+        sys.exit(0)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\\n".encode())
+    print("holding", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def old_version(root: Path) -> subprocess.Popen[str]:
+    """A process that opens `root` as tiercache 0.1 did; it says "refused" and ends, or "holding" until its stdin
+    closes."""
+    return subprocess.Popen(
+        [sys.executable, "-c", OLD_VERSION, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_an_old_tiercache_is_refused_a_shared_root_and_a_root_it_holds_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    first = tiercache.TierCache(root=root, policy=only_tier("nvme"))
+    second = tiercache.TierCache(root=root, policy=only_tier("nvme"))
+    try:
+        for _ in range(2):  # while both are open, then while the second one alone is
+            old = old_version(root)
+            assert old.communicate(timeout=60)[0].strip() == "refused"
+            first.close()
+    finally:
+        second.close()
+    old = old_version(root)
+    assert old.stdout is not None and old.stdin is not None
+    try:
+        assert old.stdout.readline().strip() == "holding"
+        with pytest.raises(RootInUseError, match=rf"older tiercache \(0\.1\).*process {old.pid}"):
+            tiercache.TierCache(root=root, policy=only_tier("nvme"))
+        with pytest.raises(RootInUseError, match="older tiercache"):
+            tiercache.TierCache(root=root, policy=only_tier("nvme"), read_only=True)
+        assert list((root / "members").iterdir()) == []  # a refused open leaves no member behind
+    finally:
+        old.stdin.close()
+        old.wait(timeout=60)
+    with tiercache.TierCache(root=root, policy=only_tier("nvme")) as cache:
+        cache.put("k", kv(1))

@@ -36,7 +36,7 @@ from pathlib import Path
 from ...errors import RootInUseError, StorageError, caused_by
 from ...io.files import FileOps
 from .failures import describe
-from .lock import MemberLock, alive, describe_holder
+from .lock import MemberLock, RootShare, alive, describe_holder
 
 SCHEMA_VERSION = 2  # 2: removals say why, members their capacity, removed entries may be stuck, dropped keys
 KEEP_REMOVED = 100_000  # rows of `removed` kept for members catching up; one further behind re-reads every entry
@@ -375,11 +375,13 @@ class RootIndex:
         self._signalled: bytes | None = None  # the signal's value when data_version was last asked
         self._asked = 0.0  # when that was (monotonic)
         self._forked = False
+        self.share = RootShare(root, files, read_only)  # an old tiercache's exclusive open is refused, and refuses
         try:
             files.mkdir(self.members_dir, exist_ok=True)
             # The lock first: from the moment this member is listed, others can tell whether it is alive.
             self.lock = MemberLock(self.members_dir / f"{self.token}.lock", files)
         except OSError as exc:
+            self.share.release()
             if isinstance(exc, StorageError):
                 raise
             error = StorageError(f"nvme tier: cannot join the root {root}: {describe(exc)}; make the root writable")
@@ -408,6 +410,7 @@ class RootIndex:
                 )
         except BaseException:
             self.lock.release()
+            self.share.release()
             with contextlib.suppress(Exception):
                 self.db.close()
             raise
@@ -568,6 +571,7 @@ class RootIndex:
             finally:
                 self._signal.close()
                 self.lock.release()
+                self.share.release()
 
 
 def _after_fork_in_child() -> None:

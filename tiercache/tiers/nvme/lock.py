@@ -7,23 +7,30 @@ forked while a cache was open never keeps a dead parent looking alive (an flock,
 open file description, would). Record locks do not tell two caches of one process apart, and closing any
 descriptor of a file drops them, so the lock files this process holds are kept in a table, consulted before any
 probe opens a file. The holder's PID and host are written into the file for messages.
+
+Every cache also holds a shared record lock on ROOT/.lock (one per process, counted): tiercache 0.1, which opened a
+root for one cache only, took that file's lock exclusively, so an old version is refused a root that newer ones
+share, and a root an old version holds is refused here, naming its holder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
 import threading
 from pathlib import Path
 
-from ...errors import StorageError, caused_by
+from ...errors import RootInUseError, StorageError, caused_by
 from ...io.files import FileOps
 
 FileId = tuple[int, int]  # (st_dev, st_ino): one lock file however its path is spelled (relative, symlinked)
 _HELD: dict[FileId, MemberLock] = {}  # this process's lock files
 _HELD_LOCK = threading.Lock()  # taken around every acquisition, probe and release
+_SHARING: dict[FileId, list[int]] = {}  # ROOT/.lock files this process holds shared: [descriptor, caches using it]
+ROOT_LOCK = ".lock"  # the file tiercache 0.1 locked exclusively for its one cache per root
 
 
 class MemberLock:
@@ -66,6 +73,64 @@ class MemberLock:
                 self._files.unlink(self.path, missing_ok=True)  # while still held: nobody probes a half-gone file
             with contextlib.suppress(OSError):  # Linux frees the descriptor, and so the lock, even when close fails
                 self._files.close(fd)
+
+
+class RootShare:
+    """A shared record lock on ROOT/.lock from construction until `release()`, counted across this process's caches
+    (closing any descriptor of the file would drop the process's lock: it is opened once). A read-only member of a
+    root that has no such file and cannot create it holds nothing (no old version has the root either)."""
+
+    def __init__(self, root: Path, files: FileOps, read_only: bool) -> None:
+        self.path = root / ROOT_LOCK
+        self._id: FileId | None = None
+        with _HELD_LOCK:
+            with contextlib.suppress(FileNotFoundError):
+                shared = _SHARING.get(_file_id(os.stat(self.path)))
+                if shared is not None:
+                    shared[1] += 1
+                    self._id = _file_id(os.stat(self.path))
+                    return
+            try:
+                fd = files.open(self.path, os.O_RDONLY if read_only else os.O_CREAT | os.O_RDWR, 0o644)
+            except FileNotFoundError:
+                if read_only:
+                    return
+                raise
+            except OSError as exc:
+                if read_only:
+                    return
+                raise caused_by(
+                    StorageError(f"nvme tier: cannot open {self.path}: {exc}; make the root writable"), exc
+                ) from exc
+            try:
+                files.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    files.close(fd)  # holds no lock of ours: closing it drops nothing
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise RootInUseError(
+                        f"{root} is open in an older tiercache (0.1), which keeps a root to one cache: "
+                        f"{describe_holder(self.path)} holds {self.path}. Close that cache, or upgrade it to share "
+                        "the root"
+                    ) from exc
+                raise caused_by(
+                    StorageError(f"nvme tier: cannot lock {self.path}: {exc}; check the root"), exc
+                ) from exc
+            self._id = _file_id(os.fstat(fd))
+            _SHARING[self._id] = [fd, 1]
+
+    def release(self) -> None:
+        """This cache's share of the lock goes; the last one of the process closes the file (idempotent)."""
+        with _HELD_LOCK:
+            key, self._id = self._id, None
+            shared = _SHARING.get(key) if key is not None else None
+            if shared is None:
+                return
+            shared[1] -= 1
+            if shared[1] == 0:
+                del _SHARING[key]  # type: ignore[arg-type]
+                with contextlib.suppress(OSError):
+                    os.close(shared[0])
 
 
 def _file_id(st: os.stat_result) -> FileId:
@@ -145,6 +210,10 @@ def _after_fork_in_child() -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
     _HELD.clear()
+    for fd, _ in _SHARING.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _SHARING.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
