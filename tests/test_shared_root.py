@@ -7,6 +7,7 @@ monitor samples the index throughout), and a killed process's leases and reserva
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import random
@@ -23,12 +24,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from faults import HeldRemoval
-from helpers import KiB, assert_same, kv, only_tier, policy
+from faults import HeldRemoval, os_error
+from helpers import KiB, assert_same, kv, only_tier, policy, wait_for
 from shared_worker import NVME_CAPACITY, chaos_policy, check, stamp
 
 import tiercache
 from tiercache.io import FileOps
+from tiercache.io.files import StrPath
 
 WORKER = Path(__file__).resolve().parent / "shared_worker.py"
 SLOW = os.environ.get("TIERCACHE_SLOW") == "1"
@@ -482,3 +484,75 @@ def test_a_read_only_member_without_the_signal_file_still_sees_changes(make_cach
     assert_same(consumer["a"], kv(1))
     writer.put("b", kv(2))  # recreates nothing in the consumer's view: it asks SQLite at every get
     assert_same(consumer["b"], kv(2))
+
+
+def test_an_entry_another_cache_uses_on_nvme_outlives_this_caches_ttl(tmp_path: Path) -> None:
+    """ttl_s counts every member's uses of a shared copy: one cache's expiry never removes what another reads."""
+    root, ttl = tmp_path / "root", 2.0
+    nvme = policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 0}}, eviction={"ttl_s": ttl})
+    with (
+        tiercache.TierCache(root=root, policy=nvme) as first,
+        tiercache.TierCache(root=root, policy=only_tier("nvme")) as other,
+    ):
+        start = time.monotonic()
+        first.put("k", kv(1))
+        time.sleep(max(0.0, start + 1.0 - time.monotonic()))
+        assert_same(other.get("k"), kv(1))  # read from nvme: its row records this use
+        time.sleep(max(0.0, start + ttl + 0.5 - time.monotonic()))
+        assert "k" in first and first.stats().expired == 0  # unused here past the ttl, used by the other within it
+        time.sleep(max(0.0, start + 1.0 + ttl + 0.5 - time.monotonic()))
+        assert "k" not in first and first.stats().expired == 1  # nobody used it within the ttl
+        assert "k" not in other  # removed for every member
+
+
+def test_a_read_only_cache_past_its_ttl_lets_go_of_its_memory_copy_and_still_serves_the_entry(tmp_path: Path) -> None:
+    clock = FakeClock()
+    root = tmp_path / "root"
+    reader_policy = policy(tiers={"hbm": {"capacity": 0}}, eviction={"ttl_s": 60})
+    with tiercache.TierCache(root=root, policy=only_tier("nvme")) as writer:
+        writer.put("k", kv(1))
+        with tiercache.TierCache(root=root, policy=reader_policy, read_only=True, clock=clock) as reader:
+            assert_same(reader.get("k"), kv(1))
+            assert reader.info("k").tiers == ("host", "nvme")  # promoted into its own memory
+            clock.now += 61
+            assert "k" in reader and reader.info("k").tiers == ("nvme",)
+            assert_same(reader.get("k"), kv(1))
+            assert reader.stats().expired == 0
+        assert "k" in writer
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FlakyManifests(FileOps):
+    """Reads of entries' manifests fail with EIO while `failing` is set."""
+
+    def __init__(self) -> None:
+        self.failing = threading.Event()
+
+    def read_bytes(self, path: StrPath) -> bytes:
+        target = Path(path)
+        if self.failing.is_set() and target.name == "zarr.json" and target.parent.parent.name == "entries":
+            raise os_error(errno.EIO, "a manifest's read")
+        return super().read_bytes(path)
+
+
+def test_an_entry_whose_manifest_could_not_be_read_is_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, files = tmp_path / "root", FlakyManifests()
+    with (
+        tiercache.TierCache(root=root, policy=only_tier("nvme"), files=files) as reader,
+        tiercache.TierCache(root=root, policy=only_tier("nvme")) as writer,
+    ):
+        files.failing.set()
+        writer.put("k", kv(1))
+        assert "k" not in reader and "skipping entry" in caplog.text
+        files.failing.clear()
+        wait_for(lambda: "k" in reader)  # without a reopen, and with nothing else committed meanwhile
+        assert_same(reader.get("k"), kv(1))

@@ -298,14 +298,29 @@ class Engine:
         self.by_uid[record.uid] = record
 
     def expire(self) -> None:
-        """Remove entries unused for longer than eviction.ttl_s (never pinned or busy ones)."""
+        """Remove entries unused for longer than eviction.ttl_s (never pinned or busy ones). Memory copies go by
+        this cache's uses; a copy in a shared tier stays while another cache used it within the ttl, and always in
+        a read-only cache, which cannot remove it."""
         ttl = self.policy.eviction.ttl_s
         if ttl <= 0:
             return
-        deadline = self.clock() - ttl
-        for record in [r for r in self.records.values() if r.last_used < deadline and not r.busy]:
-            self._remove(record)
-            self.expired += 1
+        now = self.clock()
+        for record in [r for r in self.records.values() if r.last_used < now - ttl and not r.busy]:
+            kept: dict[str, float] = {}  # shared copies that stay -> seconds since their last use anywhere
+            for tier_name in record.tiers:
+                tier = self.tiers[tier_name]
+                ago = tier.used_elsewhere(record.uid) if tier.shared else None
+                if ago is not None and ago < ttl:
+                    kept[tier_name] = ago
+                elif tier.shared and not tier.writable:
+                    kept[tier_name] = 0.0  # looked at again a ttl from now, not at every call
+            if not kept:
+                self._remove(record)
+                self.expired += 1
+                continue
+            for tier_name in [t for t in record.tiers if t not in kept]:
+                self._drop(record, tier_name)
+            record.last_used = now - min(kept.values())
 
     def flush(self, keys: list[str] | None = None, on_write: Callable[[int], None] | None = None) -> Moved:
         """Write every entry (or those of `keys`) not yet on a durable tier down to nvme, within its budget and

@@ -343,7 +343,12 @@ class EvictionSettings(_Section):
         default="lru",
         doc="which entries a full tier demotes first: 'lru', 'lfu', 'fifo' or 'gdsf' (reload cost x hits / size)",
     )
-    ttl_s: float = _seconds(default=0.0, doc="entries not used for this many seconds expire; 0: never")
+    ttl_s: float = _seconds(
+        default=0.0,
+        doc="entries not used for this many seconds expire; 0: never. Memory copies go by this cache's uses; an nvme "
+        "copy stays while any cache used it within the ttl (remote and object copies go by this cache's uses), "
+        "and a read-only cache drops its memory copies only",
+    )
     nvme_admit_after: int = _int(
         default=1, minimum=1, doc="a victim is written back to nvme only once it has been used this many times"
     )

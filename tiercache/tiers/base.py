@@ -222,6 +222,12 @@ class Tier(ABC):
         """Keep an entry readable, whoever removes it, for a series of loads (a stream); nothing to do by default."""
         return contextlib.nullcontext()
 
+    def used_elsewhere(self, entry: EntryId) -> float | None:
+        """A shared tier that records every cache's uses: seconds since another cache last used the entry, where
+        that was after this cache's last use of it here; None where it was not, or the tier cannot tell (then
+        this cache's own uses decide its expiry)."""
+        return None
+
     def revive(self, entry: EntryId) -> bool:
         """A shared tier: make an entry live again that a failed put's new version replaced (its commit marked it
         replaced for every cache); False where that is no longer possible (its files are gone). True by default."""

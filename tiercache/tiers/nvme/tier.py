@@ -29,6 +29,7 @@ from .lock import alive
 log = logging.getLogger(__name__)
 
 
+RETRY_S, RETRY_MAX_S = 1.0, 60.0  # an entry whose manifest could not be read is tried again, waits doubling
 SWEEP_EVERY_S = 1.0  # how often a member recovers dead members' leases and removes the files of removed entries
 
 
@@ -69,7 +70,10 @@ class NvmeTier(Tier):
         self._stored: dict[EntryId, StoredEntry] = {}
         self._held: dict[EntryId, tuple[StoredEntry, int]] = {}  # held by streams (hold()), even once removed
         self._uids: dict[str, EntryId] = {}  # directory name -> entry id, for what this cache has indexed
-        self._ignored: set[str] = set()  # found but not taken: damaged, or an older version than this cache's
+        self._ignored: set[str] = set()  # found but not taken: an older version than this cache's, or withdrawn
+        # found but unreadable (an I/O error, damage): name -> (when to try again, monotonic; the wait after that)
+        self._unreadable: dict[str, tuple[float, float]] = {}
+        self._used_here: dict[str, int] = {}  # name -> time.time_ns() just after this cache last leased or put it
         self._total = 0  # the budget taken, by every member: refreshed after each transaction
         self._root_budget: int | None = None  # the smallest budget of the members open on the root
         self._last_sweep = 0.0
@@ -257,31 +261,58 @@ class NvmeTier(Tier):
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()  # one queued at a time
             self.layout.in_background(self._sweep_in_background)
-        if not self.index.changed():
+        changed = self.index.changed()
+        now = time.monotonic()
+        if not changed and not any(due <= now for due, _ in self._unreadable.values()):
             return Refresh()
-        changes = self.index.changes()
-        self._total, self._root_budget = self.index.usage()
-        gone = [self._uids[name] for name, _ in changes.removed if name in self._uids]
-        deleted = [self._uids[name] for name, why in changes.removed if why == "delete" and name in self._uids]
-        self._ignored.difference_update(name for name, _ in changes.removed)
-        if changes.everything:
-            live = {row.name for row in changes.added}
-            gone += [uid for name, uid in self._uids.items() if name not in live and uid not in gone]
-        for uid in gone:
-            self._forget_local(uid)
-        found = []
-        for row in changes.added:
-            if row.name in self._uids or row.name in self._ignored:
-                continue
-            try:
-                stored = self.layout.parse(row.name)
-            except (OSError, ValueError) as exc:  # removed meanwhile (its manifest goes first), or damaged
-                if self.path.files.exists(self.layout.entries_dir / row.name / "zarr.json"):
-                    self._skip(row.name, exc)
-                self._ignored.add(row.name)
-                continue
-            found.append(Found(stored.spec, stored.written_ns, stored))
+        found: list[Found] = []
+        gone: list[EntryId] = []
+        deleted: list[EntryId] = []
+        if changed:
+            changes = self.index.changes()
+            self._total, self._root_budget = self.index.usage()
+            gone = [self._uids[name] for name, _ in changes.removed if name in self._uids]
+            deleted = [self._uids[name] for name, why in changes.removed if why == "delete" and name in self._uids]
+            for name, _ in changes.removed:
+                self._ignored.discard(name)
+                self._unreadable.pop(name, None)
+            if changes.everything:
+                live = {row.name for row in changes.added}
+                gone += [uid for name, uid in self._uids.items() if name not in live and uid not in gone]
+                self._unreadable = {n: retry for n, retry in self._unreadable.items() if n in live}
+            for uid in gone:
+                self._forget_local(uid)
+            for row in changes.added:
+                if row.name not in self._uids and row.name not in self._ignored and row.name not in self._unreadable:
+                    found += self._found(row.name, None)
+        for name, (due, wait) in list(self._unreadable.items()):
+            if due <= now:
+                found += self._found(name, wait)
         return Refresh(found, gone, deleted)
+
+    def _found(self, name: str, waited: float | None) -> list[Found]:
+        """The live entry `name` another member indexed, read from its manifest; none where it cannot be read yet
+        (tried again later, the waits doubling: `waited` is the last one, None at the first try) or is gone."""
+        try:
+            stored = self.layout.parse(name)
+        except (OSError, ValueError) as exc:  # removed meanwhile (its manifest goes first), or damaged
+            self._unreadable.pop(name, None)
+            if self.path.files.exists(self.layout.entries_dir / name / "zarr.json"):
+                wait = RETRY_S if waited is None else min(2 * waited, RETRY_MAX_S)
+                if waited is None:
+                    log.warning(
+                        "tiercache: skipping entry %s for now (tried again in %g s, then less often; delete it to "
+                        "reclaim if it stays damaged): %s",
+                        self.layout.entries_dir / name,
+                        wait,
+                        exc,
+                    )
+                self._unreadable[name] = (time.monotonic() + wait, wait)
+            else:
+                self._ignored.add(name)
+            return []
+        self._unreadable.pop(name, None)
+        return [Found(stored.spec, stored.written_ns, stored)]
 
     def _skip(self, name: str, exc: BaseException) -> None:
         log.warning(
@@ -300,6 +331,7 @@ class NvmeTier(Tier):
     def _forget_local(self, entry: EntryId) -> None:
         stored = self._stored.pop(entry)
         self._uids.pop(stored.path.name, None)
+        self._used_here.pop(stored.path.name, None)
         self._specs.pop(entry, None)
 
     @contextlib.contextmanager
@@ -403,6 +435,7 @@ class NvmeTier(Tier):
         self._specs[entry] = spec
         self._stored[entry] = published
         self._uids[name] = entry
+        self._used_here[name] = time.time_ns()
         self._log(source, self.name, spec.nbytes, time.perf_counter() - start, mode)
 
     def _reserve(self, name: str, spec: EntrySpec) -> None:
@@ -452,6 +485,18 @@ class NvmeTier(Tier):
 
         return Load(finish=finish)
 
+    def used_elsewhere(self, entry: EntryId) -> float | None:
+        """Every member's lease and put stamps the entry's row (`last_used_ns`); a stamp later than this cache's own
+        last one is another member's use."""
+        stored = self._stored.get(entry)
+        if stored is None:
+            return None
+        with self.index.snapshot() as tx:
+            row = tx.live(stored.spec.key)
+        if row is None or row.name != stored.path.name or row.last_used_ns <= self._used_here.get(row.name, 0):
+            return None
+        return max(0.0, (time.time_ns() - row.last_used_ns) / 1e9)
+
     def _lease(self, entry: EntryId) -> StoredEntry:
         """Lease an entry for one load; EntryNotFoundError where another cache removed it first."""
         stored = self._stored.get(entry) or self._held.get(entry, (None, 0))[0]
@@ -459,6 +504,7 @@ class NvmeTier(Tier):
             raise EntryNotFoundError(f"an entry in {self.layout.root} was removed by another cache as it was read")
         with self.index.transaction() as tx:
             leased = tx.lease(stored.path.name)
+        self._used_here[stored.path.name] = time.time_ns()  # not before the row's time: not a use "elsewhere"
         if not leased:
             raise EntryNotFoundError(
                 f"entry {stored.spec.key!r} was removed from {self.layout.root} by another cache just before this "
