@@ -556,3 +556,15 @@ def test_an_entry_whose_manifest_could_not_be_read_is_tried_again(
         files.failing.clear()
         wait_for(lambda: "k" in reader)  # without a reopen, and with nothing else committed meanwhile
         assert_same(reader.get("k"), kv(1))
+
+
+def test_a_full_shared_nvme_evicts_by_every_members_uses(tmp_path: Path) -> None:
+    root, size = tmp_path / "root", 64 * KiB
+    nvme = policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 2 * size}})
+    with tiercache.TierCache(root=root, policy=nvme) as writer, tiercache.TierCache(root=root, policy=nvme) as other:
+        writer.put("first", kv(1, size))
+        writer.put("second", kv(2, size))
+        assert_same(other.get("first"), kv(1, size))  # the oldest here, but just used by the other member
+        writer.put("third", kv(3, size))
+        assert sorted(writer.keys()) == ["first", "third"]
+        assert sorted(other.keys()) == ["first", "third"]

@@ -564,10 +564,22 @@ class Engine:
                     continue
                 if keep_deadlines and self._demotion_misses_deadline(victim, tier_name):
                     continue
+                if tier.shared and self._used_elsewhere(victim, tier_name):
+                    continue
                 self._demote(victim, tier_name)
                 if tier.free >= nbytes:
                     return True
         return False
+
+    def _used_elsewhere(self, record: Record, tier_name: str) -> bool:
+        """Whether another cache used the entry in the shared tier since this one did: counted as a use here (its
+        eviction order moves it), so victims are chosen by every member's uses, not this cache's alone."""
+        ago = self.tiers[tier_name].used_elsewhere(record.uid)
+        if ago is None or self.clock() - ago <= record.last_used:
+            return False
+        record.last_used = self.clock() - ago
+        self.orders[tier_name].accessed(record.uid, self._usage(record, tier_name))
+        return True
 
     def _demotion_misses_deadline(self, record: Record, tier_name: str) -> bool:
         if record.deadline_ms is None:
