@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import google_crc32c
@@ -254,3 +255,81 @@ def test_a_cache_given_its_own_file_calls_writes_everything_itself(make_cache: C
     cache.put("kv", entry(8 * MiB))
     cache.offload("kv", to="nvme")
     assert Counting.writes > 0 and writer_children() == []  # injected faults reach every write
+
+
+def test_a_ctrl_c_while_the_child_writes_is_raised_once_it_has_answered(tmp_path: Path) -> None:
+    data = torch.randint(0, 255, (96 * MiB,), dtype=torch.uint8)
+    small = torch.full((WRITER_FROM,), 3, dtype=torch.uint8)
+    writer = WriterProcess()
+    try:
+        writer.run([{"mkdir": str(tmp_path / "warm")}])  # started: the interrupt lands while the chunk is written
+        step = {"chunk": str(tmp_path / "big"), "address": data.data_ptr(), "nbytes": data.numel(), "direct": False}
+        timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            writer.run([step])
+        timer.join()
+        raw = data.numpy().tobytes()
+        assert (tmp_path / "big").read_bytes() == raw + google_crc32c.value(raw).to_bytes(4, "little")
+        after = {"chunk": str(tmp_path / "next"), "address": small.data_ptr(), "nbytes": small.numel(), "direct": False}
+        assert writer.run([after]) == [google_crc32c.value(bytes([3]) * WRITER_FROM)]  # its own answer, in step
+    finally:
+        writer.close()
+
+
+def test_one_child_serves_the_process_until_its_last_user_detaches(tmp_path: Path) -> None:
+    first, second = WriterProcess.attach(), WriterProcess.attach()
+    assert first is second
+    first.run([{"mkdir": str(tmp_path / "a")}])
+    pid = first.pid
+    assert pid is not None
+    first.detach()
+    assert second.pid == pid
+    second.detach()
+    again = WriterProcess.attach()
+    try:
+        assert gone(pid) and again is not first
+    finally:
+        again.detach()
+
+
+def test_a_forked_process_alive_does_not_hold_the_parents_writer_open(tmp_path: Path) -> None:
+    writer = WriterProcess()
+    writer.run([{"mkdir": str(tmp_path / "a")}])
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(5)
+        os._exit(0)
+    try:
+        start = time.monotonic()
+        writer.close()  # the child's copy of the pipe was closed at the fork: EOF reaches the writer
+        assert time.monotonic() - start < 3
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_children_that_keep_dying_turn_the_writer_off(tmp_path: Path) -> None:
+    data = torch.zeros(WRITER_FROM, dtype=torch.uint8)
+    writer = WriterProcess()
+    try:
+        for attempt in range(3):
+
+            def kill_it() -> None:
+                wait_for(lambda: writer.pid is not None, timeout=10)
+                os.kill(writer.pid or 0, signal.SIGKILL)
+
+            killer = threading.Thread(target=kill_it)
+            killer.start()
+            step = {
+                "chunk": str(tmp_path / f"c{attempt}"),
+                "address": data.data_ptr(),
+                "nbytes": WRITER_FROM,
+                "direct": False,
+            }
+            with pytest.raises(WriterGone, match="lost"):
+                writer.run([step])
+            killer.join()
+        assert not writer.usable and "3 writer processes in a row" in (writer.why_not or "")
+    finally:
+        writer.close()

@@ -17,6 +17,7 @@ Ctrl-C (the parent waits for the request in flight) and ends when its stdin clos
 """
 
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -39,6 +40,8 @@ class IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
 
 
+libc.fallocate.restype = ctypes.c_int
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 libc.process_vm_readv.restype = ctypes.c_ssize_t
 libc.process_vm_readv.argtypes = [
     ctypes.c_int,
@@ -76,36 +79,43 @@ class Buffers:
         self.bases = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.maps]
 
 
+def reserve(fd: int, size: int) -> None:
+    """Linux fallocate, as the in-process writer does: a full disk refuses here, before any byte is written; a
+    filesystem that cannot is left alone (posix_fallocate would emulate it by writing every block)."""
+    if libc.fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+        code = ctypes.get_errno()
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code))
+
+
 def write_chunk(step: dict[str, Any], buffers: Buffers, parent: int) -> int:
     path, address, nbytes, direct = step["chunk"], step["address"], step["nbytes"], step["direct"]
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | (os.O_DIRECT if direct else 0), 0o644)
+    starts = list(range(0, nbytes, PIECE))
+    copied: list[BaseException | None] = [None]
+    pending: threading.Thread | None = None
+
+    def fetch(index: int) -> threading.Thread:
+        start = starts[index]
+
+        def run() -> None:
+            try:
+                copy_in(parent, address + start, min(PIECE, nbytes - start), buffers.bases[index % 2], path)
+            except BaseException as exc:  # noqa: BLE001 - raised by the writing thread
+                copied[0] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
     try:
-        size = nbytes + 4
-        try:
-            os.posix_fallocate(fd, 0, size)  # a full disk refuses here, before any byte is written
-        except OSError as exc:
-            if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: the filesystem cannot; go on without
-                raise
-        starts = list(range(0, nbytes, PIECE)) or [0]
-        copied: list[BaseException | None] = [None]
-
-        def fetch(index: int) -> threading.Thread:
-            start = starts[index]
-
-            def run() -> None:
-                try:
-                    copy_in(parent, address + start, min(PIECE, nbytes - start), buffers.bases[index % 2], path)
-                except BaseException as exc:  # noqa: BLE001 - raised by the writing thread
-                    copied[0] = exc
-
-            thread = threading.Thread(target=run)
-            thread.start()
-            return thread
-
+        reserve(fd, nbytes + 4)
         crc = 0
         pending = fetch(0)
         for index, start in enumerate(starts):
-            pending.join()
+            if pending is not None:
+                pending.join()
+                pending = None
             if copied[0] is not None:
                 raise copied[0]
             if index + 1 < len(starts):
@@ -126,7 +136,7 @@ def write_chunk(step: dict[str, Any], buffers: Buffers, parent: int) -> int:
             while written < length:
                 written += os.pwritev(fd, [view[written:]], start + written)
         if direct:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, nbytes + 4)
         os.fsync(fd)
     except ParentMemoryError:
         raise
@@ -135,7 +145,12 @@ def write_chunk(step: dict[str, Any], buffers: Buffers, parent: int) -> int:
             raise OSError(exc.errno, exc.strerror, path) from None
         raise
     finally:
-        os.close(fd)
+        if pending is not None:  # a copy into the other buffer, which the next request reuses: let it end here
+            pending.join()
+        try:
+            os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, path) from None
     return crc
 
 
@@ -153,7 +168,7 @@ def run(steps: list[dict[str, Any]], buffers: Buffers, parent: int) -> dict[str,
         if "mkdir" in step:
             os.mkdir(step["mkdir"])
         elif "small" in step:
-            fd = os.open(step["small"], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(step["small"], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # as FileOps.write_bytes
             try:
                 data = step["text"].encode()
                 written = 0

@@ -87,14 +87,16 @@ class DiskLayout:
         self._removing: set[Future[None]] = set()
         # Background writes go to a process of their own where they can (io/writer.py). Faults and delays injected
         # through a FileOps of the caller's are honoured by writing here, through it.
-        self.writer = WriterProcess()
-        if type(self.files) is not FileOps or type(io.files) is not FileOps:
-            self.writer.usable, self.writer.why_not = False, "the cache was given its own FileOps (faults or delays)"
+        self.writer = WriterProcess.attach()
+        self._attached = True
+        self._writes_here = type(self.files) is not FileOps or type(io.files) is not FileOps
 
     def close(self) -> None:
         self._jobs.shutdown(wait=True)
         self._remover.shutdown(wait=True)
-        self.writer.close()
+        if self._attached:
+            self._attached = False
+            self.writer.detach()
         self.buffers.close()
 
     # ---- writing ----------------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ class DiskLayout:
         write-behind) of host tensors goes to the writer process where it can, off this process's GIL. A failure
         raises the entry's StorageError with nothing of it left."""
         tensors = list(tensors)
-        if background and spec.nbytes >= WRITER_FROM and self.writer.usable:
+        if background and spec.nbytes >= WRITER_FROM and self.writer.usable and not self._writes_here:
             if all(t.device.type == "cpu" for t in tensors):
                 staged = self._stage_in_writer(name, spec, tensors, written_ns)
                 if staged is not None:
