@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -81,10 +82,11 @@ def gone(pid: int) -> bool:
 def test_a_background_write_makes_the_same_files_as_one_written_here(layout: DiskLayout) -> None:
     tensors = entry(WRITER_FROM)
     spec = EntrySpec.of("wan/kv", tensors)
+    answered = layout.writer.answered
     here = layout.stage("here", spec, tensors.values(), written_ns=123)
-    assert layout.writer.pid is None  # a write someone waits for stays in this process
+    assert layout.writer.answered == answered  # a write someone waits for stays in this process
     there = layout.stage("there", spec, tensors.values(), written_ns=123, background=True)
-    assert layout.writer.pid is not None
+    assert layout.writer.answered > answered
     assert there.checksums == here.checksums
     assert files_under(there.path) == files_under(here.path)
     want = google_crc32c.value(as_bytes(tensors["big"]).numpy().tobytes())
@@ -93,17 +95,20 @@ def test_a_background_write_makes_the_same_files_as_one_written_here(layout: Dis
 
 def test_small_background_writes_start_no_process(layout: DiskLayout) -> None:
     tensors = {"kv": torch.ones(WRITER_FROM // 4 - 1)}
+    answered = layout.writer.answered
     layout.stage("small", EntrySpec.of("k", tensors), tensors.values(), background=True)
-    assert layout.writer.pid is None
+    assert layout.writer.answered == answered
 
 
 def test_a_writer_killed_mid_write_leaves_the_write_to_this_process(layout: DiskLayout) -> None:
-    tensors = entry(32 * MiB, seed=1)
+    tensors = entry(96 * MiB, seed=1)
     spec = EntrySpec.of("k", tensors)
     killed: list[int] = []
 
-    def kill_it() -> None:  # the child needs tens of milliseconds to start: killed before it answers
-        wait_for(lambda: layout.writer.pid is not None, timeout=10)
+    def kill_it() -> None:  # once the child has made the staging directory: it is writing the entry
+        deadline = time.monotonic() + 30
+        while not (layout.tmp_dir / "k").exists() and time.monotonic() < deadline:
+            time.sleep(0.0005)
         pid = layout.writer.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -233,11 +238,14 @@ def test_a_demotion_is_written_by_the_writer_and_read_back_by_another_cache(
     cache = make_cache(pol, root=tmp_path / "root")
     tensors = entry(8 * MiB, seed=2)
     cache.put("kv", tensors)
-    assert writer_children() == []
-    cache.offload("kv", to="nvme")
-    assert len(writer_children()) == 1
-    cache.close()
-    assert writer_children() == []
+    writer = WriterProcess.attach()  # the process's one writer, which the cache uses too
+    try:
+        answered = writer.answered
+        cache.offload("kv", to="nvme")
+        assert writer.answered > answered and len(writer_children()) == 1
+        cache.close()
+    finally:
+        writer.detach()
     again = make_cache(pol, root=tmp_path / "root")
     assert_same(again.get("kv"), tensors)
 
@@ -253,8 +261,13 @@ def test_a_cache_given_its_own_file_calls_writes_everything_itself(make_cache: C
     pol = policy(tiers={"hbm": {"capacity": 0}, "host": {"capacity": 64 * MiB}, "nvme": {"capacity": 128 * MiB}})
     cache = make_cache(pol, files=Counting())
     cache.put("kv", entry(8 * MiB))
-    cache.offload("kv", to="nvme")
-    assert Counting.writes > 0 and writer_children() == []  # injected faults reach every write
+    writer = WriterProcess.attach()
+    try:
+        answered = writer.answered
+        cache.offload("kv", to="nvme")
+        assert Counting.writes > 0 and writer.answered == answered  # injected faults reach every write
+    finally:
+        writer.detach()
 
 
 def test_a_ctrl_c_while_the_child_writes_is_raised_once_it_has_answered(tmp_path: Path) -> None:
@@ -278,19 +291,27 @@ def test_a_ctrl_c_while_the_child_writes_is_raised_once_it_has_answered(tmp_path
 
 
 def test_one_child_serves_the_process_until_its_last_user_detaches(tmp_path: Path) -> None:
-    first, second = WriterProcess.attach(), WriterProcess.attach()
-    assert first is second
-    first.run([{"mkdir": str(tmp_path / "a")}])
-    pid = first.pid
-    assert pid is not None
-    first.detach()
-    assert second.pid == pid
-    second.detach()
-    again = WriterProcess.attach()
-    try:
-        assert gone(pid) and again is not first
-    finally:
+    program = textwrap.dedent(
+        f"""
+        import os
+        from tiercache.io.writer import WriterProcess
+        first, second = WriterProcess.attach(), WriterProcess.attach()
+        assert first is second
+        first.run([{{"mkdir": {str(tmp_path / "a")!r}}}])
+        pid = first.pid
+        first.detach()
+        assert second.pid == pid, "the first detach ended the child"
+        second.detach()
+        assert first.pid is None, "the last detach left the child running"
+        again = WriterProcess.attach()
+        assert again is not first
         again.detach()
+        print(pid)
+        """
+    )  # in a process of its own: caches this test run left open would hold this process's writer
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: gone(int(done.stdout.split()[-1])), timeout=10)
 
 
 def test_a_forked_process_alive_does_not_hold_the_parents_writer_open(tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ class WriterProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._exchanger: ThreadPoolExecutor | None = None
         self._losses = 0
+        self.answered = 0  # requests the child answered, for stats and tests
         self.usable = sys.platform == "linux"
         self.why_not: str | None = None if self.usable else "the writer process needs Linux (process_vm_readv)"
         _WRITERS.add(self)
@@ -110,6 +111,7 @@ class WriterProcess:
                 self._lose(child, answer)
             else:
                 self._losses = 0
+                self.answered += 1
         if interrupted is not None:
             raise interrupted
         if isinstance(answer, str):
