@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from ..io.checksum import crc32c_address
 from ..io.files import FileOps
 from ..io.posix import PosixIO
+from ..tiers.nvme import upkeep
 from ..tiers.nvme.failures import describe
 from ..tiers.nvme.format import CHECKSUM_BYTES, ENTRY_NAME, FORMAT, FORMAT_VERSION, DamagedEntry, parse_group
 from ..tiers.nvme.index import SCHEMA_VERSION, Member, RootIndex, Row, Transaction
@@ -696,21 +697,24 @@ def plan_gc(
 ) -> GcPlan:
     """What gc removes, decided from one snapshot of the index (a write transaction in a real run: nothing changes
     before `apply_gc` acts on it). `suspects`: entries that failed verification before; `recheck` verifies one
-    again. The rules are NvmeTier's (recover dead members, sweep removed entries, reconcile the directories), plus
-    removing what does not verify."""
+    again. The rules are NvmeTier's, from the same functions (tiers/nvme/upkeep.py: dead members, removed entries
+    whose files may go, what an unindexed directory is), plus removing what does not verify."""
     entries_dir, members_dir = root / "entries", root / "members"
     plan = GcPlan()
-    members = tx.members()
-    tokens = {m[0] for m in members}
-    dead = {t: (p, h, o) for t, p, h, o, _ in members if t != own and not alive(members_dir / f"{t}.lock")}
+    tokens = {m[0] for m in tx.members()}
+    dead_members = upkeep.dead_members(tx, members_dir, own)
+    dead = {m.token: (m.pid, m.host, m.opened_ns) for m in dead_members}
     leases = _leases(tx)
     reservations = _reservations(tx)
-    for token, (pid, host, opened) in dead.items():
-        lock = members_dir / f"{token}.lock"
-        held = sum(1 for lease in leases if lease.token == token)
-        reserved = sum(1 for r in reservations if r.token == token)
-        why = f"dead member: process {pid} on {host}, opened {when(opened)}: {held} lease(s), {reserved} reservation(s)"
-        plan.actions.append(Action("member", lock, tree_bytes(lock)[0], why, name=token))
+    for member in dead_members:
+        lock = members_dir / f"{member.token}.lock"
+        held = sum(1 for lease in leases if lease.token == member.token)
+        reserved = sum(1 for r in reservations if r.token == member.token)
+        why = (
+            f"dead member: process {member.pid} on {member.host}, opened {when(member.opened_ns)}: {held} lease(s), "
+            f"{reserved} reservation(s)"
+        )
+        plan.actions.append(Action("member", lock, tree_bytes(lock)[0], why, name=member.token))
     for file in _listdir(members_dir):
         path = members_dir / file
         if file.endswith(".lock") and file[:-5] not in tokens and not alive(path):
@@ -723,14 +727,13 @@ def plan_gc(
     # A live write's staging name in entries/ is one whose commit failed, being taken back by its writer.
     writing = {r.staging for r in reservations if r.token not in dead}
     rows = {r.name: r for r in tx.all_rows()}
-    live = {r.key: r for r in rows.values() if r.doomed_ns is None}
-    cutoff = time.time_ns() - grace_ns
+    reap = {r.name for r in upkeep.reapable(tx, grace_ns, dead_members)}
     acted: set[str] = set()
     for row in rows.values():
         if row.doomed_ns is None:
             continue
         path = entries_dir / row.name
-        if row.doomed_ns <= cutoff and row.name not in reading:
+        if row.name in reap:
             why = f"removed {ago(row.doomed_ns)} ago, nobody reads it"
             plan.actions.append(Action("removed", path, tree_bytes(path)[0], why, name=row.name, key=row.key))
             acted.add(row.name)
@@ -748,18 +751,17 @@ def plan_gc(
             if listed.doomed_ns is None and name in suspects:
                 _damaged(plan, recheck(name, listed.key), path, indexed=True, leased=name in reading)
             continue
-        if not (path / "zarr.json").exists():
+        found = upkeep.unindexed(name, entries_dir, FileOps(), tx)
+        if found.kind == "withdrawn":
             why = "a directory without its manifest (a removal cut short, or a write taken back)"
             plan.actions.append(Action("withdrawn", path, tree_bytes(path)[0], why, name=name))
             continue
-        try:
-            stored = parse_group(path, FileOps())
-        except (OSError, ValueError):
+        if found.kind == "unreadable":
             _damaged(plan, recheck(name, None), path, indexed=False, leased=False)
             continue
-        key = stored.spec.key
-        newer = live.get(key)
-        if newer is not None and newer.written_ns >= stored.written_ns:
+        assert found.stored is not None
+        key = found.stored.spec.key
+        if found.kind == "older":
             why = f"key {key!r}: an older version the index does not list, never served"
             plan.actions.append(Action("older", path, tree_bytes(path)[0], why, name=name, key=key))
         elif name in suspects:
@@ -767,10 +769,10 @@ def plan_gc(
         else:
             plan.kept.append((path, f"key {key!r}: not in the index (the next cache to open the root adds it)"))
 
-    for name, row in rows.items():
-        if name not in acted and not (entries_dir / name).exists():
+    for row in upkeep.vanished(rows, entries_dir, FileOps()):
+        if row.name not in acted:
             why = f"key {row.key!r}: indexed{' (removed)' if row.doomed_ns else ''} but its files are gone"
-            plan.actions.append(Action("forget", None, 0, why, name=name, key=row.key))
+            plan.actions.append(Action("forget", None, 0, why, name=row.name, key=row.key))
 
     staging = {r.staging: r.token for r in reservations}
     for name in _listdir(root / "tmp"):

@@ -29,7 +29,7 @@ import time
 import urllib.parse
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,13 +242,16 @@ class Transaction:
         self.db.execute("UPDATE leases SET count = count - 1 WHERE name = ? AND token = ?", (name, self.token))
         self.db.execute("DELETE FROM leases WHERE name = ? AND token = ? AND count <= 0", (name, self.token))
 
-    def reapable(self, grace_ns: int) -> list[Row]:
-        """Doomed entries nobody reads, removed at least `grace_ns` ago: their files may go."""
+    def reapable(self, grace_ns: int, ignoring: Collection[str] = ()) -> list[Row]:
+        """Doomed entries nobody reads, removed at least `grace_ns` ago: their files may go. Leases of the members
+        in `ignoring` (dead ones, recovered in the same transaction) do not count."""
+        tokens = list(ignoring)
         rows = self.db.execute(
             "SELECT name, key, nbytes, written_ns, uses, last_used_ns, doomed_ns FROM entries e "
             "WHERE doomed_ns IS NOT NULL AND doomed_ns <= ? "
-            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.name = e.name)",
-            (time.time_ns() - grace_ns,),
+            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.name = e.name "
+            f"AND l.token NOT IN ({', '.join('?' * len(tokens))}))",
+            (time.time_ns() - grace_ns, *tokens),
         ).fetchall()
         return [Row(*r) for r in rows]
 

@@ -20,11 +20,11 @@ from ...policy.schema import NvmeBudget, TierBudget
 from ...transfer import Event, all_of
 from ...units import format_size
 from ..base import DataPath, EntryId, Found, Load, Refresh, Tier, TierState, select
+from . import upkeep
 from .failures import describe, disk_errors
 from .format import StoredEntry
 from .index import RootIndex, Transaction
 from .layout import DiskLayout
-from .lock import alive
 
 log = logging.getLogger(__name__)
 
@@ -175,26 +175,21 @@ class NvmeTier(Tier):
             for name in layout.entry_names():
                 if name in rows or name in in_progress:
                     continue
-                if layout.is_withdrawn(name):
+                found = upkeep.unindexed(name, layout.entries_dir, layout.files, tx)
+                if found.kind in ("withdrawn", "older"):  # an older version is never served
                     with contextlib.suppress(OSError):
                         layout.remove_by_name(name)
-                    continue
-                try:
-                    stored = layout.parse(name)
-                except (OSError, ValueError) as exc:  # never delete what does not verify
-                    self._skip(name, exc)
-                    continue
-                live = tx.live(stored.spec.key)
-                if live is not None and live.written_ns >= stored.written_ns:  # an older version, never served
-                    with contextlib.suppress(OSError):
-                        layout.remove_by_name(name)
-                    continue
-                tx.insert(name, stored.spec.key, stored.spec.nbytes, stored.written_ns)
-            for name, row in rows.items():
-                if not self.path.files.exists(layout.entries_dir / name):
-                    if row.doomed_ns is None:
-                        log.warning("tiercache: entry %r (%s) is indexed but its files are gone", row.key, name)
-                    tx.forget(name)
+                elif found.kind == "unreadable":  # never delete what does not verify
+                    assert found.error is not None
+                    self._skip(name, found.error)
+                else:
+                    assert found.stored is not None
+                    stored = found.stored
+                    tx.insert(name, stored.spec.key, stored.spec.nbytes, stored.written_ns)
+            for row in upkeep.vanished(rows, layout.entries_dir, self.path.files):
+                if row.doomed_ns is None:
+                    log.warning("tiercache: entry %r (%s) is indexed but its files are gone", row.key, row.name)
+                tx.forget(row.name)
             layout.clear(layout.tmp_dir, keep=in_progress)
             layout.clear(layout.trash_dir)
         self._sweep(now=True)
@@ -213,13 +208,11 @@ class NvmeTier(Tier):
 
     def _recover(self, tx: Transaction) -> None:
         """Drop the leases, reservations and staging directories of members whose process is gone."""
-        for token, *_ in tx.members():
-            lock_file = self.index.members_dir / f"{token}.lock"
-            if token != self.index.token and not alive(lock_file):
-                for staging in tx.drop_member(token):
-                    self.layout.remove_later(self.layout.tmp_dir / staging)
-                with contextlib.suppress(OSError):
-                    self.path.files.unlink(lock_file, missing_ok=True)
+        for member in upkeep.dead_members(tx, self.index.members_dir, self.index.token):
+            for staging in tx.drop_member(member.token):
+                self.layout.remove_later(self.layout.tmp_dir / staging)
+            with contextlib.suppress(OSError):
+                self.path.files.unlink(self.index.members_dir / f"{member.token}.lock", missing_ok=True)
 
     def _sweep(self, wait: bool = True, *, now: bool = False) -> None:
         """Recover dead members, then remove the files of removed entries nobody reads (after the grace period):
@@ -231,7 +224,7 @@ class NvmeTier(Tier):
         with self.index.transaction(wait=wait) as tx:
             self._recover(tx)
             if not self.read_only:
-                for row in tx.reapable(self.grace_ns):
+                for row in upkeep.reapable(tx, self.grace_ns, dead=[]):  # _recover dropped the dead's leases
                     try:
                         trashed.append(self.layout.to_trash(row.name))
                     except OSError as exc:  # counted from now on; the next sweep tries again
