@@ -353,5 +353,5 @@ def test_the_ops_commands_list_measure_verify_and_sweep_a_store(
     assert sorted(r["key"] for r in listed) == ["a", "b"]
     assert cli.main(["du", url, *where]) == 0
     assert "2 entries" in capsys.readouterr().out
-    assert cli.main(["verify", url, *where]) == 0
+    assert cli.main(["verify", url, *where, "--local-hostname", "127.0.0.1"]) == 0
     assert cli.main(["gc", url, "--dry-run", *where]) == 0

@@ -32,7 +32,7 @@ def opened(args: argparse.Namespace, *, read_only: bool) -> Iterator[ObjectTier]
         master, _, prefix = args.root.removeprefix("mooncake://").partition("/")
         remote = RemoteBudget(
             capacity=1 << 62, master=master, prefix=prefix.strip("/") or "tiercache", admin=args.admin,
-            metadata_server=args.metadata, list_every_s=3600.0,
+            metadata_server=args.metadata, local_hostname=args.local_hostname, list_every_s=3600.0,
         )  # fmt: skip
         tier = RemoteTier("remote", remote, path)
     else:

@@ -349,6 +349,12 @@ def _root_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         parser.add_argument(
             "--metadata", default="", help="a Mooncake metadata server (tiers.remote.metadata_server; empty: port 8080)"
         )
+        parser.add_argument(
+            "--local-hostname",
+            default="127.0.0.1",
+            help="this node's address on the holders' network (tiers.remote.local_hostname; needed off the master's "
+            "node to read entries: verify, gc)",
+        )
         return parser
 
     def wrap(text: str) -> str:
