@@ -271,22 +271,40 @@ def test_a_cache_given_its_own_file_calls_writes_everything_itself(make_cache: C
 
 
 def test_a_ctrl_c_while_the_child_writes_is_raised_once_it_has_answered(tmp_path: Path) -> None:
-    data = torch.randint(0, 255, (96 * MiB,), dtype=torch.uint8)
+    data = torch.randint(0, 255, (256 * MiB,), dtype=torch.uint8)
     small = torch.full((WRITER_FROM,), 3, dtype=torch.uint8)
+    big = tmp_path / "big"
+    armed = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if armed.is_set():  # a signal that comes late is dropped, not raised into the rest of the run
+            raise KeyboardInterrupt
+
+    def interrupt() -> None:  # once the child has created the file: it is writing 256 MiB
+        deadline = time.monotonic() + 30
+        while not big.exists() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        os.kill(os.getpid(), signal.SIGINT)
+
     writer = WriterProcess()
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        writer.run([{"mkdir": str(tmp_path / "warm")}])  # started: the interrupt lands while the chunk is written
-        step = {"chunk": str(tmp_path / "big"), "address": data.data_ptr(), "nbytes": data.numel(), "direct": False}
-        timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            writer.run([step])
-        timer.join()
+        step = {"chunk": str(big), "address": data.data_ptr(), "nbytes": data.numel(), "direct": False}
+        armed.set()
+        sender = threading.Thread(target=interrupt)
+        sender.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                writer.run([step])
+        finally:
+            sender.join()
+            armed.clear()
         raw = data.numpy().tobytes()
-        assert (tmp_path / "big").read_bytes() == raw + google_crc32c.value(raw).to_bytes(4, "little")
+        assert big.read_bytes() == raw + google_crc32c.value(raw).to_bytes(4, "little")
         after = {"chunk": str(tmp_path / "next"), "address": small.data_ptr(), "nbytes": small.numel(), "direct": False}
         assert writer.run([after]) == [google_crc32c.value(bytes([3]) * WRITER_FROM)]  # its own answer, in step
     finally:
+        signal.signal(signal.SIGINT, previous)
         writer.close()
 
 
