@@ -702,11 +702,10 @@ def plan_gc(
     entries_dir, members_dir = root / "entries", root / "members"
     plan = GcPlan()
     tokens = {m[0] for m in tx.members()}
-    dead_members = upkeep.dead_members(tx, members_dir, own)
-    dead = {m.token: (m.pid, m.host, m.opened_ns) for m in dead_members}
+    dead = {m.token: m for m in upkeep.dead_members(tx, members_dir, own)}
     leases = _leases(tx)
     reservations = _reservations(tx)
-    for member in dead_members:
+    for member in dead.values():
         lock = members_dir / f"{member.token}.lock"
         held = sum(1 for lease in leases if lease.token == member.token)
         reserved = sum(1 for r in reservations if r.token == member.token)
@@ -727,7 +726,7 @@ def plan_gc(
     # A live write's staging name in entries/ is one whose commit failed, being taken back by its writer.
     writing = {r.staging for r in reservations if r.token not in dead}
     rows = {r.name: r for r in tx.all_rows()}
-    reap = {r.name for r in upkeep.reapable(tx, grace_ns, dead_members)}
+    reap = {r.name for r in tx.reapable(grace_ns, ignoring=dead)}  # the dead's leases go in this transaction
     acted: set[str] = set()
     for row in rows.values():
         if row.doomed_ns is None:
@@ -780,7 +779,7 @@ def plan_gc(
         if owner is None or owner in dead:
             path = root / "tmp" / name
             why = (
-                f"a write of dead process {dead[owner][0]}"
+                f"a write of dead process {dead[owner].pid}"
                 if owner
                 else "a staging directory no write in progress names"
             )

@@ -506,12 +506,6 @@ class DiskLayout:
         """The entry in entries/<name>, its manifest verified (OSError or DamagedEntry, a ValueError, if not)."""
         return parse_group(self.entries_dir / name, self.files)
 
-    def is_withdrawn(self, name: str) -> bool:
-        """Whether entries/<name> is a directory without its manifest: a write publishes whole, so it was withdrawn
-        (Tier.release on a disk that refused its removal) or unpublished on its way out."""
-        path = self.entries_dir / name
-        return self.files.is_dir(path) and not self.files.exists(path / "zarr.json")
-
     def clear(self, folder: Path, keep: AbstractSet[str] = frozenset()) -> None:
         """Remove what tmp/ or trash/ holds but `keep` (writes in progress); never raises for a disk fault."""
         try:

@@ -85,10 +85,10 @@ class RootShare:
         self._id: FileId | None = None
         with _HELD_LOCK:
             with contextlib.suppress(FileNotFoundError):
-                shared = _SHARING.get(_file_id(os.stat(self.path)))
-                if shared is not None:
-                    shared[1] += 1
-                    self._id = _file_id(os.stat(self.path))
+                held = _file_id(os.stat(self.path))
+                if held in _SHARING:
+                    _SHARING[held][1] += 1
+                    self._id = held
                     return
             try:
                 fd = files.open(self.path, os.O_RDONLY if read_only else os.O_CREAT | os.O_RDWR, 0o644)

@@ -224,7 +224,7 @@ class NvmeTier(Tier):
         with self.index.transaction(wait=wait) as tx:
             self._recover(tx)
             if not self.read_only:
-                for row in upkeep.reapable(tx, self.grace_ns, dead=[]):  # _recover dropped the dead's leases
+                for row in tx.reapable(self.grace_ns):  # _recover dropped the dead members' leases
                     try:
                         trashed.append(self.layout.to_trash(row.name))
                     except OSError as exc:  # counted from now on; the next sweep tries again

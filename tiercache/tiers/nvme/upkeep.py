@@ -1,6 +1,7 @@
-"""The rules a root is kept by: which members are dead, which removed entries' files may go, and what a directory
-in entries/ the index does not list is. NvmeTier applies them at open and in every sweep; `tiercache gc` plans
-with the same functions, reports, and acts on its plan (tools/root.py)."""
+"""The rules a root is kept by: which members are dead, what a directory in entries/ the index does not list is,
+and which rows lost their files (which removed entries' files may go is `Transaction.reapable`). NvmeTier applies
+them at open and in every sweep; `tiercache gc` plans with the same functions, reports, and acts on its plan
+(tools/root.py)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,6 @@ def dead_members(tx: Transaction, members_dir: Path, own: str) -> list[DeadMembe
         for token, pid, host, opened, _ in tx.members()
         if token != own and not alive(members_dir / f"{token}.lock")
     ]
-
-
-def reapable(tx: Transaction, grace_ns: int, dead: list[DeadMember]) -> list[Row]:
-    """Removed entries whose files may go: removed at least `grace_ns` ago and leased by no member but the `dead`
-    ones (whose leases the same transaction recovers)."""
-    return tx.reapable(grace_ns, ignoring=[member.token for member in dead])
 
 
 @dataclass(frozen=True)
