@@ -349,10 +349,11 @@ def test_a_forked_process_alive_does_not_hold_the_parents_writer_open(tmp_path: 
 
 
 def test_children_that_keep_dying_turn_the_writer_off(tmp_path: Path) -> None:
-    data = torch.zeros(WRITER_FROM, dtype=torch.uint8)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it to read blocks the child until it is killed, however fast the disk
     writer = WriterProcess()
     try:
-        for attempt in range(3):
+        for _ in range(3):
 
             def kill_it() -> None:
                 wait_for(lambda: writer.pid is not None, timeout=10)
@@ -360,14 +361,8 @@ def test_children_that_keep_dying_turn_the_writer_off(tmp_path: Path) -> None:
 
             killer = threading.Thread(target=kill_it)
             killer.start()
-            step = {
-                "chunk": str(tmp_path / f"c{attempt}"),
-                "address": data.data_ptr(),
-                "nbytes": WRITER_FROM,
-                "direct": False,
-            }
             with pytest.raises(WriterGone, match="lost"):
-                writer.run([step])
+                writer.run([{"fsync": str(fifo)}])
             killer.join()
         assert not writer.usable and "3 writer processes in a row" in (writer.why_not or "")
     finally:
