@@ -79,9 +79,19 @@ OnFull = Literal["demote", "next_tier"]
 WriteMode = Literal["back", "through", "behind"]
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(section: type) -> dict[str, Any]:
+    """A section's field types, evaluated once per class: from string annotations, each evaluation compiles them."""
+    if section not in _HINTS:
+        _HINTS[section] = typing.get_type_hints(section)
+    return _HINTS[section]
+
+
 def choices(section: type, name: str) -> tuple[str, ...]:
     """The values a choice setting allows: the arguments of its Literal type."""
-    return typing.get_args(typing.get_type_hints(section)[name])
+    return typing.get_args(_hints(section)[name])
 
 
 class _Section:
@@ -91,7 +101,7 @@ class _Section:
     """
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if f.metadata.get("kind") == "choice":
