@@ -112,6 +112,18 @@ class NoDirectIO(FileOps):
         return super().open(path, flags, mode)
 
 
+class CreationLog(FileOps):
+    """The real calls, remembering every path opened with O_CREAT."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def open(self, path: StrPath, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_CREAT:
+            self.created.append(str(path))
+        return super().open(path, flags, mode)
+
+
 class UnlistableDisk(FileOps):
     """A directory listing that fails with EIO while `failing` is set."""
 

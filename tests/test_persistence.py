@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import CreationLog
 from helpers import KiB, MiB, assert_same, kv, policy
 
 import tiercache
@@ -90,6 +91,18 @@ def test_a_read_only_cache_writes_nothing_at_close(tmp_path: Path) -> None:
         consumer.put("mine", kv(1))  # memory only: nvme is not writable for it
         assert consumer.flush().left == {"mine": "this cache opened the root read-only"}
     assert not [p for p in (root / "entries").iterdir() if p.is_dir()]
+
+
+def test_a_read_only_cache_creates_no_file_to_probe_the_disk(tmp_path: Path) -> None:
+    root = tmp_path / "tc"
+    with tiercache.TierCache(root=root, policy=policy()) as writer:
+        writer.put("a", kv(1))
+        mode = writer.stats().nvme_io
+    files = CreationLog()
+    with tiercache.TierCache(root=root, policy=policy(), read_only=True, files=files) as reader:
+        assert_same(reader.get("a"), kv(1))
+        assert reader.stats().nvme_io == mode  # the probe read the index instead, and found the same
+    assert not [p for p in files.created if ".direct-probe-" in p]
 
 
 def test_a_long_flush_reports_progress(make_cache: Any, monkeypatch: pytest.MonkeyPatch) -> None:

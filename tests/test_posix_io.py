@@ -13,7 +13,7 @@ from typing import Any
 import google_crc32c
 import pytest
 import torch
-from faults import NoDirectIO, SlowReads
+from faults import CreationLog, NoDirectIO, SlowReads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,6 +70,21 @@ def test_o_direct_works_on_this_filesystem(tmp_path: Path) -> None:
     backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="auto")
     assert backend.mode == "o_direct" and backend.why_buffered is None
     backend.close()
+
+
+@pytest.mark.direct_io
+def test_the_probe_reads_a_file_already_there_instead_of_writing_one(tmp_path: Path) -> None:
+    there = tmp_path / "there"
+    there.write_bytes(b"x" * 10)  # shorter than a block: a short read is still an answer
+    files = CreationLog()
+    backend = PosixIO(tmp_path, threads=1, task_size=ALIGN, io="auto", files=files, probe_file=there)
+    assert backend.mode == "o_direct" and files.created == []
+    backend.close()
+    assert "EINVAL" in (probe_direct_io(tmp_path, NoDirectIO(), existing=there) or "")
+    # gone: the probe writes a file of its own, and removes it
+    assert probe_direct_io(tmp_path, files, existing=tmp_path / "gone") is None
+    assert [Path(p).name.startswith(".direct-probe-") for p in files.created] == [True]
+    assert not list(tmp_path.glob(".direct-probe-*"))
 
 
 def test_a_missing_or_resized_file_is_a_storage_error(io: PosixIO, tmp_path: Path) -> None:

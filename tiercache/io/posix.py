@@ -41,13 +41,29 @@ def drop_page_cache(path: str | Path) -> None:
         os.close(fd)
 
 
-def probe_direct_io(directory: Path, files: FileOps | None = None) -> str | None:
-    """None if O_DIRECT works for files in `directory` (through `files`, the real calls by default), else why not."""
+def probe_direct_io(directory: Path, files: FileOps | None = None, *, existing: Path | None = None) -> str | None:
+    """None if O_DIRECT works for files in `directory` (through `files`, the real calls by default), else why not.
+
+    With `existing`, a file already in `directory`, only its first block is read: a reader that writes nothing
+    else creates nothing for the probe either, and skips the create, write and unlink. Without it, or if it is
+    gone, a probe file is written, read back and removed."""
     if not O_DIRECT:
         return "this platform has no O_DIRECT"
     files = files if files is not None else FileOps()
-    probe = directory / f".direct-probe-{uuid.uuid4().hex}"
     block = aligned_empty(ALIGN)
+    if existing is not None:
+        try:
+            fd = files.open(existing, os.O_RDONLY | O_DIRECT)
+            try:
+                files.preadv(fd, [buffer_of(block)], 0)
+            finally:
+                files.close(fd)
+            return None
+        except FileNotFoundError:
+            pass  # gone: write a probe of our own instead
+        except OSError as exc:
+            return _why(exc)
+    probe = directory / f".direct-probe-{uuid.uuid4().hex}"
     block.fill_(7)
     try:
         fd = files.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | O_DIRECT, 0o600)
@@ -57,11 +73,15 @@ def probe_direct_io(directory: Path, files: FileOps | None = None) -> str | None
         finally:
             files.close(fd)
     except OSError as exc:
-        return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
+        return _why(exc)
     finally:
         with contextlib.suppress(OSError):  # a probe file left behind is harmless: its name is never an entry's
             files.unlink(probe, missing_ok=True)
     return None
+
+
+def _why(exc: OSError) -> str:
+    return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
 
 
 class PendingRead:
@@ -161,6 +181,7 @@ class PosixIO:
 
     Every system call goes through `files` (the real ones by default); the pieces run on the executor that `pool`
     makes for `threads` (a thread pool by default; a test's own to act between a piece's queueing and its run).
+    `probe_file`: a file in `directory` that the O_DIRECT probe may read instead of writing one (probe_direct_io).
     """
 
     def __init__(
@@ -172,13 +193,16 @@ class PosixIO:
         io: str = "auto",
         files: FileOps | None = None,
         pool: Pool = io_threads,
+        probe_file: Path | None = None,
     ) -> None:
         if task_size <= 0 or task_size % ALIGN:
             raise ValueError(f"task_size must be a positive multiple of {ALIGN}, got {task_size}")
         self.task_size = task_size
         self.threads = threads
         self.files = files if files is not None else FileOps()
-        why_not = probe_direct_io(directory, self.files) if io != "buffered" else "buffered I/O requested"
+        why_not: str | None = "buffered I/O requested"
+        if io != "buffered":
+            why_not = probe_direct_io(directory, self.files, existing=probe_file)
         if io == "o_direct" and why_not:
             raise StorageError(
                 f"O_DIRECT is not usable in {directory}: {why_not}; "

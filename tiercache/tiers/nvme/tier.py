@@ -82,7 +82,14 @@ class NvmeTier(Tier):
             root, path.files, capacity=budget.capacity, read_only=self.read_only, timeout=path.lock_timeout
         )
         try:
-            self.io = PosixIO(root, threads=budget.threads, task_size=budget.task_size, io=budget.io, files=path.files)
+            self.io = PosixIO(
+                root,
+                threads=budget.threads,
+                task_size=budget.task_size,
+                io=budget.io,
+                files=path.files,
+                probe_file=self.index.path if self.read_only else None,  # a reader writes nothing, not even a probe
+            )
             try:
                 self.device_io, self.why_not_device_io = _open_device_io(root, budget, path.device)
                 self.layout = DiskLayout(root, self.io, self.device_io, path.buffers, path.files)
