@@ -88,7 +88,7 @@ class NvmeTier(Tier):
                 task_size=budget.task_size,
                 io=budget.io,
                 files=path.files,
-                probe_file=self.index.path if self.read_only else None,  # a reader writes nothing, not even a probe
+                probe_file=self.index.path if self.read_only else None,  # a reader writes no POSIX probe file
             )
             try:
                 self.device_io, self.why_not_device_io = _open_device_io(root, budget, path.device)
