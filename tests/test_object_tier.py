@@ -144,6 +144,43 @@ def test_a_server_that_stops_answering_is_a_storage_error_within_the_timeout(
         proxy.close()
 
 
+def test_an_upload_the_server_holds_up_holds_up_no_other_get_or_put(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], s3_server: Any
+) -> None:
+    """A put's upload runs outside the cache's lock: while the server holds one up, entries in memory are still
+    served and put, and the upload commits once the server answers again."""
+    proxy = StallingProxy(("127.0.0.1", s3_server.ports[6]))
+    try:
+        settings = {**object_tier_settings, "endpoint": proxy.endpoint, "timeout_s": 20.0, "retries": 0}
+        small = {"hbm": {"capacity": 0}, "host": {"capacity": 1 * MiB, "max_entry": 256 * KiB}, "nvme": {"capacity": 0}}
+        cache = make_cache(object_policy(settings, **small))
+        cache.put("local", kv(1))
+        assert cache.tier_of("local") == "host"
+        proxy.stalled.set()
+        failed: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                cache.put("big", kv(2, 1 * MiB))  # too large for host: the bucket's
+            except BaseException as exc:  # noqa: BLE001 - the test's thread: handed to the assert below
+                failed.append(exc)
+
+        writer = threading.Thread(target=upload)
+        writer.start()
+        assert proxy.holding.wait(10), "the upload never reached the server"
+        assert_same(cache["local"], kv(1))
+        cache.put("local2", kv(3))
+        assert "local2" in cache and cache.stats() is not None
+        assert writer.is_alive(), "the upload ended before the other calls ran: nothing was tested"
+        proxy.stalled.clear()
+        writer.join()
+        assert not failed, failed
+        assert cache.tier_of("big") == "object"
+        assert_same(cache["big"], kv(2, 1 * MiB))
+    finally:
+        proxy.close()
+
+
 def test_the_server_killed_mid_put_and_restarted_loses_nothing_committed(tmp_path: Path, s3_server: Any) -> None:
     server = S3Server(tmp_path / "own-server")  # one of its own: this test kills it
     server.start()

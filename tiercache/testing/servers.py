@@ -253,6 +253,7 @@ class StallingProxy:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.stalled = threading.Event()
+        self.holding = threading.Event()  # set once a request arrived while stalled (and is held)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closed = False
@@ -279,6 +280,8 @@ class StallingProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
+                if self.stalled.is_set():
+                    self.holding.set()
                 while self.stalled.is_set() and not self._closed:
                     time.sleep(0.05)
                 dst.sendall(data)

@@ -181,41 +181,19 @@ class ObjectTier(Tier):
         written: list[str] = []
         manifest = manifest_path(name)
         try:
-            if after is not None:
-                after.synchronize()
-            host = [as_bytes(tensors[t.name].detach().contiguous().cpu()) for t in spec.tensors]
-            metas = [
-                pool.submit(self._put_one, bucket, array_path(name, i), meta, written)
-                for i, t in enumerate(spec.tensors)
-                for meta in [json_text(array_metadata(t, i)).encode()]
-                if bucket.zarr_arrays
-            ]
-            checksums = list(pool.map(self._checksum, host))  # in parallel: the CRC32C runs without the GIL
-            bucket.put_chunks(
-                [(self._chunk(name, i, t), raw, crc.to_bytes(CHECKSUM_BYTES, "little"))
-                 for i, (t, raw, crc) in enumerate(zip(spec.tensors, host, checksums, strict=True)) if crc is not None],
-                written,
-            )  # fmt: skip
-            for future in metas:
-                future.result()
-            if time.perf_counter() - start > self.budget.orphan_age_s / 2:  # the sweep may have taken its chunks
-                raise StorageError(
-                    f"{self.name} tier: the upload took {time.perf_counter() - start:.0f} s, more than half of "
-                    f"tiers.{self.name}.orphan_age_s ({self.budget.orphan_age_s:g} s), after which the sweep of any "
-                    "cache may remove its objects; raise orphan_age_s"
-                )
-            stamp = written_ns or time.time_ns()
-            try:  # the commit
-                bucket.put(manifest, json_text(group_metadata(spec, checksums, stamp)).encode(), create=True)
-            except Exists:  # a retry after our own commit landed (its reply lost): the name is ours alone
-                pass
+            # the slow part, outside the cache's lock (the room is taken already): other gets and puts go on
+            with self.path.unlocked():
+                try:
+                    checksums, stamp = self._upload(bucket, pool, name, spec, tensors, after, written, written_ns)
+                except BaseException:
+                    self._remove_quietly([manifest])  # first: a commit whose reply was lost must not outlive its chunks
+                    self._remove_quietly(written)
+                    raise
         except BaseException as exc:
             self._forget(entry)
             self._sizes.pop(name, None)
             with self._lock:
                 self._writing.discard(name)
-            self._remove_quietly([manifest])  # first: a commit whose reply was lost must not outlive its chunks
-            self._remove_quietly(written)
             if isinstance(exc, StorageError):
                 raise StorageError(
                     f"{self.name} tier: put({spec.key!r}) of {spec.nbytes} bytes did not commit; nothing of it is "
@@ -226,6 +204,49 @@ class ObjectTier(Tier):
             self._writing.discard(name)
         self._index(entry, StoredEntry(spec, Path(ENTRIES, name), tuple(checksums), stamp))
         self._log(source, self.name, spec.nbytes, time.perf_counter() - start)
+
+    def _upload(
+        self,
+        bucket: Store,
+        pool: ThreadPoolExecutor,
+        name: str,
+        spec: EntrySpec,
+        tensors: Tensors,
+        after: Event | None,
+        written: list[str],
+        written_ns: int | None,
+    ) -> tuple[list[int | None], int]:
+        """Write entry `name`'s objects, its manifest last (the commit); its checksums and time stamp."""
+        start = time.perf_counter()
+        if after is not None:
+            after.synchronize()
+        host = [as_bytes(tensors[t.name].detach().contiguous().cpu()) for t in spec.tensors]
+        metas = [
+            pool.submit(self._put_one, bucket, array_path(name, i), meta, written)
+            for i, t in enumerate(spec.tensors)
+            for meta in [json_text(array_metadata(t, i)).encode()]
+            if bucket.zarr_arrays
+        ]
+        checksums = list(pool.map(self._checksum, host))  # in parallel: the CRC32C runs without the GIL
+        bucket.put_chunks(
+            [(self._chunk(name, i, t), raw, crc.to_bytes(CHECKSUM_BYTES, "little"))
+             for i, (t, raw, crc) in enumerate(zip(spec.tensors, host, checksums, strict=True)) if crc is not None],
+            written,
+        )  # fmt: skip
+        for future in metas:
+            future.result()
+        if time.perf_counter() - start > self.budget.orphan_age_s / 2:  # the sweep may have taken its chunks
+            raise StorageError(
+                f"{self.name} tier: the upload took {time.perf_counter() - start:.0f} s, more than half of "
+                f"tiers.{self.name}.orphan_age_s ({self.budget.orphan_age_s:g} s), after which the sweep of any "
+                "cache may remove its objects; raise orphan_age_s"
+            )
+        stamp = written_ns or time.time_ns()
+        try:  # the commit
+            bucket.put(manifest_path(name), json_text(group_metadata(spec, checksums, stamp)).encode(), create=True)
+        except Exists:  # a retry after our own commit landed (its reply lost): the name is ours alone
+            pass
+        return checksums, stamp
 
     @staticmethod
     def _put_one(bucket: Store, path: str, data: bytes, written: list[str]) -> None:
@@ -382,6 +403,7 @@ class ObjectTier(Tier):
             # replaces them in one refresh; while still listed (a dead holder's keys, a manifest whose chunk is
             # gone) they are not adopted again.
             lost, self._lost = self._lost, set()
+            writing = set(self._writing)  # committed perhaps, but the put (outside the cache's lock) indexes them
         self._ignored |= lost
         entries = listing.entries
         found = [
@@ -389,6 +411,7 @@ class ObjectTier(Tier):
             for name, stored in entries.items()
             if stored is not None
             and name not in self._ids
+            and name not in writing
             and name not in self._ignored
             and self._removed.get(name, -1.0) < listing.started
         ]
@@ -431,7 +454,7 @@ class ObjectTier(Tier):
         the listing found. The `first` listing (at open, nothing known yet, every manifest to be read anyway) lists
         the entries' folders only: one request per 1000 entries, not per 1000 objects. Later ones list every object:
         a folder outlives its manifest (a removal deletes that first, and some servers keep empty folders)."""
-        bucket, _ = self._bucket()
+        bucket, pool = self._bucket()
         started = time.monotonic()
         objects: list[Listed] = []
         if first:
@@ -439,10 +462,12 @@ class ObjectTier(Tier):
         else:
             objects = list(bucket.objects(f"{ENTRIES}/"))
             names = {o.path.split("/")[1] for o in objects if o.path.count("/") == 2 and o.path.endswith("/zarr.json")}
+        names = {n for n in names if ENTRY_NAME.fullmatch(n)}
+        reads = {n: pool.submit(self._manifest, n) for n in sorted(names - self._parsed.keys())}
         entries: dict[str, StoredEntry | None] = {}
-        for name in sorted(n for n in names if ENTRY_NAME.fullmatch(n)):
+        for name in sorted(names):  # the new manifests read in parallel, on the tier's pool
             try:
-                entries[name] = self._parsed[name] if name in self._parsed else self._manifest(name)
+                entries[name] = self._parsed[name] if name in self._parsed else reads[name].result()
             except Missing:  # not committed yet (a put in flight, or a writer that died), or removed since
                 continue
         self._parsed = entries
