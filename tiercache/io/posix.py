@@ -172,8 +172,20 @@ Pool = Callable[[int], Executor]  # given the thread count, the executor that ru
 
 
 def io_threads(threads: int) -> Executor:
-    """The default pool of PosixIO's pieces."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="tiercache-io")
+    """The default pool of PosixIO's pieces, its threads already running: started lazily, by the first read's
+    submits, each thread's start would wait for the GIL that the threads already reading take between pieces, on
+    a fresh process's first get (the handoff), where starting them all here takes none from a read."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tiercache-io")
+    started = threading.Barrier(threads + 1)
+    try:
+        for _ in range(threads):  # each task holds its thread until all are submitted, so none is reused: N threads
+            pool.submit(started.wait)
+        started.wait()
+    except BaseException:  # a thread that could not start: let the started ones go, not wait at exit for ever
+        started.abort()
+        pool.shutdown(wait=False)
+        raise
+    return pool
 
 
 class PosixIO:
