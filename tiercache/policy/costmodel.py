@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import PolicyError
 from ..pathway import Pathway
 from ..units import parse_size
-from .schema import Policy, looks_like_path, preset_files, read_toml
+from .schema import Policy, looks_like_path, preset_file, preset_files, read_toml
 
 # Every route a transfer can take, at the cost model's grain (Pathway.costed). "hbm" is the compute device; on a
 # machine without CUDA it is RAM, and the host pathways are memcpy.
@@ -175,7 +175,7 @@ def _find(name_or_path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
         raise PolicyError(f"{candidate}: no such profile file")
-    path = preset_files("profiles").get(str(name_or_path))
+    path = preset_file(str(name_or_path), "profiles")
     if path is not None:
         return path
     raise PolicyError(f"no hardware profile named {str(name_or_path)!r}; profiles are {', '.join(profile_names())}")

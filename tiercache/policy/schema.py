@@ -6,15 +6,13 @@ another with a top-level `base = "h100"` (a preset name, or a path relative to t
 merged under the file's key by key, and each file is checked on its own.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from ..errors import PolicyError
 from ..units import SIZE_FORMS, parse_size
@@ -79,14 +77,10 @@ OnFull = Literal["demote", "next_tier"]
 WriteMode = Literal["back", "through", "behind"]
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
 def _hints(section: type) -> dict[str, Any]:
-    """A section's field types, evaluated once per class: from string annotations, each evaluation compiles them."""
-    if section not in _HINTS:
-        _HINTS[section] = typing.get_type_hints(section)
-    return _HINTS[section]
+    """A section's field types. This module's annotations are objects, not strings (no `from __future__ import
+    annotations`): typing.get_type_hints compiled each string, in every new process's first policy load."""
+    return {f.name: f.type for f in dataclasses.fields(section)}
 
 
 def choices(section: type, name: str) -> tuple[str, ...]:
@@ -416,7 +410,7 @@ class Policy(_Section):
     chosen: str = _note(default="")  # what policy="auto" chose for this machine, and why; empty otherwise
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Policy:
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Self:
         """A policy from nested mappings shaped like the TOML file; any key left out takes its default. A `base`
         path is taken relative to the current directory."""
         merged = _merge_base(data, Path.cwd(), source, ())
@@ -427,15 +421,15 @@ class Policy(_Section):
         return dataclasses.replace(built, source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> Policy:
+    def load(cls, path: str | Path) -> Self:
         """Read a TOML policy file, and the files it extends."""
         path = Path(path)
         return cls.from_dict(_policy_data(path, ()), source=str(path))
 
     @classmethod
-    def preset(cls, name: str) -> Policy:
+    def preset(cls, name: str) -> Self:
         """A preset from `policies/NAME.toml`."""
-        path = preset_files().get(name)
+        path = preset_file(name)
         if path is None:
             raise PolicyError(
                 f"no policy preset named {name!r}; presets are {', '.join(preset_names()) or 'none found'}"
@@ -463,7 +457,7 @@ def _merge_base(data: Mapping[str, Any], folder: Path, source: str, chain: tuple
         if not path.is_file():
             raise PolicyError(f"{source}: base: {path} is not a policy file; presets are {', '.join(preset_names())}")
     else:
-        found = preset_files().get(ref)
+        found = preset_file(ref)
         if found is None:
             raise PolicyError(
                 f"{source}: base: no policy preset named {ref!r}; presets are {', '.join(preset_names())} "
@@ -519,6 +513,17 @@ def preset_files(folder: str = "") -> dict[str, Path]:
         for path in sorted((directory / folder).glob("*.toml")):
             found.setdefault(path.stem, path)
     return found
+
+
+def preset_file(name: str, folder: str = "") -> Path | None:
+    """The preset TOML file `name` (preset_files' pick) without listing every preset: a stat per directory."""
+    if not name or Path(name).name != name:
+        return None
+    for directory in PRESET_DIRS:
+        path = directory / folder / f"{name}.toml"
+        if path.is_file():
+            return path
+    return None
 
 
 def preset_names() -> list[str]:
