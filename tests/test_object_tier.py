@@ -19,11 +19,13 @@ from conftest import CacheFactory
 from helpers import KiB, MiB, assert_same, kv, policy, wait_for
 
 import tiercache
+from tiercache.entry import TensorSpec
 from tiercache.policy.schema import ObjectBudget, TierBudget
 from tiercache.testing.servers import S3Server, StallingProxy
 from tiercache.testing.tiers import TierContract
 from tiercache.tiers.object import ObjectTier
 from tiercache.tiers.object.store import Exists
+from tiercache.tiers.object.tier import check_batches
 from tiercache.tools import cli
 
 
@@ -286,6 +288,41 @@ def test_the_ops_commands_list_measure_verify_and_sweep_a_bucket(
     assert "does not verify" in capsys.readouterr().out
     assert cli.main(["info", url, *where, "stage1/prompt"]) == 2
     assert "for a shared store: tiercache ls" in capsys.readouterr().err
+
+
+def test_check_batches_cut_an_entry_into_runs_no_larger_than_the_bound() -> None:
+    specs = [TensorSpec(f"t{i}", "uint8", (n,)) for i, n in enumerate([3, 3, 3, 10, 1, 0, 4])]
+    assert check_batches(specs, 6) == [[0, 1], [2], [3], [4, 5, 6]]  # the 10-byte tensor alone
+    assert check_batches(specs, 100) == [list(range(7))]
+    assert check_batches([], 6) == []
+
+
+def test_verify_reads_a_large_entry_a_batch_at_a_time_and_finds_damage_in_the_last_batch(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    cache = make_cache(object_policy(object_tier_settings, **only))
+    data = {f"layer{i}": torch.full((64 * KiB,), i, dtype=torch.uint8) for i in range(6)}
+    cache.put("weights", data)
+    tier = cache.tiers["object"]
+    bucket = tier.bucket  # type: ignore[attr-defined]
+    (stored,) = tier.stored()  # type: ignore[attr-defined]
+    read = bucket.read_chunks
+    held: list[int] = []
+
+    def counted(chunks: Any) -> Any:
+        held.append(sum(out.numel() for _, out in chunks))
+        return read(chunks)
+
+    monkeypatch.setattr(bucket, "read_chunks", counted)
+    assert tier.check(stored, batch_bytes=128 * KiB) is None  # type: ignore[attr-defined]
+    assert held == [128 * KiB] * 3
+    last = stored.chunk_files[5]
+    raw = bytearray(bucket.get(last))
+    raw[0] ^= 1
+    bucket.put(last, bytes(raw))
+    why = tier.check(stored, batch_bytes=128 * KiB)  # type: ignore[attr-defined]
+    assert why is not None and "layer5" in why and "weights" in why
 
 
 def test_a_commit_whose_reply_was_lost_leaves_no_entry_without_chunks(

@@ -57,7 +57,23 @@ from .store import Damaged, Exists, Listed, Missing, Store
 log = logging.getLogger("tiercache")
 ENTRIES = "entries"
 TOMBSTONE = "removed"  # in a volatile store, beside a removed entry's manifest: a cache removed it (it was not lost)
+# What check() reads at once: an entry larger than this is verified a batch of its tensors at a time (a tensor
+# larger than it alone), so verifying a bucket of model weights holds one batch in memory, not a whole entry.
+CHECK_BATCH = 256 << 20
 GROUP = json_text({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
+
+
+def check_batches(tensors: Sequence[TensorSpec], batch_bytes: int) -> list[list[int]]:
+    """The tensors' indices in order, cut into runs of at most `batch_bytes` (a larger tensor is a run alone)."""
+    batches: list[list[int]] = [[]]
+    held = 0
+    for index, tensor in enumerate(tensors):
+        if batches[-1] and held + tensor.nbytes > batch_bytes:
+            batches.append([])
+            held = 0
+        batches[-1].append(index)
+        held += tensor.nbytes
+    return [batch for batch in batches if batch]
 
 
 def manifest_path(name: str) -> str:
@@ -545,13 +561,15 @@ class ObjectTier(Tier):
         """Names of the entries whose manifest does not verify, as of the last listing."""
         return sorted(name for name, e in self._parsed.items() if e is None)
 
-    def check(self, stored: StoredEntry) -> str | None:
-        """Read every tensor of an entry and check its CRC32C: None when it verifies, else what is wrong."""
+    def check(self, stored: StoredEntry, batch_bytes: int = CHECK_BATCH) -> str | None:
+        """Read every tensor of an entry and check its CRC32C, `batch_bytes` of tensors at a time (check_batches):
+        None when it verifies, else what is wrong."""
         bucket, _ = self._bucket()
-        try:
-            self._fetch(bucket, stored, list(range(len(stored.spec.tensors))))
-        except (CorruptEntryError, EntryNotFoundError) as exc:
-            return str(exc)
+        for indices in check_batches(stored.spec.tensors, batch_bytes):
+            try:
+                self._fetch(bucket, stored, indices)
+            except (CorruptEntryError, EntryNotFoundError) as exc:
+                return str(exc)
         return None
 
     def collect(self, age_s: float, *, dry_run: bool = False) -> int:
