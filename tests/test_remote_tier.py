@@ -330,6 +330,39 @@ def test_no_master_at_the_address_is_refused_at_open_naming_it(tmp_path: Path, o
         tiercache.TierCache(root=tmp_path / "r", policy=remote_policy(settings), device="cpu")
 
 
+def test_a_master_address_that_is_not_a_master_is_refused_at_open_not_a_hang(
+    tmp_path: Path, mooncake_server: MooncakeServer
+) -> None:
+    """Mooncake's setup holds the GIL and waits without end on an address that accepts connections but is not a
+    master's RPC port, so each open runs in a child process: a hang fails the test instead of stopping the suite."""
+    import socket  # noqa: PLC0415 - only this test listens
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog), never answers
+    wrong = {
+        "the metadata server's port": f"127.0.0.1:{mooncake_server.ports[1]}",
+        "a listener that never answers": f"127.0.0.1:{silent.getsockname()[1]}",
+    }
+    try:
+        for what, master in wrong.items():
+            settings = {**settings_of(mooncake_server, timeout_s=2.0), "master": master}
+            child = f"""
+import sys, tiercache
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from helpers import policy
+pol = policy(tiers={{"remote": {{"capacity": 1 << 20, **{settings!r}}}}})
+try:
+    tiercache.TierCache(root={str(tmp_path / "r")!r}, policy=pol, device="cpu")
+except tiercache.StorageError as exc:
+    print("refused:", exc)
+"""
+            out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+            assert "refused:" in out.stdout, (what, out.stdout, out.stderr[-2000:])
+            assert master in out.stdout and "not answer as a mooncake_master" in out.stdout, what
+            assert "tiers.remote.master" in out.stdout and "-rpc_port" in out.stdout, what
+    finally:
+        silent.close()
+
+
 def test_policy_keys_are_validated() -> None:
     with pytest.raises(tiercache.PolicyError, match="master"):
         RemoteBudget(capacity=1, master="nowhere")

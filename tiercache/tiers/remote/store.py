@@ -16,7 +16,8 @@ How Mooncake is used, and why:
 - Mooncake's calls take no timeout, so each runs on a daemon thread of its own and the caller waits at most
   `timeout_s`. A call that times out keeps the memory it was given alive until it returns, and what it wrote once
   it lands late is removed. `setup` and `close` hold the GIL (setup waits without end for an absent master), so
-  the master is probed first, and one client per master serves the process and is never closed.
+  the master is probed first (its RPC port must answer a coro_rpc request), and one client per master serves the
+  process and is never closed.
 - The master's HTTP admin server's `/get_all_keys` is the listing; it says nothing of when a key was written, so
   `Listed.modified` is when this cache first listed it.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import struct
 import threading
 import urllib.error
 import urllib.request
@@ -146,18 +148,25 @@ class MooncakeStore(Store):
             return client
 
     def _probe(self) -> None:
-        """Ask the master's RPC port and admin server before setup: Mooncake's setup holds the GIL and waits for a
-        master that is not there without end, so no thread of ours could time it out."""
+        """Ask the master's RPC port and admin server before setup: Mooncake's setup holds the GIL and waits without
+        end for a master that is not there, or for one that is not a master (the metadata server's port given as
+        the master's, a listener that never answers), so no thread of ours could time it out."""
         host, port = self.budget.master_host, int(self.budget.master.rsplit(":", 1)[1])
         admin = f"{self.budget.admin_url}/get_all_segments"
         try:
-            socket.create_connection((host, port), timeout=self.budget.timeout_s).close()
+            answered = _rpc_answers(host, port, self.budget.timeout_s)
             urllib.request.urlopen(admin, timeout=self.budget.timeout_s).close()
         except OSError as exc:
             raise StorageError(
                 f"remote tier ({self.where}): the master does not answer ({exc}); check that mooncake_master runs at "
                 f"{self.budget.master} with its admin server at {self.budget.admin_url} (tiers.remote.master, admin)"
             ) from None
+        if not answered:
+            raise StorageError(
+                f"remote tier ({self.where}): {self.budget.master} accepts connections but does not answer as a "
+                "mooncake_master's RPC port; check that tiers.remote.master is the master's -rpc_port (50051 unless "
+                "set), not its metadata or admin server's port"
+            )
 
     # ---- calls, each under the timeout ---------------------------------------------------------------------
     def _call(
@@ -388,6 +397,30 @@ class MooncakeStore(Store):
     def close(self) -> None:
         """Refuse further calls; the client stays for the process's other caches (see `_client`)."""
         self._closed = True
+
+
+# A coro_rpc request header (Mooncake's RPC, yalantinglibs' coro_rpc protocol): magic 21, version 0, serialisation
+# 0, message type 0, a sequence number, function id, body and attachment lengths. Function 0 is no function: a
+# master answers at once with an error response that starts with the magic and echoes the sequence number.
+_RPC_MAGIC = 21
+_RPC_SEQ = 0x7C3A
+
+
+def _rpc_answers(host: str, port: int, timeout: float) -> bool:
+    """Whether a coro_rpc server answers at host:port within `timeout` (OSError: nothing accepts connections)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack("<4B4I", _RPC_MAGIC, 0, 0, 0, _RPC_SEQ, 0, 0, 0))
+        head = b""
+        try:
+            while len(head) < 8:
+                piece = sock.recv(8 - len(head))
+                if not piece:
+                    return False  # closed on us: not a coro_rpc server
+                head += piece
+        except TimeoutError:
+            return False  # something that never answers
+    magic, _version, _error, _kind, seq = struct.unpack("<4BI", head)
+    return magic == _RPC_MAGIC and seq == _RPC_SEQ
 
 
 class _Registered:
