@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiercache import StorageError
-from tiercache.io import ALIGN, FileRead, PosixIO, aligned_empty, drop_page_cache
+from tiercache.io import ALIGN, FileRead, PosixIO, aligned_empty, drop_page_cache, posix
 from tiercache.io.checksum import crc32c, crc32c_combine
 from tiercache.io.posix import O_DIRECT, probe_direct_io
 
@@ -277,3 +277,39 @@ def test_an_interrupt_inside_submit_never_closes_a_file_twice_or_under_a_read(
         assert not files.closed_under_a_read
     finally:
         os.close(other)
+
+
+def _io_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("tiercache-io")}
+
+
+def test_the_default_pool_has_its_threads_running_before_the_first_read(tmp_path: Path) -> None:
+    before = _io_threads()
+    io = PosixIO(tmp_path, threads=3, task_size=ALIGN)
+    try:
+        assert len(_io_threads() - before) == 3
+    finally:
+        io.close()
+    assert _io_threads() <= before
+
+
+def test_a_pool_thread_that_cannot_start_lets_the_started_ones_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The threads already started wait for the others; if one cannot start, they must not wait for ever (the
+    interpreter joins pool threads at exit)."""
+
+    class Refusing(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+            Refusing.submitted += 1
+            if Refusing.submitted == 3:
+                raise RuntimeError("can't start new thread")
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(posix, "ThreadPoolExecutor", Refusing)
+    before = _io_threads()
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        posix.io_threads(4)
+    for thread in _io_threads() - before:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
