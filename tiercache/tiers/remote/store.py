@@ -29,6 +29,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -407,18 +408,21 @@ _RPC_SEQ = 0x7C3A
 
 
 def _rpc_answers(host: str, port: int, timeout: float) -> bool:
-    """Whether a coro_rpc server answers at host:port within `timeout` (OSError: nothing accepts connections)."""
+    """Whether a coro_rpc server answers at host:port within `timeout` in all (OSError: nothing accepts
+    connections there)."""
+    deadline = time.monotonic() + timeout
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(struct.pack("<4B4I", _RPC_MAGIC, 0, 0, 0, _RPC_SEQ, 0, 0, 0))
         head = b""
         try:
+            sock.sendall(struct.pack("<4B4I", _RPC_MAGIC, 0, 0, 0, _RPC_SEQ, 0, 0, 0))
             while len(head) < 8:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 piece = sock.recv(8 - len(head))
                 if not piece:
                     return False  # closed on us: not a coro_rpc server
                 head += piece
-        except TimeoutError:
-            return False  # something that never answers
+        except (TimeoutError, ConnectionResetError):
+            return False  # something that never answers, or refuses the request
     magic, _version, _error, _kind, seq = struct.unpack("<4BI", head)
     return magic == _RPC_MAGIC and seq == _RPC_SEQ
 
