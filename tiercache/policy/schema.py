@@ -79,8 +79,12 @@ WriteMode = Literal["back", "through", "behind"]
 
 def _hints(section: type) -> dict[str, Any]:
     """A section's field types. This module's annotations are objects, not strings (no `from __future__ import
-    annotations`): typing.get_type_hints compiled each string, in every new process's first policy load."""
-    return {f.name: f.type for f in dataclasses.fields(section)}
+    annotations`): typing.get_type_hints compiled each string, in every new process's first policy load. A section
+    declared elsewhere with string annotations still has them evaluated."""
+    hints = {f.name: f.type for f in dataclasses.fields(section)}
+    if any(isinstance(hint, str) for hint in hints.values()):
+        hints = typing.get_type_hints(section)
+    return hints
 
 
 def choices(section: type, name: str) -> tuple[str, ...]:
