@@ -172,9 +172,9 @@ Pool = Callable[[int], Executor]  # given the thread count, the executor that ru
 
 
 def io_threads(threads: int) -> Executor:
-    """The default pool of PosixIO's pieces, its threads already running: started lazily, by the first read's
-    submits, each thread's start would wait for the GIL that the threads already reading take between pieces, on
-    a fresh process's first get (the handoff), where starting them all here takes none from a read."""
+    """The default pool of PosixIO's pieces, its threads already running. Started lazily, each would be started
+    by a read's submit, and its start would wait for the GIL that the threads already reading take between
+    pieces: time taken from a fresh process's first get (the handoff)."""
     pool = ThreadPoolExecutor(threads, thread_name_prefix="tiercache-io")
     started = threading.Barrier(threads + 1)
     try:
