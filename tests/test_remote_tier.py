@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -335,8 +336,6 @@ def test_a_master_address_that_is_not_a_master_is_refused_at_open_not_a_hang(
 ) -> None:
     """Mooncake's setup holds the GIL and waits without end on an address that accepts connections but is not a
     master's RPC port, so each open runs in a child process: a hang fails the test instead of stopping the suite."""
-    import socket  # noqa: PLC0415 - only this test listens
-
     silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog), never answers
     wrong = {
         "the metadata server's port": f"127.0.0.1:{mooncake_server.ports[1]}",

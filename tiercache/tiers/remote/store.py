@@ -156,7 +156,8 @@ class MooncakeStore(Store):
         admin = f"{self.budget.admin_url}/get_all_segments"
         try:
             answered = _rpc_answers(host, port, self.budget.timeout_s)
-            urllib.request.urlopen(admin, timeout=self.budget.timeout_s).close()
+            if answered:  # else no second request (and timeout) for a master that is not one
+                urllib.request.urlopen(admin, timeout=self.budget.timeout_s).close()
         except OSError as exc:
             raise StorageError(
                 f"remote tier ({self.where}): the master does not answer ({exc}); check that mooncake_master runs at "
