@@ -171,7 +171,7 @@ if __name__ == "__main__":
         import tempfile
 
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_ROOT", "/work")) as scratch:
-            repeat = int(os.environ.get("BENCH_REPEAT", "3"))  # this VM needs 7 or more to say much below 64 MiB
+            repeat = int(os.environ.get("BENCH_REPEAT", "3"))  # this VM needs 7 or more to say much below 256 MiB
             for r in bench_handoff(sizes, Path(scratch), repeat, lambda s: print(s, file=sys.stderr)):
                 print(
                     f"{tiercache.format_size(r.size)}: tiercache {r.seconds * 1e3:.0f} ms vs {r.baseline} "
