@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 import tiercache
 from tiercache.entry import as_bytes
 from tiercache.policy.schema import TIER_NAMES
+from tiercache.tiers.nvme.format import key_hash
 from tiercache.transfer import Transfers
 
 KiB = 1 << 10
@@ -102,3 +104,27 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+class ManifestGate:
+    """Holds every manifest read of a shared store (`store_type`, patched for the test) whose key is not one of
+    `keys` until `release()` (or 10 s), counting those that completed: a lookup that waited for every other entry's
+    manifest shows up as a count above 0."""
+
+    def __init__(self, monkeypatch: Any, store_type: type, keys: Iterable[str]) -> None:
+        self.open = threading.Event()
+        self.completed = 0
+        allowed = {key_hash(k) for k in keys}
+        read = store_type.get
+
+        def get(store: Any, path: str) -> Any:
+            parts = path.split("/")
+            if len(parts) == 3 and parts[2] == "zarr.json" and parts[1].split("-")[0] not in allowed:
+                self.open.wait(10.0)
+                self.completed += 1
+            return read(store, path)
+
+        monkeypatch.setattr(store_type, "get", get)
+
+    def release(self) -> None:
+        self.open.set()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, MiB, assert_same, kv, policy, wait_for
+from helpers import KiB, ManifestGate, MiB, assert_same, kv, policy, wait_for
 
 import tiercache
 from tiercache.entry import TensorSpec
@@ -24,6 +24,7 @@ from tiercache.policy.schema import ObjectBudget, TierBudget
 from tiercache.testing.servers import S3Server, StallingProxy
 from tiercache.testing.tiers import TierContract
 from tiercache.tiers.object import ObjectTier
+from tiercache.tiers.object.s3 import Bucket
 from tiercache.tiers.object.store import Exists
 from tiercache.tiers.object.tier import check_batches
 from tiercache.tools import cli
@@ -79,6 +80,56 @@ print("ok")
     reader = make_cache(pol, root=tmp_path / "b")  # another root: only the bucket is shared
     assert reader.tier_of("handoff") == "object"
     assert_same(reader["handoff"], kv(7, 256 * KiB))
+
+
+def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **only)
+    writer = make_cache(pol, root=tmp_path / "a")
+    for i in range(12):
+        writer.put(f"k{i}", kv(i, 4 * KiB))
+    gate = ManifestGate(monkeypatch, Bucket, keys=["k3", "k5"])
+    reader = make_cache(pol, root=tmp_path / "b", read_only=True)
+    assert_same(reader["k3"], kv(3, 4 * KiB))
+    assert "k5" in reader and "k99" not in reader
+    assert gate.completed == 0  # the open and the lookups read no other entry's manifest
+    gate.release()
+    assert sorted(reader.keys()) == sorted(f"k{i}" for i in range(12))  # keys() waits for the whole listing
+    assert len(reader) == 12 and reader.stats().tiers["object"].used == 12 * writer.info("k0").nbytes
+
+
+def test_a_first_listing_that_fails_fails_what_needs_every_entry_until_one_succeeds(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    pol = object_policy({**object_tier_settings, "list_every_s": 0.2}, **only)
+    make_cache(pol, root=tmp_path / "a").put("k0", kv(0))
+    read = Bucket.get
+
+    def refuse_manifests(bucket: Bucket, path: str) -> Any:
+        if path.count("/") == 2:
+            raise tiercache.StorageError(f"object tier: reading {path} was refused")
+        return read(bucket, path)
+
+    monkeypatch.setattr(Bucket, "get", refuse_manifests)
+    cache = make_cache(pol, root=tmp_path / "b")  # the open lists names only: it succeeds
+    with pytest.raises(tiercache.StorageError, match=r"first listing .* failed .*refused.*list_every_s"):
+        cache.put("k1", kv(1))  # its quota needs every entry
+    assert "k1" not in cache
+    monkeypatch.setattr(Bucket, "get", read)
+
+    def listed() -> bool:  # once a later listing succeeds
+        try:
+            return cache.keys() == ["k0"]
+        except tiercache.StorageError:
+            return False
+
+    wait_for(listed)
+    cache.put("k1", kv(1))
+    assert sorted(cache.keys()) == ["k0", "k1"]
+    assert_same(cache["k0"], kv(0))
 
 
 def test_a_delete_in_one_cache_is_a_miss_in_another_after_its_next_listing(

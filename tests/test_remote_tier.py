@@ -23,13 +23,14 @@ import helpers
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, MiB, assert_same, kv, policy
+from helpers import KiB, ManifestGate, MiB, assert_same, kv, policy
 
 import tiercache
 from tiercache.policy.schema import RemoteBudget, TierBudget
 from tiercache.testing.servers import MooncakeServer
 from tiercache.testing.tiers import TierContract
 from tiercache.tiers.remote import RemoteTier
+from tiercache.tiers.remote.store import MooncakeStore
 from tiercache.tools import cli
 
 ONLY = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
@@ -104,6 +105,23 @@ print("ok")
     reader = make_cache(remote_policy(remote_tier_settings), root=tmp_path / "b")  # only the store is shared
     assert reader.tier_of("handoff") == "remote"
     assert_same(reader["handoff"], kv(7, 256 * KiB))
+
+
+def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
+    make_cache: CacheFactory, remote_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pol = remote_policy({**remote_tier_settings, "list_every_s": 60.0}, **ONLY)
+    writer = make_cache(pol, root=tmp_path / "a")
+    for i in range(12):
+        writer.put(f"k{i}", kv(i, 4 * KiB))
+    gate = ManifestGate(monkeypatch, MooncakeStore, keys=["k3", "k5"])
+    reader = make_cache(pol, root=tmp_path / "b", read_only=True)
+    assert_same(reader["k3"], kv(3, 4 * KiB))
+    assert "k5" in reader and "k99" not in reader
+    assert gate.completed == 0  # the open and the lookups read no other entry's manifest
+    gate.release()
+    assert sorted(reader.keys()) == sorted(f"k{i}" for i in range(12))  # keys() waits for the whole listing
+    assert len(reader) == 12 and reader.stats().tiers["remote"].used == 12 * writer.info("k0").nbytes
 
 
 def test_a_replace_or_delete_in_one_cache_is_seen_by_another_after_its_next_listing(

@@ -652,8 +652,9 @@ class TierCache:
 
     # ---- small helpers ----------------------------------------------------------------------------------------
     def _adopt_found(self) -> None:
-        """Index the entries persistent tiers hold (written by earlier processes, or by caches open on the root now)."""
-        self._engine.refresh()
+        """Index the entries persistent tiers hold (written by earlier processes, or by caches open on the root now);
+        a shared store's entries as far as its first listing has got (its lister goes on after the open)."""
+        self._engine.refresh(whole=False)
         for name, tier in self._tiers.items():
             if tier.persistent and tier.used > tier.capacity:
                 log.warning(

@@ -33,7 +33,7 @@ from .policy.eviction import EvictionPolicy, Usage, make_eviction_policy
 from .policy.placement import Attempt, PlacementPolicy, Plan, make_placement_policy
 from .policy.schema import TIER_NAMES, Policy
 from .records import Counters, Decision, EntryInfo, Moved, PutHints, Read, Record, TierUsage
-from .tiers.base import Found, Tier
+from .tiers.base import Found, Refresh, Tier
 from .transfer import Event
 from .units import format_size
 
@@ -199,8 +199,7 @@ class Engine:
 
     def begin_read(self, key: str) -> Read:
         """Count the hit and protect the entry from eviction and deletion until `end_read`."""
-        self.refresh()
-        record = self.records.get(key)
+        record = self._lookup(key)
         if record is None:
             self.misses += 1
             raise EntryNotFoundError(self._miss_message(key))
@@ -248,7 +247,7 @@ class Engine:
         )
 
     def record(self, key: str) -> Record:
-        self.refresh()
+        self._lookup(key)
         return self._record(key)
 
     def _record(self, key: str) -> Record:
@@ -258,25 +257,42 @@ class Engine:
             raise EntryNotFoundError(self._miss_message(key))
         return record
 
-    def refresh(self) -> None:
+    def refresh(self, *, whole: bool = True) -> None:
         """Take in what persistent and shared tiers report (entries found at open, or committed and removed by
-        other caches since the last call: a microsecond check when nothing changed), then expire."""
+        other caches since the last call: a microsecond check when nothing changed), then expire. `whole`: first
+        wait for every shared tier's first listing (what counts entries or budgets needs all of them); a lookup of
+        one key does not (see `_lookup`), nor does the open."""
         for name, tier in self.tiers.items():
-            changes = tier.refresh()
-            replaced: dict[str, Record] = {}  # keys whose last copy went: a newer version below may take their pins
-            for uid in changes.gone:  # the tier has forgotten them already
-                record = self.by_uid.get(uid)
-                if record is None or name not in record.tiers:
-                    continue
-                record.tiers.remove(name)
-                self.orders[name].removed(uid)
-                if not record.tiers or uid in changes.deleted:  # deleted elsewhere: no copy here serves it either
-                    self._remove(record)
-                    if uid not in changes.deleted:  # a delete takes its pins with it
-                        replaced[record.spec.key] = record
-            for found in changes.found:
-                self._adopt(name, tier, found, replaced.get(found.spec.key))
+            if whole:
+                tier.wait_listed()
+            self._take(name, tier, tier.refresh())
         self.expire()
+
+    def _lookup(self, key: str) -> Record | None:
+        """The record of `key` after a refresh, asking the tiers for it where the refresh did not bring it: a shared
+        tier still listing its store looks the key up at once (a fresh process's first get of a handoff)."""
+        self.refresh(whole=False)
+        record = self.records.get(key)
+        if record is None:
+            for name, tier in self.tiers.items():
+                self._take(name, tier, tier.find(key))
+            record = self.records.get(key)
+        return record
+
+    def _take(self, name: str, tier: Tier, changes: Refresh) -> None:
+        replaced: dict[str, Record] = {}  # keys whose last copy went: a newer version below may take their pins
+        for uid in changes.gone:  # the tier has forgotten them already
+            record = self.by_uid.get(uid)
+            if record is None or name not in record.tiers:
+                continue
+            record.tiers.remove(name)
+            self.orders[name].removed(uid)
+            if not record.tiers or uid in changes.deleted:  # deleted elsewhere: no copy here serves it either
+                self._remove(record)
+                if uid not in changes.deleted:  # a delete takes its pins with it
+                    replaced[record.spec.key] = record
+        for found in changes.found:
+            self._adopt(name, tier, found, replaced.get(found.spec.key))
 
     def _adopt(self, name: str, tier: Tier, found: Found, previous: Record | None = None) -> None:
         """Index an entry a tier found, unless this cache holds a newer version of its key (last write wins); it
@@ -447,8 +463,7 @@ class Engine:
         return [k for k in self.records if k.startswith(prefix)]
 
     def __contains__(self, key: object) -> bool:
-        self.refresh()
-        return key in self.records
+        return isinstance(key, str) and self._lookup(key) is not None
 
     def __len__(self) -> int:
         self.refresh()

@@ -211,8 +211,19 @@ class Tier(ABC):
     def refresh(self) -> Refresh:
         """Entries the tier holds that this cache does not know yet (persistent tiers: found at open; shared ones:
         committed by other caches since), and those it knew that are gone (another cache removed them; the tier
-        has already forgotten them). Nothing, by default."""
+        has already forgotten them). A shared tier whose first listing of its store is still under way reports
+        what it has so far: `find` looks a key up meanwhile, `wait_listed` waits for the rest. Nothing, by default."""
         return Refresh()
+
+    def find(self, key: str) -> Refresh:
+        """Versions of `key` this tier holds that refresh() has not reported yet, looked up now (a shared tier
+        while its first listing is under way: a handoff's get need not wait for every other entry). Nothing, by
+        default."""
+        return Refresh()
+
+    def wait_listed(self) -> None:  # noqa: B027 - a no-op unless the tier lists a store in the background
+        """Return once refresh() can report every entry the tier held when it opened (a shared tier's first
+        listing); what needs them all (keys(), a budget) calls this first. Raises if that listing failed."""
 
     def adopt(self, entry: EntryId, found: Found) -> None:
         """Account an entry refresh() found, under a new entry id."""

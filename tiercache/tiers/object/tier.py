@@ -11,9 +11,12 @@ An entry exists for others once its manifest does; a removal deletes the manifes
 an entry with no manifest (a writer that died mid-put) are removed by the sweep once `orphan_age_s` old, as are
 older versions of a key that a newer manifest replaced (a reader on another machine may still be reading one: its
 read then fails its checksum or finds a chunk gone, which is a miss, never wrong data). Other caches' entries are
-found by listing the bucket, once at open and then every `list_every_s` on a background thread, so a get never
-waits for a listing. The budget is a quota over everything under the prefix, as last listed; two caches writing
-at once may overshoot it by what they write in one listing's interval.
+found by listing the bucket on a background thread: at open the entries' names (one request per 1000 entries,
+which the open waits for: it also proves the credentials), then their manifests, then everything every
+`list_every_s`. Until the manifests are read, a get looks its own key's up (the name starts with the key's hash),
+so a fresh process's first get costs the same in a bucket of ten entries or ten thousand; what needs every entry
+(keys(), a put's quota) waits for them. The budget is a quota over everything under the prefix, as last listed;
+two caches writing at once may overshoot it by what they write in one listing's interval.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -120,10 +124,16 @@ class ObjectTier(Tier):
         self._doomed: dict[str, StoredEntry] = {}  # released entries whose removal failed: the lister retries it
         self._pending: _Listing | None = None  # the latest listing, until refresh() takes it in
         self._lost: set[str] = set()  # entries a read found gone (removed, replaced, their holder dead)
-        # The first listing runs on the lister thread while the other tiers open; the cache's first refresh (still
-        # inside its open) waits for it, so a handoff's entries are found before the open returns.
+        # The first listing runs on the lister thread while the other tiers open: the entries' names, which the
+        # cache's first refresh (still inside its open) waits for, then their manifests, which find() and
+        # wait_listed() stand in for until a refresh takes them in (`_whole`).
+        self._names: frozenset[str] = frozenset()
+        self._versions: dict[str, list[str]] = {}  # the names by their key's hash (what find() looks up)
+        self._named = threading.Event()
         self._listed_once = threading.Event()
-        self._first_error: BaseException | None = None
+        self._whole = False
+        self._first_error: BaseException | None = None  # the names' listing failed: the open fails with it
+        self._list_error: StorageError | None = None  # the last listing failed (None once one succeeds)
         self._pool: ThreadPoolExecutor | None = None
         self.bucket: Store | None = None
         if budget.capacity == 0:  # off: holds nothing, talks to nobody
@@ -132,6 +142,8 @@ class ObjectTier(Tier):
         self._pool = ThreadPoolExecutor(budget.concurrency, thread_name_prefix=f"tiercache-{name}")
         # a read's checksums, in parallel: a pool of their own, since the read that waits for them runs on _pool
         self._checksums = ThreadPoolExecutor(budget.concurrency, thread_name_prefix=f"tiercache-{name}-crc")
+        # the lister's manifest reads: a pool of their own, so that a get never queues behind a bucket's worth
+        self._manifests = ThreadPoolExecutor(budget.concurrency, thread_name_prefix=f"tiercache-{name}-list")
         try:
             if not self.read_only:
                 with contextlib.suppress(Exists):
@@ -139,6 +151,7 @@ class ObjectTier(Tier):
         except BaseException:
             self._pool.shutdown()
             self._checksums.shutdown()
+            self._manifests.shutdown()
             self.bucket.close()
             raise
         self._wake = threading.Event()
@@ -160,7 +173,8 @@ class ObjectTier(Tier):
     # ---- accounting ---------------------------------------------------------------------------------------------
     @property
     def used(self) -> int:
-        """Every live entry under the prefix, whoever wrote it, as last listed (plus this cache's since)."""
+        """Every live entry under the prefix, whoever wrote it, as last listed (plus this cache's since); until the
+        first listing is taken in (wait_listed), only what this cache has found and put."""
         return sum(self._sizes.values())
 
     @property
@@ -406,8 +420,8 @@ class ObjectTier(Tier):
     def refresh(self) -> Refresh:
         """What the latest listing found (taken on the lister thread: no request here) that this cache lacks, and
         what it no longer lists of what this cache indexed before the listing began."""
-        if self.bucket is not None and not self._listed_once.is_set():
-            self._listed_once.wait()
+        if self.bucket is not None and not self._named.is_set():
+            self._named.wait()
         if self._first_error is not None:  # the open fails with it (once)
             error, self._first_error = self._first_error, None
             raise error
@@ -415,6 +429,7 @@ class ObjectTier(Tier):
             listing, self._pending = self._pending, None
             if listing is None:
                 return Refresh()
+            self._whole = True
             # Entries a read found gone go with the listing the read asked for, so that a newer version it finds
             # replaces them in one refresh; while still listed (a dead holder's keys, a manifest whose chunk is
             # gone) they are not adopted again.
@@ -457,6 +472,39 @@ class ObjectTier(Tier):
         self._ignored &= set(entries)
         return Refresh(found, gone, deleted)
 
+    def find(self, key: str) -> Refresh:
+        """Until the first listing's manifests are taken in: the versions of `key` among the names listed at open,
+        their manifests read now (a name starts with its key's hash)."""
+        if self._whole or self.bucket is None:
+            return Refresh()
+        with self._lock:
+            skip = self._writing | self._lost | self._removed.keys()
+        names = [n for n in self._versions.get(key_hash(key), ()) if n not in self._ids and n not in skip]
+        if not names:
+            return Refresh()
+        found: list[Found] = []
+        for name in names:  # here, not on the pool, which the lister may fill (most keys have one version)
+            with contextlib.suppress(Missing):  # removed since the names were listed
+                stored = self._manifest(name)
+                if stored is not None and stored.spec.key == key and name not in self._ignored:
+                    found.append(Found(stored.spec, stored.written_ns, stored))
+        return Refresh(sorted(found, key=lambda f: f.written_ns))
+
+    def wait_listed(self) -> None:
+        if self._whole or self.bucket is None:
+            return
+        if not self._listed_once.is_set():
+            self._wake.set()
+            self._listed_once.wait()
+        with self._lock:
+            failed = self._pending is None and self._list_error
+        if failed:
+            raise StorageError(
+                f"{self.name} tier: the first listing of {self._where} failed ({failed}), so its entries and the "
+                f"quota they take are not known yet; the next listing tries again within list_every_s "
+                f"({self.budget.list_every_s:g} s)"
+            )
+
     def adopt(self, entry: EntryId, found: Found) -> None:
         stored: StoredEntry = found.handle
         self._specs[entry] = stored.spec  # stored already: its bytes are in the quota's count, whatever the budget
@@ -465,23 +513,30 @@ class ObjectTier(Tier):
     def ignore(self, found: Found) -> None:
         self._ignored.add(found.handle.path.name)
 
-    def _list(self, *, first: bool = False, sweep: bool = True) -> _Listing:
+    def _entry_names(self) -> frozenset[str]:
+        """The names of the entry folders under the prefix: one request per 1000 entries, not per 1000 objects."""
+        names = {folder.rsplit("/", 1)[-1] for folder in self._bucket()[0].folders(f"{ENTRIES}/")}
+        return frozenset(n for n in names if ENTRY_NAME.fullmatch(n))
+
+    def _list(self, *, names: AbstractSet[str] | None = None, sweep: bool = True) -> _Listing:
         """Every live entry under the prefix, its manifest read once per name and verified; then the sweep, on what
-        the listing found. The `first` listing (at open, nothing known yet, every manifest to be read anyway) lists
-        the entries' folders only: one request per 1000 entries, not per 1000 objects. Later ones list every object:
-        a folder outlives its manifest (a removal deletes that first, and some servers keep empty folders)."""
-        bucket, pool = self._bucket()
+        the listing found. The first listing (at open, nothing known yet) starts from the folders' `names`
+        (`_entry_names`); later ones list every object: a folder outlives its manifest (a removal deletes that
+        first, and some servers keep empty folders)."""
+        bucket, _ = self._bucket()
         started = time.monotonic()
         objects: list[Listed] = []
-        if first:
-            names = {folder.rsplit("/", 1)[-1] for folder in bucket.folders(f"{ENTRIES}/")}
-        else:
+        if names is None:
             objects = list(bucket.objects(f"{ENTRIES}/"))
             names = {o.path.split("/")[1] for o in objects if o.path.count("/") == 2 and o.path.endswith("/zarr.json")}
         names = {n for n in names if ENTRY_NAME.fullmatch(n)}
-        reads = {n: pool.submit(self._manifest, n) for n in sorted(names - self._parsed.keys())}
+        reads = {n: self._manifests.submit(self._manifest, n) for n in sorted(names - self._parsed.keys())}
         entries: dict[str, StoredEntry | None] = {}
-        for name in sorted(names):  # the new manifests read in parallel, on the tier's pool
+        for name in sorted(names):  # the new manifests read in parallel
+            if self._closed:  # a close does not wait for a bucket's worth of manifests
+                for read in reads.values():
+                    read.cancel()
+                return _Listing({}, started)
             try:
                 entries[name] = self._parsed[name] if name in self._parsed else reads[name].result()
             except Missing:  # not committed yet (a put in flight, or a writer that died), or removed since
@@ -582,28 +637,47 @@ class ObjectTier(Tier):
 
     def _list_forever(self) -> None:
         try:
-            first = self._list(first=True)
-            with self._lock:
-                self._pending = first
+            self._names = self._entry_names()
+            for name in sorted(self._names):
+                self._versions.setdefault(name.split("-", 1)[0], []).append(name)
         except BaseException as exc:  # noqa: BLE001 - handed to the first refresh, in the cache's open
             self._first_error = exc
         finally:
-            self._listed_once.set()
-        while True:
-            self._wake.wait(self.budget.list_every_s)  # set: a read found an entry gone, or close()
+            self._named.set()
+        first = self._first_error is None
+        while not self._closed:
+            # set: wait_listed(), a read found an entry gone, or close(). The first listing's manifests wait for it
+            # too: read at once, they would take the CPU and the pool from the first gets a fresh process opened
+            # the store for.
+            self._wake.wait(self.budget.list_every_s)
             self._wake.clear()
             if self._closed:
-                return
-            try:
-                listing = self._list()
-            except StorageError as exc:  # the server is away: the next listing tries again
-                log.warning("tiercache: %s", exc)
-                continue
-            except Exception:  # noqa: BLE001 - a thread of ours: say it, and go on listing
-                log.exception("tiercache: %s tier: listing %s failed", self.name, self._where)
-                continue
+                break
+            if first:
+                self._take_listing(lambda: self._list(names=self._names))
+                first = False
+                self._listed_once.set()
+            else:
+                self._take_listing(self._list)
+        self._listed_once.set()
+
+    def _take_listing(self, listing: Callable[[], _Listing]) -> None:
+        """Run one listing on the lister thread and hand it to the next refresh; a failure is logged and kept for
+        wait_listed, and the next listing tries again."""
+        try:
+            done = listing()
+        except StorageError as exc:  # the server is away
+            log.warning("tiercache: %s", exc)
             with self._lock:
-                self._pending = listing
+                self._list_error = exc
+            return
+        except Exception as exc:  # noqa: BLE001 - a thread of ours: say it, and go on listing
+            log.exception("tiercache: %s tier: listing %s failed", self.name, self._where)
+            with self._lock:
+                self._list_error = StorageError(f"{self.name} tier: listing {self._where} failed: {exc!r}")
+            return
+        with self._lock:
+            self._pending, self._list_error = done, None
 
     def _bucket(self) -> tuple[Store, ThreadPoolExecutor]:
         if self.bucket is None or self._pool is None:
@@ -628,6 +702,7 @@ class ObjectTier(Tier):
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # removals queued finish (a load's fetches are done by now)
             self._checksums.shutdown(wait=True)
+            self._manifests.shutdown(wait=True, cancel_futures=True)
         if self.bucket is not None:
             self.bucket.close()
         self._stored.clear()
