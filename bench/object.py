@@ -6,7 +6,9 @@ For each size, alternated, medians of the repeats:
   tensors, one object each, `concurrency` at a time (what a user writing tensors to S3 themselves would do);
 - the handoff: a fresh process opens another root on the same bucket (read-only) and gets the entry, beside a fresh
   process's raw obstore gets of the same objects and a fresh process receiving the same bytes over a raw loopback
-  TCP stream (the link's ceiling, no S3 server in between). Each child times itself from before its open.
+  TCP stream (the link's ceiling, no S3 server in between). Each child times itself from before its open;
+- the same handoff of the first size once the bucket also holds CROWD small entries of other keys (what a shared
+  prompt cache looks like), beside the same raw gets: the open and the get should not grow with the bucket.
 Targets on the CI-class VM: >= 0.9x raw obstore, put and get.
 
     python -m bench.object [SIZE...]          (or through make bench; BENCH_OBJECT_SIZES="16MiB,64MiB")
@@ -38,6 +40,7 @@ from .peers import touch
 
 KEY = "object"
 CONCURRENCY = 8
+CROWD = 1000  # other entries in the bucket for the crowded handoff row (a shared prompt cache's worth)
 
 
 def _settings(endpoint: str, prefix: str) -> dict[str, Any]:
@@ -195,9 +198,29 @@ def bench_object(sizes: list[int], scratch: Path, repeat: int, progress: Callabl
                             target, detail=detail, suite="object"))  # fmt: skip
             rows.append(row(size, None, times["tiercache"], "a raw loopback TCP stream, fresh process", times["tcp"],
                             detail=detail, suite="object"))  # fmt: skip
+            if size == sizes[0]:
+                rows.append(_crowded(server.endpoint, prefix, size, names, scratch, repeat, progress))
     finally:
         server.stop()
     return rows
+
+
+def _crowded(
+    endpoint: str, prefix: str, size: int, names: str, scratch: Path, repeat: int, progress: Callable[[str], None]
+) -> Row:
+    """The handoff row again, with CROWD other entries beside the one read."""
+    progress(f"object: {CROWD} more entries in the bucket")
+    with tiercache.TierCache(root=scratch / "crowd", policy=_policy(endpoint, prefix, size), device="cpu") as cache:
+        for i in range(CROWD):
+            cache.put(f"other-{i}", {"prompt": torch.full((1024,), i, dtype=torch.float32)})
+    progress(f"object: a fresh process's get of {tiercache.format_size(size)} among them")
+    ours: list[float] = []
+    raw: list[float] = []
+    for i in range(repeat):
+        ours.append(_timed("tiercache", endpoint, prefix, str(size), str(scratch / f"crowded-{i}")))
+        raw.append(_timed("obstore", endpoint, f"raw-{size}", names))
+    return row(size, None, ours, "raw obstore gets in a fresh process", raw, 0.9, suite="object",
+               detail=f"handoff from a bucket of {CROWD} other entries")  # fmt: skip
 
 
 if __name__ == "__main__":

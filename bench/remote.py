@@ -7,7 +7,9 @@ For each size, alternated, medians of the repeats:
 - the handoff (the two-node case on one machine): a fresh process opens another root on the same store (read-only)
   and gets the entry, beside a fresh process's raw `batch_get_into` of the same objects into new memory and a
   fresh process receiving the same bytes over a raw loopback TCP stream. Each child times itself from before it
-  connects.
+  connects;
+- the same handoff of the first size once the store also holds CROWD small entries of other keys, beside the same
+  raw gets (Mooncake's key listing is the whole store's, but no other entry's manifest is read for the get).
 The holder's memory is faulted in first (filled once and emptied), as a long-running holder's is. Target on the
 CI-class VM: >= 0.8x raw get_into.
 
@@ -31,7 +33,7 @@ import tiercache
 from tiercache.entry import as_bytes
 
 from .measure import Row, child_seconds, make_entry, row, run_alone, side_by_side
-from .object import Sender
+from .object import CROWD, Sender
 from .peers import touch
 
 KEY = "remote"
@@ -168,12 +170,27 @@ def bench_remote(sizes: list[int], scratch: Path, repeat: int, progress: Callabl
                     times["tcp"].append(child_seconds("bench.object", "tcp", str(sender.port), str(payload.numel())))
             finally:
                 sender.close()
-            raw.remove_by_regex(f"^raw-{size}/")
             detail = "handoff: a fresh process's open + get"
             rows.append(row(size, None, times["tiercache"], "raw Mooncake batch_get_into in a fresh process",
                             times["mooncake"], 0.8, detail=detail, suite="remote"))  # fmt: skip
             rows.append(row(size, None, times["tiercache"], "a raw loopback TCP stream, fresh process", times["tcp"],
                             detail=detail, suite="remote"))  # fmt: skip
+            if size == sizes[0]:
+                progress(f"remote: {CROWD} more entries in the store, and a fresh process's get of {label} among them")
+                crowd = _policy(where, prefix, size)
+                with tiercache.TierCache(root=scratch / "crowd", policy=crowd, device="cpu") as c:
+                    for i in range(CROWD):
+                        c.put(f"other-{i}", {"prompt": torch.full((1024,), i, dtype=torch.float32)})
+                crowded: dict[str, list[float]] = {"tiercache": [], "mooncake": []}
+                for i in range(repeat):
+                    reader = str(scratch / f"crowded-{i}")
+                    crowded["tiercache"].append(child_seconds("bench.remote", "tiercache", spots, prefix, str(size),
+                                                              reader))  # fmt: skip
+                    crowded["mooncake"].append(child_seconds("bench.remote", "mooncake", spots, sizes_of))
+                rows.append(row(size, None, crowded["tiercache"], "raw Mooncake batch_get_into in a fresh process",
+                                crowded["mooncake"], 0.8, suite="remote",
+                                detail=f"handoff from a store of {CROWD} other entries"))  # fmt: skip
+            raw.remove_by_regex(f"^raw-{size}/")
         raw.close()
     finally:
         server.stop()
