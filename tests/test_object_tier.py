@@ -98,6 +98,30 @@ def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
     gate.release()
     assert sorted(reader.keys()) == sorted(f"k{i}" for i in range(12))  # keys() waits for the whole listing
     assert len(reader) == 12 and reader.stats().tiers["object"].used == 12 * writer.info("k0").nbytes
+    gated = ManifestGate(monkeypatch, Bucket, keys=["k3"])
+    worker = make_cache(pol, root=tmp_path / "c")  # writable: its close flushes what it holds in memory only
+    assert_same(worker["k3"], kv(3, 4 * KiB))
+    worker.close()
+    assert gated.completed == 0  # the close waited for no listing either
+    gated.release()
+
+
+def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before_the_listing(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    memory = {"hbm": {"capacity": 0}, "host": {"capacity": 0}}
+    pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **memory)
+    older = make_cache(pol, root=tmp_path / "shared")
+    older.put("k", kv(1))
+    assert older.info("k").tiers == ("nvme",)
+    older.close()
+    newer = make_cache(object_policy(object_tier_settings, nvme={"capacity": 0}, **memory), root=tmp_path / "b")
+    newer.put("k", kv(2))
+    for i in range(10):  # more entries than one round of reads: the fresh cache's open lists names only
+        newer.put(f"other{i}", kv(i, 4 * KiB))
+    assert newer.info("k").tiers == ("object",)
+    fresh = make_cache(pol, root=tmp_path / "shared")
+    assert_same(fresh["k"], kv(2))
 
 
 def test_a_first_listing_that_fails_fails_what_needs_every_entry_until_one_succeeds(

@@ -269,15 +269,13 @@ class Engine:
         self.expire()
 
     def _lookup(self, key: str) -> Record | None:
-        """The record of `key` after a refresh, asking the tiers for it where the refresh did not bring it: a shared
-        tier still listing its store looks the key up at once (a fresh process's first get of a handoff)."""
+        """The record of `key` after a refresh and after asking every tier for it: a shared tier still listing its
+        store looks the key up at once (a fresh process's first get of a handoff), and a newer version it finds
+        there replaces one another tier holds (last write wins, as when the listing is taken in)."""
         self.refresh(whole=False)
-        record = self.records.get(key)
-        if record is None:
-            for name, tier in self.tiers.items():
-                self._take(name, tier, tier.find(key))
-            record = self.records.get(key)
-        return record
+        for name, tier in self.tiers.items():
+            self._take(name, tier, tier.find(key))
+        return self.records.get(key)
 
     def _take(self, name: str, tier: Tier, changes: Refresh) -> None:
         replaced: dict[str, Record] = {}  # keys whose last copy went: a newer version below may take their pins
@@ -424,6 +422,7 @@ class Engine:
         """Change a tier's budget now. Shrinking demotes what no longer fits (whatever its priority; never pinned
         entries or entries being read): a CapacityError, changing nothing, when they alone exceed the new budget."""
         tier = self.tiers[name]
+        tier.wait_listed()  # a shared tier's budget counts every cache's entries
         stuck = sum(self.by_uid[u].spec.nbytes for u in tier if self.by_uid[u].busy)
         if tier.used > nbytes and stuck > nbytes:
             raise CapacityError(
@@ -448,8 +447,9 @@ class Engine:
 
     def _memory_only(self, keys: list[str] | None, *, durable: bool = False) -> list[Record]:
         """The records of `keys` (None: every entry; a miss raises) that no persistent tier holds (`durable`: no
-        durable tier, which is what a flush writes)."""
-        self.refresh()
+        durable tier, which is what a flush writes). This cache's own entries: no shared tier's listing is waited
+        for (a close would otherwise wait for a whole bucket's)."""
+        self.refresh(whole=False)
         records = list(self.records.values()) if keys is None else [self._record(k) for k in keys]
         kept = (lambda t: t.durable) if durable else (lambda t: t.persistent)
         return [r for r in records if not any(kept(self.tiers[t]) for t in r.tiers)]
@@ -520,7 +520,7 @@ class Engine:
     def _can_make_room(self, attempt: Attempt, nbytes: int, replacing: Record | None, priority: int) -> bool:
         """Whether `_make_room` would succeed, computed without moving anything."""
         tier = self.tiers[attempt.tier]
-        if not tier.writable:
+        if not tier.writable or not self._listed(tier):
             return False
         free = tier.free
         if (
@@ -538,6 +538,16 @@ class Engine:
             if victim is not replacing and self._may_evict(victim, priority):
                 reclaimable += victim.spec.nbytes
         return free + reclaimable >= nbytes
+
+    @staticmethod
+    def _listed(tier: Tier) -> bool:
+        """Whether the tier's free room can be judged: a shared tier's first listing is in (waited for here, as by
+        a demotion into it during a get); False, so that nothing goes there, where that listing failed."""
+        try:
+            tier.wait_listed()
+        except StorageError:
+            return False
+        return True
 
     def _may_evict(self, victim: Record, priority: int) -> bool:
         return not victim.busy and victim.priority <= priority
@@ -559,7 +569,7 @@ class Engine:
         """Free `nbytes` in a tier: first the old version being replaced (`sacrifice`), then, if `evict`, by
         demoting the tier's victims in policy order. False if it cannot."""
         tier = self.tiers[tier_name]
-        if not tier.writable:
+        if not tier.writable or not self._listed(tier):
             return False
         if tier.free >= nbytes:
             return True

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -117,18 +117,19 @@ class ObjectTier(Tier):
         self._sizes: dict[str, int] = {}  # every live entry under the prefix (anyone's): the quota's count
         self._ignored: set[str] = set()  # found entries the engine did not take (an older version of a key)
         self._closed = False
-        self._lock = threading.Lock()  # hands `_pending` from the lister thread over
+        self._lock = threading.Lock()  # what the lister thread hands over: `_pending`, `_list_error`
         self._parsed: dict[str, StoredEntry | None] = {}  # the lister's: manifests read so far (None: damaged)
         self._writing: set[str] = set()  # this cache's puts not committed yet
         self._removed: dict[str, float] = {}  # entries this cache removed, and when (inf: its removal is retried)
         self._doomed: dict[str, StoredEntry] = {}  # released entries whose removal failed: the lister retries it
         self._pending: _Listing | None = None  # the latest listing, until refresh() takes it in
         self._lost: set[str] = set()  # entries a read found gone (removed, replaced, their holder dead)
-        # The first listing runs on the lister thread while the other tiers open: the entries' names, which the
-        # cache's first refresh (still inside its open) waits for, then their manifests, which find() and
-        # wait_listed() stand in for until a refresh takes them in (`_whole`).
-        self._names: frozenset[str] = frozenset()
-        self._versions: dict[str, list[str]] = {}  # the names by their key's hash (what find() looks up)
+        # The lister thread first lists the entries' names while the other tiers open (the cache's first refresh,
+        # still inside its open, waits for them: `_named`), then, after list_every_s or when wait_listed() asks,
+        # lists everything; find() stands in for that listing until a refresh takes it in (`_whole`).
+        # the entries' names at open, by their key's hash (what find() looks up); written before `_named` is set
+        self._versions: dict[str, list[str]] = {}
+        self._unreadable: set[str] = set()  # names find() found damaged or uncommitted: not looked up again
         self._named = threading.Event()
         self._listed_once = threading.Event()
         self._whole = False
@@ -447,7 +448,7 @@ class ObjectTier(Tier):
             and self._removed.get(name, -1.0) < listing.started
         ]
         self._removed = {n: t for n, t in self._removed.items() if n in entries or t >= listing.started}
-        found.sort(key=lambda f: f.written_ns)
+        found = self._newest(found)
         newer = {f.spec.key for f in found}
         gone = [
             uid
@@ -472,23 +473,43 @@ class ObjectTier(Tier):
         self._ignored &= set(entries)
         return Refresh(found, gone, deleted)
 
+    def _newest(self, found: list[Found]) -> list[Found]:
+        """The newest version of each key found, oldest first; the older ones are ignored (not adopted, so never
+        removed by this cache: they stay for readers that hold them until the sweep)."""
+        newest: dict[str, Found] = {}
+        for f in sorted(found, key=lambda f: f.written_ns):
+            if f.spec.key in newest:
+                self._ignored.add(newest[f.spec.key].handle.path.name)
+            newest[f.spec.key] = f
+        return sorted(newest.values(), key=lambda f: f.written_ns)
+
     def find(self, key: str) -> Refresh:
         """Until the first listing's manifests are taken in: the versions of `key` among the names listed at open,
-        their manifests read now (a name starts with its key's hash)."""
+        their manifests read now (a name starts with its key's hash). A server that fails the read is logged and
+        makes this a miss; the listing finds the entry later."""
         if self._whole or self.bucket is None:
             return Refresh()
         with self._lock:
             skip = self._writing | self._lost | self._removed.keys()
-        names = [n for n in self._versions.get(key_hash(key), ()) if n not in self._ids and n not in skip]
-        if not names:
-            return Refresh()
+        names = [
+            n
+            for n in self._versions.get(key_hash(key), ())
+            if n not in self._ids and n not in skip and n not in self._ignored and n not in self._unreadable
+        ]
         found: list[Found] = []
-        for name in names:  # here, not on the pool, which the lister may fill (most keys have one version)
-            with contextlib.suppress(Missing):  # removed since the names were listed
+        for name in names:  # most keys have one version
+            try:
                 stored = self._manifest(name)
-                if stored is not None and stored.spec.key == key and name not in self._ignored:
-                    found.append(Found(stored.spec, stored.written_ns, stored))
-        return Refresh(sorted(found, key=lambda f: f.written_ns))
+            except Missing:  # not committed, or removed since the names were listed
+                stored = None
+            except StorageError as exc:
+                log.warning("tiercache: %s", exc)
+                continue
+            if stored is None or stored.spec.key != key:
+                self._unreadable.add(name)  # not read again until the listing
+                continue
+            found.append(Found(stored.spec, stored.written_ns, stored))
+        return Refresh(self._newest(found))
 
     def wait_listed(self) -> None:
         if self._whole or self.bucket is None:
@@ -518,29 +539,31 @@ class ObjectTier(Tier):
         names = {folder.rsplit("/", 1)[-1] for folder in self._bucket()[0].folders(f"{ENTRIES}/")}
         return frozenset(n for n in names if ENTRY_NAME.fullmatch(n))
 
-    def _list(self, *, names: AbstractSet[str] | None = None, sweep: bool = True) -> _Listing:
-        """Every live entry under the prefix, its manifest read once per name and verified; then the sweep, on what
-        the listing found. The first listing (at open, nothing known yet) starts from the folders' `names`
-        (`_entry_names`); later ones list every object: a folder outlives its manifest (a removal deletes that
-        first, and some servers keep empty folders)."""
+    def _list(self, *, sweep: bool = True, names: AbstractSet[str] | None = None, started: float = 0.0) -> _Listing:
+        """Every live entry under the prefix (every object listed: a folder outlives its manifest, since a removal
+        deletes that first and some servers keep empty folders), its manifest read once per name and verified;
+        then the sweep, on what the listing found. Given the folders' `names` and when they were listed (a small
+        store's first listing, in the open, before this cache indexes anything), no objects are listed."""
         bucket, _ = self._bucket()
-        started = time.monotonic()
         objects: list[Listed] = []
         if names is None:
+            started = time.monotonic()
             objects = list(bucket.objects(f"{ENTRIES}/"))
             names = {o.path.split("/")[1] for o in objects if o.path.count("/") == 2 and o.path.endswith("/zarr.json")}
         names = {n for n in names if ENTRY_NAME.fullmatch(n)}
         reads = {n: self._manifests.submit(self._manifest, n) for n in sorted(names - self._parsed.keys())}
         entries: dict[str, StoredEntry | None] = {}
-        for name in sorted(names):  # the new manifests read in parallel
-            if self._closed:  # a close does not wait for a bucket's worth of manifests
-                for read in reads.values():
-                    read.cancel()
-                return _Listing({}, started)
-            try:
-                entries[name] = self._parsed[name] if name in self._parsed else reads[name].result()
-            except Missing:  # not committed yet (a put in flight, or a writer that died), or removed since
-                continue
+        try:
+            for name in sorted(names):  # the new manifests read in parallel
+                if self._closed:  # a close does not wait for a bucket's worth of manifests
+                    return _Listing({}, started)
+                try:
+                    entries[name] = self._parsed[name] if name in self._parsed else reads[name].result()
+                except Missing:  # not committed yet (a put in flight, or a writer that died), or removed since
+                    continue
+        finally:  # what a failed or closed listing had queued
+            for read in reads.values():
+                read.cancel()
         self._parsed = entries
         if objects and sweep and not self.read_only:
             self._retry_removals()
@@ -637,35 +660,36 @@ class ObjectTier(Tier):
 
     def _list_forever(self) -> None:
         try:
-            self._names = self._entry_names()
-            for name in sorted(self._names):
-                self._versions.setdefault(name.split("-", 1)[0], []).append(name)
-        except BaseException as exc:  # noqa: BLE001 - handed to the first refresh, in the cache's open
-            self._first_error = exc
-        finally:
-            self._named.set()
-        first = self._first_error is None
-        while not self._closed:
-            # set: wait_listed(), a read found an entry gone, or close(). The first listing's manifests wait for it
-            # too: read at once, they would take the CPU and the pool from the first gets a fresh process opened
-            # the store for.
-            self._wake.wait(self.budget.list_every_s)
-            self._wake.clear()
-            if self._closed:
-                break
-            if first:
-                self._take_listing(lambda: self._list(names=self._names))
-                first = False
+            try:
+                started = time.monotonic()
+                names = self._entry_names()
+                for name in sorted(names):
+                    self._versions.setdefault(name.split("-", 1)[0], []).append(name)
+                if len(names) <= self.budget.concurrency:  # one round of parallel reads: in the open, as before
+                    self._take_listing(names, started)  # the other tiers open meanwhile
+                    self._listed_once.set()
+            except BaseException as exc:  # noqa: BLE001 - handed to the first refresh, in the cache's open
+                self._first_error = exc
+            finally:
+                self._named.set()
+            while not self._closed:
+                # set: wait_listed(), a read found an entry gone, or close(). A larger store's first listing waits
+                # for it too: at once, its manifests would take the CPU from the first gets a fresh process opened
+                # the store for.
+                self._wake.wait(self.budget.list_every_s)
+                self._wake.clear()
+                if self._closed:
+                    break
+                self._take_listing()
                 self._listed_once.set()
-            else:
-                self._take_listing(self._list)
-        self._listed_once.set()
+        finally:
+            self._listed_once.set()  # wait_listed() never waits on a lister that is gone
 
-    def _take_listing(self, listing: Callable[[], _Listing]) -> None:
-        """Run one listing on the lister thread and hand it to the next refresh; a failure is logged and kept for
-        wait_listed, and the next listing tries again."""
+    def _take_listing(self, names: AbstractSet[str] | None = None, started: float = 0.0) -> None:
+        """Run one listing (`_list`) and hand it to the next refresh; a failure is logged and kept for wait_listed,
+        and the next listing tries again."""
         try:
-            done = listing()
+            done = self._list(names=names, started=started)
         except StorageError as exc:  # the server is away
             log.warning("tiercache: %s", exc)
             with self._lock:
@@ -677,7 +701,8 @@ class ObjectTier(Tier):
                 self._list_error = StorageError(f"{self.name} tier: listing {self._where} failed: {exc!r}")
             return
         with self._lock:
-            self._pending, self._list_error = done, None
+            if not self._closed:
+                self._pending, self._list_error = done, None
 
     def _bucket(self) -> tuple[Store, ThreadPoolExecutor]:
         if self.bucket is None or self._pool is None:
