@@ -128,3 +128,32 @@ class ManifestGate:
 
     def release(self) -> None:
         self.open.set()
+
+
+def check_a_fresh_cache_looks_up_one_key(
+    make_cache: Callable[..., tiercache.TierCache],
+    pol: tiercache.Policy,
+    store_type: type,
+    tier: str,
+    tmp_path: Path,
+    monkeypatch: Any,
+) -> None:
+    """A shared tier's contract for a store of more entries than one round of reads: a fresh cache's open, gets,
+    `in` and close read no manifest but those of the keys asked for; keys(), len() and stats() wait for the rest."""
+    writer = make_cache(pol, root=tmp_path / "a")
+    for i in range(12):
+        writer.put(f"k{i}", kv(i, 4 * KiB))
+    gate = ManifestGate(monkeypatch, store_type, keys=["k3", "k5"])
+    reader = make_cache(pol, root=tmp_path / "b", read_only=True)
+    assert_same(reader["k3"], kv(3, 4 * KiB))
+    assert "k5" in reader and "k99" not in reader
+    assert gate.completed == 0  # the open and the lookups read no other entry's manifest
+    gate.release()
+    assert sorted(reader.keys()) == sorted(f"k{i}" for i in range(12))  # keys() waits for the whole listing
+    assert len(reader) == 12 and reader.stats().tiers[tier].used == 12 * writer.info("k0").nbytes
+    gated = ManifestGate(monkeypatch, store_type, keys=["k3"])
+    worker = make_cache(pol, root=tmp_path / "c")  # writable: its close flushes what it holds in memory only
+    assert_same(worker["k3"], kv(3, 4 * KiB))
+    worker.close()
+    assert gated.completed == 0  # the close waited for no listing either
+    gated.release()

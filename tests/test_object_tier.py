@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, ManifestGate, MiB, assert_same, kv, policy, wait_for
+from helpers import KiB, MiB, assert_same, check_a_fresh_cache_looks_up_one_key, kv, policy, wait_for
 
 import tiercache
 from tiercache.entry import TensorSpec
@@ -87,23 +87,7 @@ def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
 ) -> None:
     only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
     pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **only)
-    writer = make_cache(pol, root=tmp_path / "a")
-    for i in range(12):
-        writer.put(f"k{i}", kv(i, 4 * KiB))
-    gate = ManifestGate(monkeypatch, Bucket, keys=["k3", "k5"])
-    reader = make_cache(pol, root=tmp_path / "b", read_only=True)
-    assert_same(reader["k3"], kv(3, 4 * KiB))
-    assert "k5" in reader and "k99" not in reader
-    assert gate.completed == 0  # the open and the lookups read no other entry's manifest
-    gate.release()
-    assert sorted(reader.keys()) == sorted(f"k{i}" for i in range(12))  # keys() waits for the whole listing
-    assert len(reader) == 12 and reader.stats().tiers["object"].used == 12 * writer.info("k0").nbytes
-    gated = ManifestGate(monkeypatch, Bucket, keys=["k3"])
-    worker = make_cache(pol, root=tmp_path / "c")  # writable: its close flushes what it holds in memory only
-    assert_same(worker["k3"], kv(3, 4 * KiB))
-    worker.close()
-    assert gated.completed == 0  # the close waited for no listing either
-    gated.release()
+    check_a_fresh_cache_looks_up_one_key(make_cache, pol, Bucket, "object", tmp_path, monkeypatch)
 
 
 def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before_the_listing(

@@ -23,7 +23,7 @@ import helpers
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, ManifestGate, MiB, assert_same, kv, policy
+from helpers import KiB, MiB, assert_same, check_a_fresh_cache_looks_up_one_key, kv, policy
 
 import tiercache
 from tiercache.policy.schema import RemoteBudget, TierBudget
@@ -111,17 +111,7 @@ def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
     make_cache: CacheFactory, remote_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pol = remote_policy({**remote_tier_settings, "list_every_s": 60.0}, **ONLY)
-    writer = make_cache(pol, root=tmp_path / "a")
-    for i in range(12):
-        writer.put(f"k{i}", kv(i, 4 * KiB))
-    gate = ManifestGate(monkeypatch, MooncakeStore, keys=["k3", "k5"])
-    reader = make_cache(pol, root=tmp_path / "b", read_only=True)
-    assert_same(reader["k3"], kv(3, 4 * KiB))
-    assert "k5" in reader and "k99" not in reader
-    assert gate.completed == 0  # the open and the lookups read no other entry's manifest
-    gate.release()
-    assert sorted(reader.keys()) == sorted(f"k{i}" for i in range(12))  # keys() waits for the whole listing
-    assert len(reader) == 12 and reader.stats().tiers["remote"].used == 12 * writer.info("k0").nbytes
+    check_a_fresh_cache_looks_up_one_key(make_cache, pol, MooncakeStore, "remote", tmp_path, monkeypatch)
 
 
 def test_a_replace_or_delete_in_one_cache_is_seen_by_another_after_its_next_listing(
