@@ -421,8 +421,8 @@ class Engine:
     def set_capacity(self, name: str, nbytes: int) -> None:
         """Change a tier's budget now. Shrinking demotes what no longer fits (whatever its priority; never pinned
         entries or entries being read): a CapacityError, changing nothing, when they alone exceed the new budget."""
+        self.refresh()  # a shared tier's budget counts every cache's entries: all of them taken in first
         tier = self.tiers[name]
-        tier.wait_listed()  # a shared tier's budget counts every cache's entries
         stuck = sum(self.by_uid[u].spec.nbytes for u in tier if self.by_uid[u].busy)
         if tier.used > nbytes and stuck > nbytes:
             raise CapacityError(
@@ -520,7 +520,7 @@ class Engine:
     def _can_make_room(self, attempt: Attempt, nbytes: int, replacing: Record | None, priority: int) -> bool:
         """Whether `_make_room` would succeed, computed without moving anything."""
         tier = self.tiers[attempt.tier]
-        if not tier.writable or not self._listed(tier):
+        if not tier.writable or not tier.listed():  # a shared tier's room: once all its entries are in
             return False
         free = tier.free
         if (
@@ -538,16 +538,6 @@ class Engine:
             if victim is not replacing and self._may_evict(victim, priority):
                 reclaimable += victim.spec.nbytes
         return free + reclaimable >= nbytes
-
-    @staticmethod
-    def _listed(tier: Tier) -> bool:
-        """Whether the tier's free room can be judged: a shared tier's first listing is in (waited for here, as by
-        a demotion into it during a get); False, so that nothing goes there, where that listing failed."""
-        try:
-            tier.wait_listed()
-        except StorageError:
-            return False
-        return True
 
     def _may_evict(self, victim: Record, priority: int) -> bool:
         return not victim.busy and victim.priority <= priority
@@ -569,7 +559,7 @@ class Engine:
         """Free `nbytes` in a tier: first the old version being replaced (`sacrifice`), then, if `evict`, by
         demoting the tier's victims in policy order. False if it cannot."""
         tier = self.tiers[tier_name]
-        if not tier.writable or not self._listed(tier):
+        if not tier.writable or not tier.listed():  # a shared tier's room: once all its entries are in
             return False
         if tier.free >= nbytes:
             return True

@@ -221,6 +221,11 @@ class Tier(ABC):
         default."""
         return Refresh()
 
+    def listed(self) -> bool:
+        """Whether refresh() has reported every entry the tier held when it opened (see wait_listed), without
+        waiting; a shared tier still listing is asked to hurry. True by default."""
+        return True
+
     def wait_listed(self) -> None:  # noqa: B027 - a no-op unless the tier lists a store in the background
         """Return once refresh() can report every entry the tier held when it opened (a shared tier's first
         listing); what needs them all (keys(), a budget) calls this first. Raises if that listing failed."""

@@ -448,7 +448,7 @@ class ObjectTier(Tier):
             and self._removed.get(name, -1.0) < listing.started
         ]
         self._removed = {n: t for n, t in self._removed.items() if n in entries or t >= listing.started}
-        found = self._newest(found)
+        found.sort(key=lambda f: f.written_ns)
         newer = {f.spec.key for f in found}
         gone = [
             uid
@@ -473,20 +473,10 @@ class ObjectTier(Tier):
         self._ignored &= set(entries)
         return Refresh(found, gone, deleted)
 
-    def _newest(self, found: list[Found]) -> list[Found]:
-        """The newest version of each key found, oldest first; the older ones are ignored (not adopted, so never
-        removed by this cache: they stay for readers that hold them until the sweep)."""
-        newest: dict[str, Found] = {}
-        for f in sorted(found, key=lambda f: f.written_ns):
-            if f.spec.key in newest:
-                self._ignored.add(newest[f.spec.key].handle.path.name)
-            newest[f.spec.key] = f
-        return sorted(newest.values(), key=lambda f: f.written_ns)
-
     def find(self, key: str) -> Refresh:
         """Until the first listing's manifests are taken in: the versions of `key` among the names listed at open,
         their manifests read now (a name starts with its key's hash). A server that fails the read is logged and
-        makes this a miss; the listing finds the entry later."""
+        makes the key a miss (a version it could not read may be the newest); the listing finds it later."""
         if self._whole or self.bucket is None:
             return Refresh()
         with self._lock:
@@ -504,12 +494,17 @@ class ObjectTier(Tier):
                 stored = None
             except StorageError as exc:
                 log.warning("tiercache: %s", exc)
-                continue
+                return Refresh()
             if stored is None or stored.spec.key != key:
                 self._unreadable.add(name)  # not read again until the listing
                 continue
             found.append(Found(stored.spec, stored.written_ns, stored))
-        return Refresh(self._newest(found))
+        return Refresh(sorted(found, key=lambda f: f.written_ns))
+
+    def listed(self) -> bool:
+        if not (self._whole or self.bucket is None) and not self._listed_once.is_set():
+            self._wake.set()
+        return self._whole or self.bucket is None
 
     def wait_listed(self) -> None:
         if self._whole or self.bucket is None:
