@@ -507,11 +507,9 @@ class ObjectTier(Tier):
         return self._whole or self.bucket is None
 
     def wait_listed(self) -> None:
-        if self._whole or self.bucket is None:
+        if self.listed():  # which also wakes a lister that has not listed yet
             return
-        if not self._listed_once.is_set():
-            self._wake.set()
-            self._listed_once.wait()
+        self._listed_once.wait()
         with self._lock:
             failed = self._pending is None and self._list_error
         if failed:
@@ -658,7 +656,7 @@ class ObjectTier(Tier):
             try:
                 started = time.monotonic()
                 names = self._entry_names()
-                for name in sorted(names):
+                for name in names:
                     self._versions.setdefault(name.split("-", 1)[0], []).append(name)
                 if len(names) <= self.budget.concurrency:  # one round of parallel reads: in the open, as before
                     self._take_listing(names, started)  # the other tiers open meanwhile
