@@ -108,18 +108,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 class ManifestGate:
     """Holds every manifest read of a shared store (`store_type`, patched for the test) whose key is not one of
-    `keys` until `release()` (or 10 s), counting those that completed: a lookup that waited for every other entry's
-    manifest shows up as a count above 0."""
+    `keys` (with `these`: whose key is one of them) until `release()` (or 10 s), counting those that completed: a
+    lookup that waited for every other entry's manifest shows up as a count above 0. `holding` is set once a read
+    is held."""
 
-    def __init__(self, monkeypatch: Any, store_type: type, keys: Iterable[str]) -> None:
+    def __init__(self, monkeypatch: Any, store_type: type, keys: Iterable[str], *, these: bool = False) -> None:
         self.open = threading.Event()
+        self.holding = threading.Event()
         self.completed = 0
-        allowed = {key_hash(k) for k in keys}
+        named = {key_hash(k) for k in keys}
         read = store_type.get
 
         def get(store: Any, path: str) -> Any:
             parts = path.split("/")
-            if len(parts) == 3 and parts[2] == "zarr.json" and parts[1].split("-")[0] not in allowed:
+            if len(parts) == 3 and parts[2] == "zarr.json" and (parts[1].split("-")[0] in named) == these:
+                self.holding.set()
                 self.open.wait(10.0)
                 self.completed += 1
             return read(store, path)
@@ -157,3 +160,32 @@ def check_a_fresh_cache_looks_up_one_key(
     worker.close()
     assert gated.completed == 0  # the close waited for no listing either
     gated.release()
+
+
+def check_a_lookup_the_store_holds_up_holds_up_no_other(
+    make_cache: Callable[..., tiercache.TierCache], pol: tiercache.Policy, store_type: type, tmp_path: Path,
+    monkeypatch: Any,
+) -> None:  # fmt: skip
+    """A shared tier's contract: while a fresh cache's lookup of one key and its whole first listing wait on the
+    store (one manifest's read held), the cache's other lookups go on; the held calls then complete."""
+    writer = make_cache(pol, root=tmp_path / "a")
+    for i in range(12):
+        writer.put(f"k{i}", kv(i, 4 * KiB))
+    gate = ManifestGate(monkeypatch, store_type, keys=["k7"], these=True)
+    reader = make_cache(pol, root=tmp_path / "b", read_only=True)
+    got: dict[str, Any] = {}
+    held = [
+        threading.Thread(target=lambda: got.update(k7=reader.get("k7"))),
+        threading.Thread(target=lambda: got.update(keys=reader.keys())),  # waits for the whole listing
+    ]
+    for thread in held:
+        thread.start()
+    assert gate.holding.wait(10.0)
+    assert_same(reader["k3"], kv(3, 4 * KiB))
+    assert "k99" not in reader and "k5" in reader
+    assert all(t.is_alive() for t in held) and not gate.open.is_set()  # all of it ran while the two were held
+    gate.release()
+    for thread in held:
+        thread.join(10.0)
+    assert_same(got["k7"], kv(7, 4 * KiB))
+    assert sorted(got["keys"]) == sorted(f"k{i}" for i in range(12))

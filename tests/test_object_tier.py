@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, MiB, assert_same, check_a_fresh_cache_looks_up_one_key, kv, policy, wait_for
+from helpers import (
+    KiB,
+    MiB,
+    assert_same,
+    check_a_fresh_cache_looks_up_one_key,
+    check_a_lookup_the_store_holds_up_holds_up_no_other,
+    kv,
+    policy,
+    wait_for,
+)
 
 import tiercache
 from tiercache.entry import TensorSpec
@@ -90,6 +99,14 @@ def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
     check_a_fresh_cache_looks_up_one_key(make_cache, pol, Bucket, "object", tmp_path, monkeypatch)
 
 
+def test_a_lookup_the_server_holds_up_holds_up_no_other_lookup(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **only)
+    check_a_lookup_the_store_holds_up_holds_up_no_other(make_cache, pol, Bucket, tmp_path, monkeypatch)
+
+
 def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before_the_listing(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -108,12 +125,12 @@ def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before
     assert_same(fresh["k"], kv(2))
 
 
-def test_a_first_listing_that_fails_fails_what_needs_every_entry_until_one_succeeds(
+def test_a_first_listing_that_fails_fails_what_needs_every_entry_and_puts_pass_the_tier_by(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    pol = object_policy({**object_tier_settings, "list_every_s": 0.2}, **only)
-    make_cache(pol, root=tmp_path / "a").put("k0", kv(0))
+    settings = {**object_tier_settings, "list_every_s": 0.2}
+    make_cache(object_policy(settings, **only), root=tmp_path / "a").put("k0", kv(0))
     read = Bucket.get
 
     def refuse_manifests(bucket: Bucket, path: str) -> Any:
@@ -122,21 +139,27 @@ def test_a_first_listing_that_fails_fails_what_needs_every_entry_until_one_succe
         return read(bucket, path)
 
     monkeypatch.setattr(Bucket, "get", refuse_manifests)
-    cache = make_cache(pol, root=tmp_path / "b")  # the open lists names only: it succeeds
-    with pytest.raises(tiercache.StorageError, match=r"first listing .* failed .*refused.*list_every_s"):
-        cache.put("k1", kv(1))  # its quota needs every entry
-    assert "k1" not in cache
+    host = {**only, "host": {"capacity": 100 * KiB}}
+    cache = make_cache(object_policy(settings, **host), root=tmp_path / "b")  # the open lists names only
+    cache.put("k1", kv(1))  # the bucket's room is unknown, but the host tier has room of its own
+    assert cache.info("k1").tiers == ("host",)
+    with pytest.raises(tiercache.StorageError, match=r"'k2'.* could not be listed.*first listing .*refused.*"
+                       r"list_every_s.*Nothing stored was changed"):  # fmt: skip
+        cache.put("k2", kv(2, 256 * KiB))  # only the bucket admits it, and its quota needs every entry
+    with pytest.raises(tiercache.StorageError, match=r"first listing .* failed .*refused"):
+        cache.keys()
+    assert "k2" not in cache and "k1" in cache
     monkeypatch.setattr(Bucket, "get", read)
 
     def listed() -> bool:  # once a later listing succeeds
         try:
-            return cache.keys() == ["k0"]
+            return sorted(cache.keys()) == ["k0", "k1"]
         except tiercache.StorageError:
             return False
 
     wait_for(listed)
-    cache.put("k1", kv(1))
-    assert sorted(cache.keys()) == ["k0", "k1"]
+    cache.put("k2", kv(2, 256 * KiB))
+    assert cache.info("k2").tiers == ("object",)
     assert_same(cache["k0"], kv(0))
 
 

@@ -23,7 +23,15 @@ import helpers
 import pytest
 import torch
 from conftest import CacheFactory
-from helpers import KiB, MiB, assert_same, check_a_fresh_cache_looks_up_one_key, kv, policy
+from helpers import (
+    KiB,
+    MiB,
+    assert_same,
+    check_a_fresh_cache_looks_up_one_key,
+    check_a_lookup_the_store_holds_up_holds_up_no_other,
+    kv,
+    policy,
+)
 
 import tiercache
 from tiercache.policy.schema import RemoteBudget, TierBudget
@@ -112,6 +120,13 @@ def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
 ) -> None:
     pol = remote_policy({**remote_tier_settings, "list_every_s": 60.0}, **ONLY)
     check_a_fresh_cache_looks_up_one_key(make_cache, pol, MooncakeStore, "remote", tmp_path, monkeypatch)
+
+
+def test_a_lookup_the_server_holds_up_holds_up_no_other_lookup(
+    make_cache: CacheFactory, remote_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pol = remote_policy({**remote_tier_settings, "list_every_s": 60.0}, **ONLY)
+    check_a_lookup_the_store_holds_up_holds_up_no_other(make_cache, pol, MooncakeStore, tmp_path, monkeypatch)
 
 
 def test_a_replace_or_delete_in_one_cache_is_seen_by_another_after_its_next_listing(

@@ -76,12 +76,18 @@ class Engine:
         """Place a new entry (or a new version of a key); returns its tier. Raises CapacityError, changing
         nothing, when no tier can take it."""
         hints = hints or PutHints()
-        self.refresh()
-        old = self.records.get(spec.key)
+        unlisted = self._wait_listed(spec.nbytes)
+        old = self._lookup(spec.key)
         plan = self.placement.place(spec.nbytes, self.free(), hints.deadline_ms)
         if not plan.attempts:
             raise CapacityError(self._no_tier_admits(spec))
-        feasible = [a for a in plan.attempts if self._can_make_room(a, spec.nbytes, old, hints.priority)]
+        feasible = [
+            a
+            for a in plan.attempts
+            if a.tier not in unlisted and self._can_make_room(a, spec.nbytes, old, hints.priority)
+        ]
+        if not feasible and unlisted:
+            raise StorageError(self._unlisted(spec, plan.attempts, unlisted))
         if not feasible:
             raise CapacityError(self._tiers_full(spec, plan.attempts))
         through = self.policy.placement.write == "through" if hints.write_through is None else hints.write_through
@@ -126,7 +132,7 @@ class Engine:
             record.readers -= 1
         record.decision = Decision(
             tier,
-            self._reason(tier, plan, hints.deadline_ms, record.refused),
+            self._reason(tier, plan, hints.deadline_ms, record.refused, unlisted),
             hints.deadline_ms,
             hints.priority,
             through,
@@ -182,12 +188,21 @@ class Engine:
             if not old.readers:
                 self.by_uid.pop(old.uid, None)
 
-    def _reason(self, tier: str, plan: Plan, deadline_ms: float | None, refused: list[str] | None = None) -> str:
+    def _reason(
+        self,
+        tier: str,
+        plan: Plan,
+        deadline_ms: float | None,
+        refused: list[str] | None = None,
+        unlisted: Mapping[str, StorageError] | None = None,
+    ) -> str:
         """The plan's reason when its first choice was taken; otherwise where the entry went instead, and why."""
         first = plan.attempts[0].tier
         if tier == first:
             return plan.reason
-        if refused:
+        if unlisted and first in unlisted:
+            why = f"{first}'s store could not be listed ({unlisted[first]})"
+        elif refused:
             why = f"the device refused {', '.join(refused)} the memory (out of memory, after demoting to retry)"
         else:
             why = f"{first} could not make room (pinned, in-use or higher-priority entries)"
@@ -267,6 +282,19 @@ class Engine:
                 tier.wait_listed()
             self._take(name, tier, tier.refresh())
         self.expire()
+
+    def _wait_listed(self, nbytes: int) -> dict[str, StorageError]:
+        """Wait for the first listing of each shared tier that admits an entry of `nbytes` (its room counts every
+        cache's entries); those whose listing failed, with its error: a put passes them by, so that a store that is
+        away keeps no entry out of the tiers that can take it."""
+        unlisted = {}
+        for name, tier in self.tiers.items():
+            if tier.shared and self.policy.tiers[name].admits(nbytes):
+                try:
+                    tier.wait_listed()
+                except StorageError as exc:
+                    unlisted[name] = exc
+        return unlisted
 
     def _lookup(self, key: str) -> Record | None:
         """The record of `key` after a refresh and after asking every tier for it: a shared tier still listing its
@@ -697,6 +725,10 @@ class Engine:
             for t in dict.fromkeys(a.tier for a in attempts)
         ]
         return messages.tiers_full(spec, states, self.policy.source)
+
+    def _unlisted(self, spec: EntrySpec, attempts: list[Attempt], unlisted: Mapping[str, StorageError]) -> str:
+        others = [a for a in attempts if a.tier not in unlisted]
+        return messages.unlisted(spec, unlisted, self._tiers_full(spec, others) if others else None)
 
     def _no_write_through(self, spec: EntrySpec) -> str:
         nvme = self.tiers["nvme"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .entry import EntrySpec
 from .policy.costmodel import Profile
 from .policy.schema import SHARED_TIERS, TIER_NAMES, Policy
@@ -43,6 +45,18 @@ def tiers_full(spec: EntrySpec, states: list[tuple[str, int, int, int]], source:
         f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and the tiers that "
         f"admit it cannot make room ({described}; entries of higher priority are not demoted for it). Unpin or "
         f"delete entries, or raise capacities in {source}. Nothing stored was changed."
+    )
+
+
+def unlisted(spec: EntrySpec, errors: Mapping[str, Exception], full: str | None) -> str:
+    """A put that no tier took because the shared stores that would have taken it could not be listed (their
+    room counts every cache's entries); `full`: why the others could not (tiers_full), if any admit it."""
+    named = "; ".join(str(exc) for exc in errors.values())  # each names its tier
+    rest = f" The other tiers could not take it either: {full}" if full else " Nothing stored was changed."
+    return (
+        f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and the shared tiers that "
+        f"admit it could not be listed, so their room is not known ({named}). Put it again once the store answers, "
+        f"or give a memory tier room for it.{rest}"
     )
 
 

@@ -15,7 +15,7 @@ found by listing the bucket on a background thread: at open the entries' names (
 which the open waits for: it also proves the credentials), then their manifests, then everything every
 `list_every_s`. Until the manifests are read, a get looks its own key's up (the name starts with the key's hash),
 so a fresh process's first get costs the same in a bucket of ten entries or ten thousand; what needs every entry
-(keys(), a put's quota) waits for them. The budget is a quota over everything under the prefix, as last listed;
+(keys(), a put's quota) waits for them. Both waits let go of the cache's lock. The budget is a quota over everything under the prefix, as last listed;
 two caches writing at once may overshoot it by what they write in one listing's interval.
 """
 
@@ -475,31 +475,50 @@ class ObjectTier(Tier):
 
     def find(self, key: str) -> Refresh:
         """Until the first listing's manifests are taken in: the versions of `key` among the names listed at open,
-        their manifests read now (a name starts with its key's hash). A server that fails the read is logged and
-        makes the key a miss (a version it could not read may be the newest); the listing finds it later."""
+        their manifests read now (a name starts with its key's hash), outside the cache's lock. A server that fails
+        the read is logged and makes the key a miss (a version it could not read may be the newest); the listing
+        finds it later."""
         if self._whole or self.bucket is None:
             return Refresh()
-        with self._lock:
-            skip = self._writing | self._lost | self._removed.keys()
-        names = [
-            n
-            for n in self._versions.get(key_hash(key), ())
-            if n not in self._ids and n not in skip and n not in self._ignored and n not in self._unreadable
-        ]
+        names = self._unknown(self._versions.get(key_hash(key), ()))
+        if not names:
+            return Refresh()
+        with self.path.unlocked():  # a stalled server holds up no other call of the cache meanwhile
+            manifests = self._read_manifests(names)
+        if manifests is None or self._whole:  # a refresh meanwhile took in the listing, which has them all
+            return Refresh()
         found: list[Found] = []
-        for name in names:  # most keys have one version
-            try:
-                stored = self._manifest(name)
-            except Missing:  # not committed, or removed since the names were listed
-                stored = None
-            except StorageError as exc:
-                log.warning("tiercache: %s", exc)
-                return Refresh()
+        for name in self._unknown(names):  # again: another call may have adopted, put or removed one meanwhile
+            stored = manifests[name]
             if stored is None or stored.spec.key != key:
                 self._unreadable.add(name)  # not read again until the listing
                 continue
             found.append(Found(stored.spec, stored.written_ns, stored))
         return Refresh(sorted(found, key=lambda f: f.written_ns))
+
+    def _unknown(self, names: Sequence[str]) -> list[str]:
+        """Of entry `names`, those this cache has not indexed, ignored, removed, written or found unreadable."""
+        with self._lock:
+            skip = self._writing | self._lost | self._removed.keys()
+        return [
+            n
+            for n in names
+            if n not in self._ids and n not in skip and n not in self._ignored and n not in self._unreadable
+        ]
+
+    def _read_manifests(self, names: list[str]) -> dict[str, StoredEntry | None] | None:
+        """The manifests of entry `names` (None: damaged, uncommitted or removed since listed); None where the
+        server failed a read (logged)."""
+        manifests: dict[str, StoredEntry | None] = {}
+        for name in names:  # most keys have one version
+            try:
+                manifests[name] = self._manifest(name)
+            except Missing:
+                manifests[name] = None
+            except StorageError as exc:
+                log.warning("tiercache: %s", exc)
+                return None
+        return manifests
 
     def listed(self) -> bool:
         if not (self._whole or self.bucket is None) and not self._listed_once.is_set():
@@ -509,7 +528,8 @@ class ObjectTier(Tier):
     def wait_listed(self) -> None:
         if self.listed():  # which also wakes a lister that has not listed yet
             return
-        self._listed_once.wait()
+        with self.path.unlocked():  # the cache's other calls go on meanwhile
+            self._listed_once.wait()
         with self._lock:
             failed = self._pending is None and self._list_error
         if failed:
