@@ -189,3 +189,42 @@ def check_a_lookup_the_store_holds_up_holds_up_no_other(
         thread.join(10.0)
     assert_same(got["k7"], kv(7, 4 * KiB))
     assert sorted(got["keys"]) == sorted(f"k{i}" for i in range(12))
+
+
+def manifests(cache: tiercache.TierCache, tier: str) -> set[str]:
+    """The entry names whose manifest is in a shared tier's store now."""
+    store = cache.tiers[tier].bucket  # type: ignore[attr-defined]
+    paths = [o.path for o in store.objects("entries/")]
+    return {p.split("/")[1] for p in paths if p.count("/") == 2 and p.endswith("/zarr.json")}
+
+
+def check_replaced_versions_stay_for_readers(
+    make_cache: Callable[..., tiercache.TierCache], pol: Callable[..., tiercache.Policy], tier: str, tmp_path: Path
+) -> None:
+    """A shared tier's contract for versions of one key: a version a newer one replaced stays in the store for
+    readers elsewhere, whichever cache replaced it (its writer, or one that found both at once), until the sweep
+    finds the newer one keep_replaced_s old; a delete of the key removes every version, so none comes back."""
+    slow = pol(keep_replaced_s=60.0, list_every_s=60.0)  # no listing, no sweep within the test
+    a = make_cache(slow, root=tmp_path / "a")
+    b = make_cache(slow, root=tmp_path / "b")  # opened before a's put, never lists: it does not know v1
+    a.put("x", kv(1, 4 * KiB))
+    (v1,) = manifests(a, tier)
+    b.put("x", kv(2, 4 * KiB))
+    assert len(manifests(a, tier)) == 2
+    fresh = make_cache(slow, root=tmp_path / "c")  # finds both versions at once
+    assert_same(fresh["x"], kv(2, 4 * KiB))
+    fresh.close()
+    assert v1 in manifests(a, tier)  # left for a, which may be reading it
+    a.put("x", kv(3, 4 * KiB))  # its writer replaces v1 (b's v2, which it never saw, stays too)
+    assert v1 in manifests(a, tier) and len(manifests(a, tier)) == 3
+    d = make_cache(slow, root=tmp_path / "d")
+    assert_same(d["x"], kv(3, 4 * KiB))
+    del d["x"]  # every version goes, or an older one would be found again
+    assert manifests(a, tier) == set()
+    assert "x" not in make_cache(slow, root=tmp_path / "e")
+    sweeping = make_cache(pol(keep_replaced_s=0.3, list_every_s=0.1), root=tmp_path / "f")
+    sweeping.put("y", kv(4, 4 * KiB))
+    sweeping.put("y", kv(5, 4 * KiB))
+    assert len(manifests(sweeping, tier)) == 2
+    wait_for(lambda: len(manifests(sweeping, tier)) == 1)  # the sweep, once the newer one is keep_replaced_s old
+    assert_same(make_cache(slow, root=tmp_path / "g")["y"], kv(5, 4 * KiB))

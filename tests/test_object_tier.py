@@ -22,6 +22,7 @@ from helpers import (
     assert_same,
     check_a_fresh_cache_looks_up_one_key,
     check_a_lookup_the_store_holds_up_holds_up_no_other,
+    check_replaced_versions_stay_for_readers,
     kv,
     policy,
     wait_for,
@@ -105,6 +106,17 @@ def test_a_lookup_the_server_holds_up_holds_up_no_other_lookup(
     only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
     pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **only)
     check_a_lookup_the_store_holds_up_holds_up_no_other(make_cache, pol, Bucket, tmp_path, monkeypatch)
+
+
+def test_a_replaced_version_stays_for_its_readers_until_swept_and_a_delete_takes_every_version(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+
+    def pol(**more: Any) -> tiercache.Policy:
+        return object_policy({**object_tier_settings, **more}, **only)
+
+    check_replaced_versions_stay_for_readers(make_cache, pol, "object", tmp_path)
 
 
 def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before_the_listing(

@@ -29,6 +29,7 @@ from helpers import (
     assert_same,
     check_a_fresh_cache_looks_up_one_key,
     check_a_lookup_the_store_holds_up_holds_up_no_other,
+    check_replaced_versions_stay_for_readers,
     kv,
     policy,
 )
@@ -127,6 +128,16 @@ def test_a_lookup_the_server_holds_up_holds_up_no_other_lookup(
 ) -> None:
     pol = remote_policy({**remote_tier_settings, "list_every_s": 60.0}, **ONLY)
     check_a_lookup_the_store_holds_up_holds_up_no_other(make_cache, pol, MooncakeStore, tmp_path, monkeypatch)
+
+
+def test_a_replaced_version_stays_for_its_readers_until_swept_and_a_delete_takes_every_version(
+    make_cache: CacheFactory, remote_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+
+    def pol(**more: Any) -> tiercache.Policy:
+        return remote_policy({**remote_tier_settings, **more}, **ONLY)
+
+    check_replaced_versions_stay_for_readers(make_cache, pol, "remote", tmp_path)
 
 
 def test_a_replace_or_delete_in_one_cache_is_seen_by_another_after_its_next_listing(

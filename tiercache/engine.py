@@ -140,10 +140,10 @@ class Engine:
         )
         current = self.records.get(spec.key)
         if current is not None and current is not old:  # another put of this key committed meanwhile: the last wins
-            self._remove(current)
+            self._supersede(current, record.tiers)
         self.records[spec.key] = record
         if old is not None:
-            self._retire(old)
+            self._supersede(old, record.tiers)
         return tier
 
     def _place(
@@ -328,7 +328,7 @@ class Engine:
             if current.written_ns >= found.written_ns:
                 tier.ignore(found)
                 return
-            self._remove(current)
+            self._supersede(current, [name])
         record = Record(uid=next(self._uids), spec=found.spec, last_used=self.clock(), written_ns=found.written_ns)
         previous = current or previous
         if previous is not None:  # a newer version of a key this cache held: its pins carry over, as a put's do
@@ -674,11 +674,20 @@ class Engine:
 
     def _drop(self, record: Record, tier_name: str, *, evicted: bool = False, strict: bool = False) -> None:
         """Take a copy out of a tier for good: `release` (never raises for a disk fault), or with `strict`,
-        `delete` (a refusal raises, the copy still there)."""
+        `delete` (a refusal raises, the copy still there); `supersede` where a newer version is in the same store."""
         tier = self.tiers[tier_name]
-        (tier.delete if strict else tier.release)(record.uid)
+        if tier_name in record.superseded:
+            tier.supersede(record.uid)
+        else:
+            (tier.delete if strict else tier.release)(record.uid)
         record.tiers.remove(tier_name)
         self.orders[tier_name].removed(record.uid, evicted=evicted)
+
+    def _supersede(self, record: Record, newer: list[str]) -> None:
+        """Take out an entry that a newer version of its key, stored in tiers `newer`, replaces: in a shared tier
+        that holds both, the old version stays in the store for readers elsewhere until the store's sweep."""
+        record.superseded = frozenset(t for t in record.tiers if t in newer and self.tiers[t].shared)
+        self._remove(record)
 
     def _remove(self, record: Record) -> None:
         """Take an entry out of the cache; its storage goes now, or when its last reader is done."""

@@ -45,6 +45,7 @@ class Record:
     decision: Decision | None = None
     written_ns: int = 0  # wall-clock time of the put (or of the write a tier found): the newer version wins
     refused: list[str] = field(default_factory=list)  # tiers whose device ran out of memory placing it
+    superseded: frozenset[str] = frozenset()  # shared tiers whose store holds a newer version (Tier.supersede)
 
     @property
     def busy(self) -> bool:

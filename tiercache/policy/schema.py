@@ -212,8 +212,13 @@ class StoreBudget(TierBudget):
     )
     orphan_age_s: float = _seconds(
         default=3600.0,
-        doc="objects of an entry with no manifest (a writer died mid-put) older than this are removed; also how long "
-        "an entry replaced by a newer version of its key stays for readers that already hold it",
+        doc="objects of an entry with no manifest (a writer died mid-put) older than this are removed",
+    )
+    keep_replaced_s: float = _seconds(
+        default=30.0,
+        doc="how long a version of a key stays in the store after a newer one committed, for readers in other caches "
+        "that already hold it (a read that outlasts it is a miss, never wrong data); outside the quota meanwhile: the "
+        "store may hold that much more",
     )
     verify_checksums: bool = _bool(default=True, doc="check each tensor's CRC32C when it is read back")
 
@@ -298,8 +303,7 @@ class RemoteBudget(StoreBudget):
     )
     orphan_age_s: float = _seconds(
         default=120.0,
-        doc="objects of an entry with no manifest (a writer died mid-put) listed this long are removed; also how "
-        "long an entry replaced by a newer version of its key stays for readers that already hold it",
+        doc="objects of an entry with no manifest (a writer died mid-put) listed this long are removed",
     )
 
     def __post_init__(self) -> None:

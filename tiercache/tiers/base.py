@@ -291,6 +291,12 @@ class Tier(ABC):
         for a storage fault: a tier whose storage refuses keeps the bytes as leftovers, counted, removed later."""
         self.delete(entry)
 
+    def supersede(self, entry: EntryId) -> None:
+        """A shared tier: stop serving an entry that a newer version of its key, in the same store, replaced, but
+        leave its objects for readers in other caches that already hold it (the store's sweep removes them);
+        `release` by default."""
+        self.release(entry)
+
     @abstractmethod
     def close(self) -> None:
         """Release what the tier holds in memory (persistent entries stay). Idempotent."""

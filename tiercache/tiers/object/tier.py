@@ -8,15 +8,17 @@ tier over another (a Mooncake Store), so everything below holds for both, in the
     PREFIX/entries/<H>-<U>/zarr.json          the sealed manifest, written last with create-if-absent: the commit
 
 An entry exists for others once its manifest does; a removal deletes the manifest first, then the rest. Objects of
-an entry with no manifest (a writer that died mid-put) are removed by the sweep once `orphan_age_s` old, as are
-older versions of a key that a newer manifest replaced (a reader on another machine may still be reading one: its
-read then fails its checksum or finds a chunk gone, which is a miss, never wrong data). Other caches' entries are
-found by listing the bucket on a background thread: at open the entries' names (one request per 1000 entries,
-which the open waits for: it also proves the credentials), then their manifests, then everything every
-`list_every_s`. Until the manifests are read, a get looks its own key's up (the name starts with the key's hash),
-so a fresh process's first get costs the same in a bucket of ten entries or ten thousand; what needs every entry
-(keys(), a put's quota) waits for them. Both waits let go of the cache's lock. The budget is a quota over everything under the prefix, as last listed;
-two caches writing at once may overshoot it by what they write in one listing's interval.
+an entry with no manifest (a writer that died mid-put) are removed by the sweep once `orphan_age_s` old. A version
+of a key that a newer one replaced stays for `keep_replaced_s` after the newer one's commit, for readers on other
+machines that hold it (a read that outlasts it fails its checksum or finds a chunk gone: a miss, never wrong data),
+outside the quota; then the sweep removes it, and a delete of the key removes it at once, or it would come back.
+Other caches' entries are found by listing the bucket on a background thread: at open the entries' names (one
+request per 1000 entries, which the open waits for: it also proves the credentials), then their manifests, then
+everything every `list_every_s`. Until the manifests are read, a get looks its own key's up (the name starts with
+the key's hash), so a fresh process's first get costs the same in a bucket of ten entries or ten thousand; what
+needs every entry (keys(), a put's quota) waits for them. Both waits let go of the cache's lock. The budget is a
+quota over each key's newest entry under the prefix, as last listed; two caches writing at once may overshoot it by
+what they write in one listing's interval.
 """
 
 from __future__ import annotations
@@ -80,6 +82,16 @@ def check_batches(tensors: Sequence[TensorSpec], batch_bytes: int) -> list[list[
     return [batch for batch in batches if batch]
 
 
+def newest_versions(entries: dict[str, StoredEntry | None]) -> dict[str, StoredEntry]:
+    """Of entries by name (None: damaged), each key's newest version."""
+    newest: dict[str, StoredEntry] = {}
+    for stored in (e for e in entries.values() if e is not None):
+        best = newest.get(stored.spec.key)
+        if best is None or stored.written_ns > best.written_ns:
+            newest[stored.spec.key] = stored
+    return newest
+
+
 def manifest_path(name: str) -> str:
     """Entry `name`'s sealed manifest (its group's zarr.json): the object whose existence is the entry's."""
     return f"{ENTRIES}/{name}/zarr.json"
@@ -116,6 +128,8 @@ class ObjectTier(Tier):
         self._since: dict[str, float] = {}  # when this cache began to index each of those (monotonic)
         self._sizes: dict[str, int] = {}  # every live entry under the prefix (anyone's): the quota's count
         self._ignored: set[str] = set()  # found entries the engine did not take (an older version of a key)
+        # versions a newer one replaced, left for the sweep (supersede), and since when (monotonic)
+        self._superseded: dict[str, tuple[StoredEntry, float]] = {}
         self._closed = False
         self._lock = threading.Lock()  # what the lister thread hands over: `_pending`, `_list_error`
         self._parsed: dict[str, StoredEntry | None] = {}  # the lister's: manifests read so far (None: damaged)
@@ -365,7 +379,13 @@ class ObjectTier(Tier):
             raise StorageError(f"{self.name} tier: delete({stored.spec.key!r}): this cache opened its stores read-only")
         bucket, pool = self._bucket()
         name = stored.path.name
-        bucket.delete([manifest_path(name)])  # the entry is gone for everyone from here on
+        older = self._older_versions(stored)  # left for readers; with the key deleted, they would come back
+        bucket.delete([manifest_path(n) for n in (name, *older)])  # the entry is gone for everyone from here on
+        for old_name, old in older.items():
+            self._removed[old_name] = time.monotonic()
+            self._sizes.pop(old_name, None)
+            self._superseded.pop(old_name, None)
+            pool.submit(self._remove_quietly, self._objects_of(old))
         if bucket.volatile:  # says it was removed, not lost; swept with the rest once orphan_age_s old
             try:
                 bucket.put(f"{ENTRIES}/{name}/{TOMBSTONE}", b"removed")
@@ -374,6 +394,30 @@ class ObjectTier(Tier):
         self._removed[name] = time.monotonic()  # a listing begun before must not bring it back
         self._drop(entry, name)
         pool.submit(self._remove_quietly, self._objects_of(stored))  # its objects: no caller waits on them
+
+    def supersede(self, entry: EntryId) -> None:
+        """Stop serving an entry a newer version of its key replaced; its objects stay (outside the quota) for
+        readers elsewhere until a sweep finds the newer one keep_replaced_s old, or a delete of the key takes them."""
+        stored = self._stored[entry]
+        name = self._unindex(entry)
+        self._sizes.pop(name, None)  # on its way out: the quota counts the newer version alone
+        self._ignored.add(name)  # not found again while it is listed
+        self._superseded[name] = (stored, time.monotonic())
+
+    def _older_versions(self, stored: StoredEntry) -> dict[str, StoredEntry]:
+        """The other versions of an entry's key, no newer than it, that this cache left in the store or the last
+        listing found."""
+        listed = self._parsed  # the lister's, replaced whole on each listing
+        candidates = {n: e for n, e in listed.items() if e is not None}
+        candidates |= {n: e for n, (e, _) in self._superseded.items()}
+        return {
+            name: other
+            for name, other in candidates.items()
+            if name != stored.path.name
+            and name not in self._ids
+            and other.spec.key == stored.spec.key
+            and other.written_ns <= stored.written_ns
+        }
 
     def release(self, entry: EntryId) -> None:
         try:
@@ -467,10 +511,11 @@ class ObjectTier(Tier):
         ]
         for uid in gone:
             self._drop(uid, self._stored[uid].path.name)
-        sizes = {name: stored.spec.nbytes for name, stored in entries.items() if stored is not None}
+        sizes = {e.path.name: e.spec.nbytes for e in newest_versions(entries).values()}  # replaced ones: on their way
         ours = {n: self._sizes[n] for n in (*self._ids, *self._writing) if n not in entries and n in self._sizes}
         self._sizes = sizes | ours
         self._ignored &= set(entries)
+        self._superseded = {n: v for n, v in self._superseded.items() if n in entries or v[1] >= listing.started}
         return Refresh(found, gone, deleted)
 
     def find(self, key: str) -> Refresh:
@@ -613,11 +658,13 @@ class ObjectTier(Tier):
         age: float | None = None,
         remove: bool = True,
     ) -> int:
-        """Remove, once `age` (orphan_age_s) old: the objects of entries with no manifest (a writer died mid-put),
-        or whose manifest is damaged, and the versions of a key that a newer one replaced (manifest first); never what
-        a put of this cache is writing. Returns how many objects went (with
-        `remove` False: would go, and nothing is removed)."""
-        now, age = datetime.now(UTC), self.budget.orphan_age_s if age is None else age
+        """Remove, once `age` (orphan_age_s) old, the objects of entries with no manifest (a writer died mid-put)
+        or whose manifest is damaged; and, once the newer version's commit is `age` (keep_replaced_s) old, the
+        versions of a key that a newer one replaced (manifest first). Never what a put of this cache is writing.
+        Returns how many objects went (with `remove` False: would go, and nothing is removed)."""
+        now = datetime.now(UTC)
+        replaced_age = self.budget.keep_replaced_s if age is None else age  # since the newer version's commit
+        age = self.budget.orphan_age_s if age is None else age
         modified = {o.path: o.modified for o in objects}
         with self._lock:
             keep = {n for n, e in entries.items() if e is not None} | self._writing  # damaged entries go too
@@ -626,15 +673,11 @@ class ObjectTier(Tier):
             for o in objects
             if o.path.count("/") > 1 and o.path.split("/")[1] not in keep and (now - o.modified).total_seconds() >= age
         ]
-        newest: dict[str, StoredEntry] = {}
-        for stored in (e for e in entries.values() if e is not None):
-            best = newest.get(stored.spec.key)
-            if best is None or stored.written_ns > best.written_ns:
-                newest[stored.spec.key] = stored
+        newest = newest_versions(entries)
         for stored in (e for e in entries.values() if e is not None):
             best = newest[stored.spec.key]
             committed = modified.get(manifest_path(best.path.name))
-            if best is not stored and committed is not None and (now - committed).total_seconds() >= age:
+            if best is not stored and committed is not None and (now - committed).total_seconds() >= replaced_age:
                 if remove:
                     self._remove_quietly([manifest_path(stored.path.name)])
                 orphans += [manifest_path(stored.path.name), *self._objects_of(stored)]
