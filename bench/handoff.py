@@ -31,7 +31,7 @@ import torch
 import tiercache
 from tiercache.io import aligned_empty, buffer_of, drop_page_cache, round_up
 
-from .measure import Row, child_seconds, chunk_files, direct_read, make_entry, row
+from .measure import Row, child_seconds, chunk_files, direct_read, make_entry, row, settle
 from .peers import touch
 
 RAW_THREADS = 4
@@ -165,6 +165,7 @@ def bench_handoff(sizes: list[int], root: Path, repeat: int, progress: Callable[
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "child":
+        settle()
         print(_child(sys.argv[2], sys.argv[3:]))
     else:
         sizes = [tiercache.parse_size(s) for s in (sys.argv[1:] or ["16MiB", "64MiB", "256MiB"])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import subprocess
@@ -220,10 +221,19 @@ def child_seconds(module: str, *args: str) -> float:
 Suite = Callable[[list[int], Path, int, Callable[[str], None]], list[Row]]
 
 
+def settle() -> None:
+    """What a fresh child does before its clock starts: collect what its imports left. A process that has imported
+    torch owes a full collection of every object it holds (about a hundred ms on a small VM) once enough objects
+    have survived since the last; without this, it lands in whichever timed call allocates first past that point,
+    so one side of a comparison pays it and the other does not, by allocation count, not by the code measured."""
+    gc.collect()
+
+
 def run_alone(suite: Suite, child: Callable[[str, list[str]], float]) -> None:
     """`python -m bench.X [SIZE...]` for a suite with fresh-process children: `child MODE ARGS` runs one timed
     child (printing its seconds); otherwise the suite runs at the sizes given (16MiB, 64MiB) and prints its rows."""
     if len(sys.argv) >= 3 and sys.argv[1] == "child":
+        settle()
         print(child(sys.argv[2], sys.argv[3:]))
         return
     sizes = [tiercache.parse_size(s) for s in (sys.argv[1:] or ["16MiB", "64MiB"])]
