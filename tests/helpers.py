@@ -203,7 +203,8 @@ def check_replaced_versions_stay_for_readers(
 ) -> None:
     """A shared tier's contract for versions of one key: a version a newer one replaced stays in the store for
     readers elsewhere, whichever cache replaced it (its writer, or one that found both at once), until the sweep
-    finds the newer one keep_replaced_s old; a delete of the key removes every version, so none comes back."""
+    finds the newer one keep_replaced_s old; a delete of the key removes every version (one still being read here
+    too), so none comes back."""
     slow = pol(keep_replaced_s=60.0, list_every_s=60.0)  # no listing, no sweep within the test
     a = make_cache(slow, root=tmp_path / "a")
     b = make_cache(slow, root=tmp_path / "b")  # opened before a's put, never lists: it does not know v1
@@ -222,6 +223,14 @@ def check_replaced_versions_stay_for_readers(
     del d["x"]  # every version goes, or an older one would be found again
     assert manifests(a, tier) == set()
     assert "x" not in make_cache(slow, root=tmp_path / "e")
+    h = make_cache(slow, root=tmp_path / "h")
+    h.put("z", kv(6, 4 * KiB))
+    reading = h.stream("z")
+    next(reading)  # a read of v1 in flight: it is let go of only when the read ends
+    h.put("z", kv(7, 4 * KiB))
+    del h["z"]
+    reading.close()
+    assert "z" not in make_cache(slow, root=tmp_path / "i") and manifests(h, tier) == set()
     sweeping = make_cache(pol(keep_replaced_s=0.3, list_every_s=0.1), root=tmp_path / "f")
     sweeping.put("y", kv(4, 4 * KiB))
     sweeping.put("y", kv(5, 4 * KiB))

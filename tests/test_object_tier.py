@@ -24,6 +24,7 @@ from helpers import (
     check_a_lookup_the_store_holds_up_holds_up_no_other,
     check_replaced_versions_stay_for_readers,
     kv,
+    manifests,
     policy,
     wait_for,
 )
@@ -119,6 +120,29 @@ def test_a_replaced_version_stays_for_its_readers_until_swept_and_a_delete_takes
     check_replaced_versions_stay_for_readers(make_cache, pol, "object", tmp_path)
 
 
+def test_a_removal_that_fails_leaves_no_older_version_to_come_back(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+    pol = object_policy({**object_tier_settings, "list_every_s": 0.1, "keep_replaced_s": 60.0}, **only)
+    cache = make_cache(pol, root=tmp_path / "a")
+    cache.put("x", kv(1, 4 * KiB))
+    cache.put("x", kv(2, 4 * KiB))  # v1 stays for readers
+    remove, refused = Bucket.delete, []
+
+    def refuse_once(bucket: Bucket, paths: Any) -> None:  # the first removal of a manifest
+        if not refused and any(p.endswith("/zarr.json") for p in paths):
+            refused.append(paths)
+            raise tiercache.StorageError("object tier: removing was refused")
+        remove(bucket, paths)
+
+    monkeypatch.setattr(Bucket, "delete", refuse_once)
+    cache.set_capacity("object", 0)  # evicts x; its removal fails once, and the lister retries it
+    assert refused
+    wait_for(lambda: not manifests(cache, "object"))
+    assert "x" not in make_cache(object_policy(object_tier_settings, **only), root=tmp_path / "b")
+
+
 def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before_the_listing(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -158,6 +182,11 @@ def test_a_first_listing_that_fails_fails_what_needs_every_entry_and_puts_pass_t
     with pytest.raises(tiercache.StorageError, match=r"'k2'.* could not be listed.*first listing .*refused.*"
                        r"list_every_s.*Nothing stored was changed"):  # fmt: skip
         cache.put("k2", kv(2, 256 * KiB))  # only the bucket admits it, and its quota needs every entry
+    cache.pin("k1")
+    with pytest.raises(tiercache.StorageError, match=r"could not be listed.*other tiers that admit it cannot make "
+                       r"room \(host: .* 1 pinned"):  # fmt: skip
+        cache.put("k3", kv(3))  # the host tier admits it too, but its one entry is pinned
+    cache.unpin("k1")
     with pytest.raises(tiercache.StorageError, match=r"first listing .* failed .*refused"):
         cache.keys()
     assert "k2" not in cache and "k1" in cache

@@ -140,6 +140,23 @@ def test_a_replaced_version_stays_for_its_readers_until_swept_and_a_delete_takes
     check_replaced_versions_stay_for_readers(make_cache, pol, "remote", tmp_path)
 
 
+def test_a_delete_of_a_key_another_cache_holds_in_memory_too_is_a_miss_there_for_every_version(
+    make_cache: CacheFactory, remote_tier_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    # In a volatile store a version that vanishes without a tombstone was lost, not deleted, and other caches keep
+    # their memory copies of it: every version a delete removes needs one.
+    holder = make_cache(remote_policy({**remote_tier_settings, "list_every_s": 0.1}, hbm={"capacity": 0},
+                                      nvme={"capacity": 0}), root=tmp_path / "e")  # fmt: skip
+    holder.put("x", kv(1, 4 * KiB))
+    holder.offload("x", to="remote")
+    assert_same(holder["x"], kv(1, 4 * KiB))  # promoted to host; the remote copy stays
+    other = make_cache(remote_policy({**remote_tier_settings, "list_every_s": 60.0}, **ONLY), root=tmp_path / "a")
+    assert_same(other["x"], kv(1, 4 * KiB))
+    other.put("x", kv(2, 4 * KiB))  # v1 stays in the store for readers
+    del other["x"]  # both versions go, each with its tombstone
+    helpers.wait_for(lambda: "x" not in holder)
+
+
 def test_a_replace_or_delete_in_one_cache_is_seen_by_another_after_its_next_listing(
     make_cache: CacheFactory, remote_tier_settings: dict[str, Any], tmp_path: Path
 ) -> None:

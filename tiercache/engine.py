@@ -729,15 +729,18 @@ class Engine:
         return messages.no_tier_admits(spec, self.policy)
 
     def _tiers_full(self, spec: EntrySpec, attempts: list[Attempt]) -> str:
-        states = [
+        return messages.tiers_full(spec, self._states(attempts), self.policy.source)
+
+    def _states(self, attempts: list[Attempt]) -> list[tuple[str, int, int, int]]:
+        """(tier, free, capacity, entries pinned or in use) of each attempt's tier, for a refusal's message."""
+        return [
             (t, self.tiers[t].free, self.tiers[t].capacity, sum(1 for u in self.tiers[t] if self.by_uid[u].busy))
             for t in dict.fromkeys(a.tier for a in attempts)
         ]
-        return messages.tiers_full(spec, states, self.policy.source)
 
     def _unlisted(self, spec: EntrySpec, attempts: list[Attempt], unlisted: Mapping[str, StorageError]) -> str:
         others = [a for a in attempts if a.tier not in unlisted]
-        return messages.unlisted(spec, unlisted, self._tiers_full(spec, others) if others else None)
+        return messages.unlisted(spec, unlisted, self._states(others), self.policy.source)
 
     def _no_write_through(self, spec: EntrySpec) -> str:
         nvme = self.tiers["nvme"]

@@ -37,26 +37,31 @@ def no_tier_admits(spec: EntrySpec, policy: Policy) -> str:
 
 def tiers_full(spec: EntrySpec, states: list[tuple[str, int, int, int]], source: str) -> str:
     """`states`: (tier, free bytes, capacity, entries pinned or in use) of each tier that admits the entry."""
-    described = "; ".join(
-        f"{t}: {format_size(free)} free of {format_size(capacity)}, {busy} pinned or in use"
-        for t, free, capacity, busy in states
-    )
     return (
         f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and the tiers that "
-        f"admit it cannot make room ({described}; entries of higher priority are not demoted for it). Unpin or "
+        f"admit it cannot make room ({_rooms(states)}; entries of higher priority are not demoted for it). Unpin or "
         f"delete entries, or raise capacities in {source}. Nothing stored was changed."
     )
 
 
-def unlisted(spec: EntrySpec, errors: Mapping[str, Exception], full: str | None) -> str:
-    """A put that no tier took because the shared stores that would have taken it could not be listed (their
-    room counts every cache's entries); `full`: why the others could not (tiers_full), if any admit it."""
+def unlisted(
+    spec: EntrySpec, errors: Mapping[str, Exception], states: list[tuple[str, int, int, int]], source: str
+) -> str:
+    """A put no tier took: the shared tiers that admit it could not be listed (their room counts every cache's
+    entries), and the others that admit it (`states`, as for tiers_full) cannot make room."""
     named = "; ".join(str(exc) for exc in errors.values())  # each names its tier
-    rest = f" The other tiers could not take it either: {full}" if full else " Nothing stored was changed."
+    others = f" The other tiers that admit it cannot make room ({_rooms(states)})." if states else ""
     return (
         f"put({spec.key!r}): the entry is {format_size(spec.nbytes)} ({spec.nbytes} bytes) and the shared tiers that "
-        f"admit it could not be listed, so their room is not known ({named}). Put it again once the store answers, "
-        f"or give a memory tier room for it.{rest}"
+        f"admit it could not be listed ({named}).{others} Put it again once the store answers, or give another tier "
+        f"room for it in {source}. Nothing stored was changed."
+    )
+
+
+def _rooms(states: list[tuple[str, int, int, int]]) -> str:
+    return "; ".join(
+        f"{t}: {format_size(free)} free of {format_size(capacity)}, {busy} pinned or in use"
+        for t, free, capacity, busy in states
     )
 
 

@@ -135,7 +135,8 @@ class ObjectTier(Tier):
         self._parsed: dict[str, StoredEntry | None] = {}  # the lister's: manifests read so far (None: damaged)
         self._writing: set[str] = set()  # this cache's puts not committed yet
         self._removed: dict[str, float] = {}  # entries this cache removed, and when (inf: its removal is retried)
-        self._doomed: dict[str, StoredEntry] = {}  # released entries whose removal failed: the lister retries it
+        # released entries whose removal failed, each with its older versions (newest last): the lister retries
+        self._doomed: dict[str, list[StoredEntry]] = {}
         self._pending: _Listing | None = None  # the latest listing, until refresh() takes it in
         self._lost: set[str] = set()  # entries a read found gone (removed, replaced, their holder dead)
         # The lister thread first lists the entries' names while the other tiers open (the cache's first refresh,
@@ -379,18 +380,18 @@ class ObjectTier(Tier):
             raise StorageError(f"{self.name} tier: delete({stored.spec.key!r}): this cache opened its stores read-only")
         bucket, pool = self._bucket()
         name = stored.path.name
-        older = self._older_versions(stored)  # left for readers; with the key deleted, they would come back
-        bucket.delete([manifest_path(n) for n in (name, *older)])  # the entry is gone for everyone from here on
+        # the versions it replaced, left for readers, go first: with only the newest gone, an older one would be
+        # found again as the key's
+        older = self._older_versions(stored)
+        if older:
+            bucket.delete([manifest_path(n) for n in older])
+        bucket.delete([manifest_path(name)])  # the entry is gone for everyone from here on
+        self._tombstone([*older, name])
         for old_name, old in older.items():
             self._removed[old_name] = time.monotonic()
             self._sizes.pop(old_name, None)
             self._superseded.pop(old_name, None)
             pool.submit(self._remove_quietly, self._objects_of(old))
-        if bucket.volatile:  # says it was removed, not lost; swept with the rest once orphan_age_s old
-            try:
-                bucket.put(f"{ENTRIES}/{name}/{TOMBSTONE}", b"removed")
-            except StorageError as exc:  # other caches then keep their copies in memory: logged, not fatal
-                log.warning("tiercache: %s", exc)
         self._removed[name] = time.monotonic()  # a listing begun before must not bring it back
         self._drop(entry, name)
         pool.submit(self._remove_quietly, self._objects_of(stored))  # its objects: no caller waits on them
@@ -405,19 +406,28 @@ class ObjectTier(Tier):
         self._superseded[name] = (stored, time.monotonic())
 
     def _older_versions(self, stored: StoredEntry) -> dict[str, StoredEntry]:
-        """The other versions of an entry's key, no newer than it, that this cache left in the store or the last
-        listing found."""
+        """The other versions of an entry's key, no newer than it, that this cache left in the store, still indexes
+        (one being read, superseded when its read ends) or the last listing found."""
         listed = self._parsed  # the lister's, replaced whole on each listing
         candidates = {n: e for n, e in listed.items() if e is not None}
         candidates |= {n: e for n, (e, _) in self._superseded.items()}
+        candidates |= {n: self._stored[uid] for n, uid in self._ids.items()}
         return {
             name: other
             for name, other in candidates.items()
-            if name != stored.path.name
-            and name not in self._ids
-            and other.spec.key == stored.spec.key
-            and other.written_ns <= stored.written_ns
+            if name != stored.path.name and other.spec.key == stored.spec.key and other.written_ns <= stored.written_ns
         }
+
+    def _tombstone(self, names: Sequence[str]) -> None:
+        """In a volatile store, mark entries a cache removed (not lost): other caches then drop their memory copies.
+        Swept with the rest once orphan_age_s old."""
+        if not self._volatile:
+            return
+        for name in names:
+            try:
+                self._bucket()[0].put(f"{ENTRIES}/{name}/{TOMBSTONE}", b"removed")
+            except StorageError as exc:  # other caches then keep their copies in memory: logged, not fatal
+                log.warning("tiercache: %s", exc)
 
     def release(self, entry: EntryId) -> None:
         try:
@@ -426,8 +436,9 @@ class ObjectTier(Tier):
             log.warning("tiercache: %s (the %s tier retries the removal)", exc, self.name)
             if entry in self._stored:
                 stored = self._stored[entry]
+                versions = [*self._older_versions(stored).values(), stored]  # the newest last, as delete() does
                 with self._lock:
-                    self._doomed[stored.path.name] = stored
+                    self._doomed[stored.path.name] = versions
                 self._removed[stored.path.name] = float("inf")
                 self._unindex(entry)
 
@@ -575,6 +586,8 @@ class ObjectTier(Tier):
             return
         with self.path.unlocked():  # the cache's other calls go on meanwhile
             self._listed_once.wait()
+        if self._whole:  # another call took the first listing in meanwhile (a later one may have failed since)
+            return
         with self._lock:
             failed = self._pending is None and self._list_error
         if failed:
@@ -632,11 +645,13 @@ class ObjectTier(Tier):
     def _retry_removals(self) -> None:
         with self._lock:
             doomed = list(self._doomed.items())
-        for name, stored in doomed:
+        for name, versions in doomed:
             try:
-                self._bucket()[0].delete([manifest_path(name), *self._objects_of(stored)])
+                for stored in versions:  # the older first, as in delete()
+                    self._bucket()[0].delete([manifest_path(stored.path.name), *self._objects_of(stored)])
             except StorageError:
                 continue
+            self._tombstone([v.path.name for v in versions])
             with self._lock:
                 self._doomed.pop(name, None)
 
@@ -680,6 +695,7 @@ class ObjectTier(Tier):
             if best is not stored and committed is not None and (now - committed).total_seconds() >= replaced_age:
                 if remove:
                     self._remove_quietly([manifest_path(stored.path.name)])
+                    self._tombstone([stored.path.name])  # replaced, not lost
                 orphans += [manifest_path(stored.path.name), *self._objects_of(stored)]
         if remove:
             self._remove_quietly(orphans)
