@@ -20,6 +20,10 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 
+# every local tier off, for a test of a shared tier alone (hbm, host and nvme hold nothing)
+ONLY = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
+
+
 def policy(**sections: Any) -> tiercache.Policy:
     """A small policy (hbm 1 MiB, host 2 MiB, nvme 16 MiB) with sections merged over it. Removed entries go at
     once (no grace period for zarr readers): out of the index and entries/ when the call returns, their files out of

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import CacheFactory
 from helpers import (
+    ONLY,
     KiB,
     MiB,
     assert_same,
@@ -96,26 +97,23 @@ print("ok")
 def test_a_fresh_cache_gets_a_key_without_waiting_for_every_other_manifest(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **only)
+    pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **ONLY)
     check_a_fresh_cache_looks_up_one_key(make_cache, pol, Bucket, "object", tmp_path, monkeypatch)
 
 
 def test_a_lookup_the_server_holds_up_holds_up_no_other_lookup(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **only)
+    pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **ONLY)
     check_a_lookup_the_store_holds_up_holds_up_no_other(make_cache, pol, Bucket, tmp_path, monkeypatch)
 
 
 def test_a_replaced_version_stays_for_its_readers_until_swept_and_a_delete_takes_every_version(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
 
     def pol(**more: Any) -> tiercache.Policy:
-        return object_policy({**object_tier_settings, **more}, **only)
+        return object_policy({**object_tier_settings, **more}, **ONLY)
 
     check_replaced_versions_stay_for_readers(make_cache, pol, "object", tmp_path)
 
@@ -123,8 +121,7 @@ def test_a_replaced_version_stays_for_its_readers_until_swept_and_a_delete_takes
 def test_a_removal_that_fails_leaves_no_older_version_to_come_back(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    pol = object_policy({**object_tier_settings, "list_every_s": 0.1, "keep_replaced_s": 60.0}, **only)
+    pol = object_policy({**object_tier_settings, "list_every_s": 0.1, "keep_replaced_s": 60.0}, **ONLY)
     cache = make_cache(pol, root=tmp_path / "a")
     cache.put("x", kv(1, 4 * KiB))
     cache.put("x", kv(2, 4 * KiB))  # v1 stays for readers
@@ -140,7 +137,7 @@ def test_a_removal_that_fails_leaves_no_older_version_to_come_back(
     cache.set_capacity("object", 0)  # evicts x; its removal fails once, and the lister retries it
     assert refused
     wait_for(lambda: not manifests(cache, "object"))
-    assert "x" not in make_cache(object_policy(object_tier_settings, **only), root=tmp_path / "b")
+    assert "x" not in make_cache(object_policy(object_tier_settings, **ONLY), root=tmp_path / "b")
 
 
 def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before_the_listing(
@@ -164,9 +161,8 @@ def test_a_newer_version_in_the_bucket_wins_over_an_older_one_on_the_root_before
 def test_a_first_listing_that_fails_fails_what_needs_every_entry_and_puts_pass_the_tier_by(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
     settings = {**object_tier_settings, "list_every_s": 0.2}
-    make_cache(object_policy(settings, **only), root=tmp_path / "a").put("k0", kv(0))
+    make_cache(object_policy(settings, **ONLY), root=tmp_path / "a").put("k0", kv(0))
     read = Bucket.get
 
     def refuse_manifests(bucket: Bucket, path: str) -> Any:
@@ -175,7 +171,7 @@ def test_a_first_listing_that_fails_fails_what_needs_every_entry_and_puts_pass_t
         return read(bucket, path)
 
     monkeypatch.setattr(Bucket, "get", refuse_manifests)
-    host = {**only, "host": {"capacity": 100 * KiB}}
+    host = {**ONLY, "host": {"capacity": 100 * KiB}}
     cache = make_cache(object_policy(settings, **host), root=tmp_path / "b")  # the open lists names only
     cache.put("k1", kv(1))  # the bucket's room is unknown, but the host tier has room of its own
     assert cache.info("k1").tiers == ("host",)
@@ -223,8 +219,7 @@ def test_a_delete_in_one_cache_is_a_miss_in_another_after_its_next_listing(
 def test_the_quota_counts_every_cache_and_a_full_bucket_evicts_by_the_rules(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    pol = object_policy({**object_tier_settings, "list_every_s": 0.1}, capacity=600 * KiB, **only)
+    pol = object_policy({**object_tier_settings, "list_every_s": 0.1}, capacity=600 * KiB, **ONLY)
     a, b = make_cache(pol, root=tmp_path / "a"), make_cache(pol, root=tmp_path / "b")
     a.put("a1", kv(1, 256 * KiB))
     a.put("a2", kv(2, 256 * KiB))
@@ -252,8 +247,7 @@ def test_a_server_that_stops_answering_is_a_storage_error_within_the_timeout(
     proxy = StallingProxy(("127.0.0.1", s3_server.ports[6]))
     try:
         settings = {**object_tier_settings, "endpoint": proxy.endpoint, "timeout_s": 1.0, "retries": 0}
-        only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-        cache = make_cache(object_policy(settings, **only))
+        cache = make_cache(object_policy(settings, **ONLY))
         cache.put("kept", kv(1))
         proxy.stalled.set()
         start = time.monotonic()
@@ -311,8 +305,7 @@ def test_the_server_killed_mid_put_and_restarted_loses_nothing_committed(tmp_pat
     server.start()
     try:
         settings = {"url": "s3://tiercache/kill", "endpoint": server.endpoint, "timeout_s": 2.0, "retries": 0}
-        only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-        pol = object_policy(settings, capacity=64 * MiB, **only)
+        pol = object_policy(settings, capacity=64 * MiB, **ONLY)
         with tiercache.TierCache(root=tmp_path / "r", policy=pol, device="cpu") as cache:
             cache.put("kept", kv(1, 1 * MiB))
             killer = threading.Timer(0.05, server.stop, args=(signal.SIGKILL,))
@@ -336,8 +329,7 @@ def test_the_server_killed_mid_put_and_restarted_loses_nothing_committed(tmp_pat
 def test_a_damaged_manifest_or_chunk_is_never_served(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    pol = object_policy(object_tier_settings, **only)
+    pol = object_policy(object_tier_settings, **ONLY)
     cache = make_cache(pol, root=tmp_path / "a")
     cache.put("x", kv(1))
     tier = cache.tiers["object"]
@@ -372,8 +364,7 @@ def test_a_chunk_larger_than_a_part_goes_up_in_parts_and_comes_back_in_ranges(
 ) -> None:
     part = 5 * MiB
     nbytes = 2 * part - trailer_split  # with 2: the 4-byte checksum's first 2 bytes end one part, 2 start the next
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    cache = make_cache(object_policy({**object_tier_settings, "part_size": part}, capacity=32 * MiB, **only))
+    cache = make_cache(object_policy({**object_tier_settings, "part_size": part}, capacity=32 * MiB, **ONLY))
     data = {"big": torch.randint(0, 255, (nbytes,), dtype=torch.uint8), "small": torch.arange(10.0)}
     cache.put("x", data)
     assert_same(cache["x"], data)
@@ -382,8 +373,7 @@ def test_a_chunk_larger_than_a_part_goes_up_in_parts_and_comes_back_in_ranges(
 def test_the_ops_commands_list_measure_verify_and_sweep_a_bucket(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    cache = make_cache(object_policy(object_tier_settings, **only))
+    cache = make_cache(object_policy(object_tier_settings, **ONLY))
     cache.put("stage1/latents", kv(1))
     cache.put("stage1/prompt", kv(2, 16 * KiB))
     bucket = cache.tiers["object"].bucket  # type: ignore[attr-defined]
@@ -423,8 +413,7 @@ def test_check_batches_cut_an_entry_into_runs_no_larger_than_the_bound() -> None
 def test_verify_reads_a_large_entry_a_batch_at_a_time_and_finds_damage_in_the_last_batch(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    cache = make_cache(object_policy(object_tier_settings, **only))
+    cache = make_cache(object_policy(object_tier_settings, **ONLY))
     data = {f"layer{i}": torch.full((64 * KiB,), i, dtype=torch.uint8) for i in range(6)}
     cache.put("weights", data)
     tier = cache.tiers["object"]
@@ -451,8 +440,7 @@ def test_verify_reads_a_large_entry_a_batch_at_a_time_and_finds_damage_in_the_la
 def test_a_commit_whose_reply_was_lost_leaves_no_entry_without_chunks(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
-    pol = object_policy(object_tier_settings, **only)
+    pol = object_policy(object_tier_settings, **ONLY)
     cache = make_cache(pol, root=tmp_path / "a")
     bucket = cache.tiers["object"].bucket  # type: ignore[attr-defined]
     real_put = bucket.put
@@ -479,9 +467,8 @@ def test_a_commit_whose_reply_was_lost_leaves_no_entry_without_chunks(
 def test_an_entry_this_cache_removed_never_comes_back_from_a_listing(
     make_cache: CacheFactory, object_tier_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    only = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
     settings = {**object_tier_settings, "list_every_s": 0.0}  # listings back to back: one is always under way
-    cache = make_cache(object_policy(settings, capacity=150 * KiB, **only))
+    cache = make_cache(object_policy(settings, capacity=150 * KiB, **ONLY))
     for i in range(10):
         cache.put(f"k{i}", kv(i))
         del cache[f"k{i}"]

@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import CacheFactory
 from helpers import (
+    ONLY,
     KiB,
     MiB,
     assert_same,
@@ -41,8 +42,6 @@ from tiercache.testing.tiers import TierContract
 from tiercache.tiers.remote import RemoteTier
 from tiercache.tiers.remote.store import MooncakeStore
 from tiercache.tools import cli
-
-ONLY = {"hbm": {"capacity": 0}, "host": {"capacity": 0}, "nvme": {"capacity": 0}}
 
 
 class TestRemoteTierContract(TierContract):
