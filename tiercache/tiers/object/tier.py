@@ -408,10 +408,11 @@ class ObjectTier(Tier):
     def _older_versions(self, stored: StoredEntry) -> dict[str, StoredEntry]:
         """The other versions of an entry's key, no newer than it, that this cache left in the store, still indexes
         (one being read, superseded when its read ends) or the last listing found."""
+        ours = key_hash(stored.spec.key) + "-"  # a name starts with its key's hash: no other entry is built
         listed = self._parsed  # the lister's, replaced whole on each listing
-        candidates = {n: e for n, e in listed.items() if e is not None}
-        candidates |= {n: e for n, (e, _) in self._superseded.items()}
-        candidates |= {n: self._stored[uid] for n, uid in self._ids.items()}
+        candidates = {n: e for n, e in listed.items() if n.startswith(ours) and e is not None}
+        candidates |= {n: e for n, (e, _) in self._superseded.items() if n.startswith(ours)}
+        candidates |= {n: self._stored[uid] for n, uid in self._ids.items() if n.startswith(ours)}
         return {
             name: other
             for name, other in candidates.items()
