@@ -165,6 +165,8 @@ def host_mode(cache: tiercache.TierCache) -> str:
 
 def chunk_files(root: Path) -> list[tuple[Path, int]]:
     """The chunk files of the entries published under root (with a manifest: not versions on their way out)."""
+    if not (root / "entries").is_dir():  # a cache with no nvme tier writes nothing there
+        return []
     published = [d for d in (root / "entries").iterdir() if (d / "zarr.json").is_file() and d.is_dir()]
     files = [p for d in published for p in d.glob("t*/c/**/*") if p.is_file()]
     return [(p, p.stat().st_size) for p in sorted(files)]

@@ -362,6 +362,23 @@ def test_the_budget_of_a_shared_root_is_the_smallest_members(make_cache: Any, tm
     assert large.stats().tiers["nvme"].capacity == 1024 * KiB  # the smaller member left
 
 
+def test_a_cache_with_its_nvme_tier_off_is_no_member_of_the_root(make_cache: Any, tmp_path: Path) -> None:
+    """Capacity 0 is off: such a cache neither joins the root's index (which would take the root's budget, the
+    smallest member's, to 0 for every other cache) nor creates the root; and it cannot be given a budget later."""
+    root = tmp_path / "root"
+    host_only = make_cache(policy(tiers={"nvme": {"capacity": 0}}), root=root)
+    host_only.put("in-memory", kv(0))
+    assert not root.exists()
+    disk = make_cache(only_tier("nvme", capacity=1024 * KiB), root=root)
+    disk.put("on-disk", kv(1))
+    assert disk.stats().tiers["nvme"].capacity == 1024 * KiB
+    assert "on-disk" not in host_only  # it does not read the root either
+    with pytest.raises(tiercache.EntryValueError, match=r"nvme tier is off in this cache.*tiers\.nvme"):
+        host_only.set_capacity("nvme", 1024 * KiB)
+    assert host_only.stats().tiers["nvme"].capacity == 0
+    assert_same(host_only["in-memory"], kv(0))
+
+
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 def test_a_forked_child_that_exits_leaves_its_parents_temporary_root(tmp_path: Path) -> None:
     cache = tiercache.TierCache(policy=policy())

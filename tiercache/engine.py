@@ -457,11 +457,11 @@ class Engine:
                 f"set_capacity({name!r}, {format_size(nbytes)}): {format_size(stuck)} of {name} is pinned or being "
                 "read and cannot move; unpin those entries or wait for their reads"
             )
+        tier.capacity = nbytes  # first: a tier that refuses it (one that is off) leaves the policy as it was
         budget = dataclasses.replace(self.policy.tiers[name], capacity=nbytes)
         tiers = dataclasses.replace(self.policy.tiers, **{name: budget})  # type: ignore[arg-type]
         self.policy = dataclasses.replace(self.policy, tiers=tiers)
         self.placement = make_placement_policy(self.policy.placement, self.policy.tiers, self.reload_seconds)
-        tier.capacity = nbytes
         if tier.free < 0:
             self._make_room(name, 0, True, ANY_PRIORITY)
 

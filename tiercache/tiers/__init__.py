@@ -1,5 +1,6 @@
 """Tiers behind one interface (base.py), fastest first as `TIER_NAMES` orders them; `TIER_TYPES` registers the
-class a cache opens for each name. A new tier is one module here, its entry in `TIER_TYPES`, and a policy section."""
+class a cache opens for each name. A new tier is one module here, its entry in `TIER_TYPES`, and a policy section.
+A persistent tier whose capacity is 0 opens as an `OffTier`: its disk or server is not touched."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from .hbm import HbmTier
 from .host import HostTier
 from .nvme import NvmeTier
 from .object import ObjectTier
+from .off import OffTier
 from .remote import RemoteTier
 from .sizes import SizeOnlyTier
 
@@ -27,7 +29,9 @@ def open_tiers(budgets: Tiers, path: DataPath, types: dict[str, type[Tier]] | No
     opened: dict[str, Tier] = {}
     try:
         for name in reversed(TIER_NAMES):
-            opened[name] = (types or TIER_TYPES)[name].open(name, budgets[name], path)
+            kind = (types or TIER_TYPES)[name]
+            off = kind.persistent and budgets[name].capacity == 0
+            opened[name] = (OffTier if off else kind).open(name, budgets[name], path)
     except BaseException:
         for tier in opened.values():
             tier.close()
@@ -44,6 +48,7 @@ __all__ = [
     "Load",
     "NvmeTier",
     "ObjectTier",
+    "OffTier",
     "RemoteTier",
     "SizeOnlyTier",
     "TIER_NAMES",

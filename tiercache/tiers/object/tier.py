@@ -150,11 +150,7 @@ class ObjectTier(Tier):
         self._whole = False
         self._first_error: BaseException | None = None  # the names' listing failed: the open fails with it
         self._list_error: StorageError | None = None  # the last listing failed (None once one succeeds)
-        self._pool: ThreadPoolExecutor | None = None
-        self.bucket: Store | None = None
-        if budget.capacity == 0:  # off: holds nothing, talks to nobody
-            return
-        self.bucket = self.connect(budget)
+        self.bucket = self.connect(budget)  # a policy's capacity 0 opens no ObjectTier at all (tiers/off.py)
         self._pool = ThreadPoolExecutor(budget.concurrency, thread_name_prefix=f"tiercache-{name}")
         # a read's checksums, in parallel: a pool of their own, since the read that waits for them runs on _pool
         self._checksums = ThreadPoolExecutor(budget.concurrency, thread_name_prefix=f"tiercache-{name}-crc")
@@ -217,7 +213,7 @@ class ObjectTier(Tier):
     ) -> None:
         if self.read_only:
             raise StorageError(f"{self.name} tier: put({spec.key!r}): this cache opened its stores read-only")
-        bucket, pool = self._bucket()
+        bucket, pool = self.bucket, self._pool
         name = f"{key_hash(spec.key)}-{uuid.uuid4().hex[:16]}"
         self._admit(entry, spec)  # the room is taken before the first byte goes up
         self._sizes[name] = spec.nbytes
@@ -311,7 +307,7 @@ class ObjectTier(Tier):
     def load(self, entry: EntryId, device: torch.device | None, names: Sequence[str] | None = None) -> Load:
         stored = self._stored[entry]
         indices = select(stored.spec, names)
-        bucket, pool = self._bucket()
+        bucket, pool = self.bucket, self._pool
         start = time.perf_counter()
         fetch = pool.submit(self._fetch, bucket, stored, indices)
 
@@ -378,7 +374,7 @@ class ObjectTier(Tier):
         stored = self._stored[entry]
         if self.read_only:
             raise StorageError(f"{self.name} tier: delete({stored.spec.key!r}): this cache opened its stores read-only")
-        bucket, pool = self._bucket()
+        bucket, pool = self.bucket, self._pool
         name = stored.path.name
         # the versions it replaced, left for readers, go first: with only the newest gone, an older one would be
         # found again as the key's
@@ -426,7 +422,7 @@ class ObjectTier(Tier):
             return
         for name in names:
             try:
-                self._bucket()[0].put(f"{ENTRIES}/{name}/{TOMBSTONE}", b"removed")
+                self.bucket.put(f"{ENTRIES}/{name}/{TOMBSTONE}", b"removed")
             except StorageError as exc:  # other caches then keep their copies in memory: logged, not fatal
                 log.warning("tiercache: %s", exc)
 
@@ -460,14 +456,14 @@ class ObjectTier(Tier):
 
     def _objects_of(self, stored: StoredEntry) -> list[str]:
         name = stored.path.name
-        bucket = self._bucket()[0]
+        bucket = self.bucket
         paths = [array_path(name, i) for i in range(len(stored.spec.tensors))] if bucket.zarr_arrays else []
         for path, spec in zip(stored.chunk_files, stored.spec.tensors, strict=True):
             paths += bucket.chunk_objects(str(path), spec.nbytes) if spec.nbytes else []
         return paths
 
     def _remove_quietly(self, paths: list[str]) -> None:
-        if paths and self.bucket is not None:
+        if paths:
             try:
                 self.bucket.delete(paths)
             except StorageError as exc:  # orphans now: the sweep removes them once orphan_age_s old
@@ -477,7 +473,7 @@ class ObjectTier(Tier):
     def refresh(self) -> Refresh:
         """What the latest listing found (taken on the lister thread: no request here) that this cache lacks, and
         what it no longer lists of what this cache indexed before the listing began."""
-        if self.bucket is not None and not self._named.is_set():
+        if not self._named.is_set():
             self._named.wait()
         if self._first_error is not None:  # the open fails with it (once)
             error, self._first_error = self._first_error, None
@@ -535,7 +531,7 @@ class ObjectTier(Tier):
         their manifests read now (a name starts with its key's hash), outside the cache's lock. A server that fails
         the read is logged and makes the key a miss (a version it could not read may be the newest); the listing
         finds it later."""
-        if self._whole or self.bucket is None:
+        if self._whole:
             return Refresh()
         names = self._unknown(self._versions.get(key_hash(key), ()))
         if not names:
@@ -578,9 +574,9 @@ class ObjectTier(Tier):
         return manifests
 
     def listed(self) -> bool:
-        if not (self._whole or self.bucket is None) and not self._listed_once.is_set():
+        if not self._whole and not self._listed_once.is_set():
             self._wake.set()
-        return self._whole or self.bucket is None
+        return self._whole
 
     def wait_listed(self) -> None:
         if self.listed():  # which also wakes a lister that has not listed yet
@@ -608,7 +604,7 @@ class ObjectTier(Tier):
 
     def _entry_names(self) -> frozenset[str]:
         """The names of the entry folders under the prefix: one request per 1000 entries, not per 1000 objects."""
-        names = {folder.rsplit("/", 1)[-1] for folder in self._bucket()[0].folders(f"{ENTRIES}/")}
+        names = {folder.rsplit("/", 1)[-1] for folder in self.bucket.folders(f"{ENTRIES}/")}
         return frozenset(n for n in names if ENTRY_NAME.fullmatch(n))
 
     def _list(self, *, sweep: bool = True, names: AbstractSet[str] | None = None, started: float = 0.0) -> _Listing:
@@ -616,7 +612,7 @@ class ObjectTier(Tier):
         deletes that first and some servers keep empty folders), its manifest read once per name and verified;
         then the sweep, on what the listing found. Given the folders' `names` and when they were listed (a small
         store's first listing, in the open, before this cache indexes anything), no objects are listed."""
-        bucket, _ = self._bucket()
+        bucket = self.bucket
         objects: list[Listed] = []
         if names is None:
             started = time.monotonic()
@@ -649,7 +645,7 @@ class ObjectTier(Tier):
         for name, versions in doomed:
             try:
                 for stored in versions:  # the older first, as in delete()
-                    self._bucket()[0].delete([manifest_path(stored.path.name), *self._objects_of(stored)])
+                    self.bucket.delete([manifest_path(stored.path.name), *self._objects_of(stored)])
             except StorageError:
                 continue
             self._tombstone([v.path.name for v in versions])
@@ -658,7 +654,7 @@ class ObjectTier(Tier):
 
     def _manifest(self, name: str) -> StoredEntry | None:
         """The entry `name`'s manifest, verified; None where it is damaged (logged, never served); Missing if gone."""
-        bucket, _ = self._bucket()
+        bucket = self.bucket
         try:
             return parse_manifest(bytes(bucket.get(manifest_path(name))), Path(ENTRIES, name))
         except DamagedEntry as exc:
@@ -715,7 +711,7 @@ class ObjectTier(Tier):
     def check(self, stored: StoredEntry, batch_bytes: int = CHECK_BATCH) -> str | None:
         """Read every tensor of an entry and check its CRC32C, `batch_bytes` of tensors at a time (check_batches):
         None when it verifies, else what is wrong."""
-        bucket, _ = self._bucket()
+        bucket = self.bucket
         for indices in check_batches(stored.spec.tensors, batch_bytes):
             try:
                 self._fetch(bucket, stored, indices)
@@ -727,7 +723,7 @@ class ObjectTier(Tier):
         """Sweep now, with every object listed: what no manifest names, entries whose manifest is damaged, and
         replaced versions, once `age_s` old; how many objects went (`dry_run`: would go)."""
         listing = self._list(sweep=False)
-        objects = list(self._bucket()[0].objects(f"{ENTRIES}/"))
+        objects = list(self.bucket.objects(f"{ENTRIES}/"))
         live: dict[str, StoredEntry | None] = {n: e for n, e in listing.entries.items() if e is not None}
         return self._sweep(objects, live, age_s, remove=not dry_run)
 
@@ -777,32 +773,24 @@ class ObjectTier(Tier):
             if not self._closed:
                 self._pending, self._list_error = done, None
 
-    def _bucket(self) -> tuple[Store, ThreadPoolExecutor]:
-        if self.bucket is None or self._pool is None:
-            raise StorageError(f"{self.name} tier: off (tiers.{self.name}.capacity is 0); give it a capacity")
-        return self.bucket, self._pool
-
     @property
     def _volatile(self) -> bool:
-        return self.bucket is not None and self.bucket.volatile
+        return self.bucket.volatile
 
     @property
     def _where(self) -> str:
-        return self.bucket.where if self.bucket is not None else "off (capacity 0)"
+        return self.bucket.where
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self.bucket is not None:
-            self._wake.set()
-            self._lister.join()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)  # removals queued finish (a load's fetches are done by now)
-            self._checksums.shutdown(wait=True)
-            self._manifests.shutdown(wait=True, cancel_futures=True)
-        if self.bucket is not None:
-            self.bucket.close()
+        self._wake.set()
+        self._lister.join()
+        self._pool.shutdown(wait=True)  # removals queued finish (a load's fetches are done by now)
+        self._checksums.shutdown(wait=True)
+        self._manifests.shutdown(wait=True, cancel_futures=True)
+        self.bucket.close()
         self._stored.clear()
         self._ids.clear()
         self._specs.clear()
