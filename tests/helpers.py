@@ -202,6 +202,41 @@ def manifests(cache: tiercache.TierCache, tier: str) -> set[str]:
     return {p.split("/")[1] for p in paths if p.count("/") == 2 and p.endswith("/zarr.json")}
 
 
+def check_a_listing_begun_before_a_replacement_counts_only_the_newer_version(
+    make_cache: Callable[..., tiercache.TierCache],
+    pol: Callable[..., tiercache.Policy],
+    store_type: type,
+    tier: str,
+    tmp_path: Path,
+    monkeypatch: Any,
+) -> None:
+    """A shared tier's contract for its quota: a listing that began before this cache replaced one key and
+    deleted another counts neither the replaced version nor the deleted entry once taken in (only the versions
+    this cache serves and what others added)."""
+    writer = make_cache(pol(list_every_s=60.0), root=tmp_path / "w")  # lists at its open only, when empty
+    writer.put("k", kv(1, 8 * KiB))
+    writer.put("d", kv(2, 8 * KiB))
+    cache = make_cache(pol(list_every_s=0.0), root=tmp_path / "c")  # listings back to back
+    assert_same(cache["k"], kv(1, 8 * KiB))
+    held = ManifestGate(monkeypatch, store_type, keys=["other"], these=True)
+    writer.put("other", kv(3, 8 * KiB))
+    assert held.holding.wait(10.0), (
+        "no listing read the manifest of 'other'"
+    )  # a listing of this cache's that names "other" (and "k", "d") waits here
+    cache.put("k", kv(4, 8 * KiB))
+    del cache["d"]
+    nbytes = sum(t.nbytes for t in kv(0, 8 * KiB).values())
+    later = ManifestGate(monkeypatch, store_type, keys=["k"], these=True)  # the next listing, which finds the new "k"
+    held.release()
+    try:
+        wait_for(lambda: "other" in cache)  # the held listing, taken in
+        used = cache.stats().tiers[tier].used
+        assert used == 2 * nbytes, f"{used} bytes counted, not {2 * nbytes} (the new 'k' and 'other')"
+    finally:
+        later.release()
+    assert_same(cache["k"], kv(4, 8 * KiB))
+
+
 def check_replaced_versions_stay_for_readers(
     make_cache: Callable[..., tiercache.TierCache], pol: Callable[..., tiercache.Policy], tier: str, tmp_path: Path
 ) -> None:

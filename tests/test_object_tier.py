@@ -22,6 +22,7 @@ from helpers import (
     MiB,
     assert_same,
     check_a_fresh_cache_looks_up_one_key,
+    check_a_listing_begun_before_a_replacement_counts_only_the_newer_version,
     check_a_lookup_the_store_holds_up_holds_up_no_other,
     check_replaced_versions_stay_for_readers,
     kv,
@@ -106,6 +107,18 @@ def test_a_lookup_the_server_holds_up_holds_up_no_other_lookup(
 ) -> None:
     pol = object_policy({**object_tier_settings, "list_every_s": 60.0}, **ONLY)
     check_a_lookup_the_store_holds_up_holds_up_no_other(make_cache, pol, Bucket, tmp_path, monkeypatch)
+
+
+def test_a_listing_begun_before_a_replacement_counts_only_the_newer_version(
+    make_cache: CacheFactory, object_tier_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    def pol(**more: Any) -> tiercache.Policy:
+        return object_policy({**object_tier_settings, **more}, **ONLY)
+
+    check_a_listing_begun_before_a_replacement_counts_only_the_newer_version(
+        make_cache, pol, Bucket, "object", tmp_path, monkeypatch
+    )
 
 
 def test_a_replaced_version_stays_for_its_readers_until_swept_and_a_delete_takes_every_version(

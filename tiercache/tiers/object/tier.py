@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -519,7 +520,10 @@ class ObjectTier(Tier):
         ]
         for uid in gone:
             self._drop(uid, self._stored[uid].path.name)
-        sizes = {e.path.name: e.spec.nbytes for e in newest_versions(entries).values()}  # replaced ones: on their way
+        # the quota: each key's newest version (replaced ones are on their way), less what this cache replaced or
+        # removed since the listing began (a replacement it committed meanwhile is among its own, unlisted yet)
+        since = {n for n, t in self._removed.items() if listing.started <= t < math.inf} | self._superseded.keys()
+        sizes = {e.path.name: e.spec.nbytes for e in newest_versions(entries).values() if e.path.name not in since}
         ours = {n: self._sizes[n] for n in (*self._ids, *self._writing) if n not in entries and n in self._sizes}
         self._sizes = sizes | ours
         self._ignored &= set(entries)
